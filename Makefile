@@ -1,0 +1,28 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both install what they need,
+# uv included (with pip, when it is missing).
+PYTHON ?= python3
+UV := $(shell command -v uv 2>/dev/null)
+ifeq ($(UV),)
+UV := $(PYTHON) -m uv
+endif
+HOST ?= 127.0.0.1
+PORT ?= 7860
+
+.PHONY: run test sync uv lint
+
+uv:
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+
+sync: uv
+	$(UV) sync --locked
+
+run: sync
+	$(UV) run dispatcher serve --host $(HOST) --port $(PORT)
+
+lint: sync
+	$(UV) run ruff check .
+	$(UV) run ruff format --check .
+	$(UV) run mypy
+
+test: lint
+	$(UV) run pytest

@@ -1,0 +1,247 @@
+"""Settings: one frozen dataclass built once from the environment and validated at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+from dispatcher.errors import ConfigError
+
+T = TypeVar("T")
+
+MachineBackendName = Literal["fly", "local"]
+AuthMode = Literal["jwt", "none"]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+_REGION = re.compile(r"^[a-z]{3}$")
+_APP = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret string that never shows in `repr`, `str` or logs; `reveal()` gives the value."""
+
+    _value: str = field(repr=False)
+
+    def reveal(self) -> str:
+        """The secret value, for the one place that needs it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the dispatcher; see the README's configuration table."""
+
+    machine_backend: MachineBackendName = "local"
+    fly_api_token: Secret | None = None
+    fly_api_base_url: str = "https://api.machines.dev"
+    fly_bot_app: str | None = None
+    bot_image: str | None = None
+    fly_regions: tuple[str, ...] = ()
+    bot_cpu_kind: str = "shared"
+    bot_cpus: int = 1
+    bot_memory_mb: int = 1024
+    bot_stop_timeout_s: int = 10
+    daily_api_key: Secret | None = None
+    daily_api_url: str = "https://api.daily.co/v1"
+    database_url: str = "sqlite:///dispatcher.db"
+    dispatcher_url: str | None = None
+    dispatcher_name: str = "dispatcher"
+    session_max_duration_s: int = 3600
+    ready_timeout_s: float = 90.0
+    max_sessions: int = 50
+    jwt_secret: Secret | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    auth: AuthMode = "none"
+    auth_explicit: bool = False
+    local_bot_dir: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build and validate the settings; a bad value raises ConfigError naming its variable."""
+        r = _Reader(env)
+        fly_token = r.secret("FLY_API_TOKEN")
+        backend = r.choice("MACHINE_BACKEND", ("fly", "local"), "fly" if fly_token else "local")
+        jwt_secret = r.secret("JWT_SECRET")
+        auth_default = "jwt" if backend == "fly" or jwt_secret else "none"
+        auth = r.choice("DISPATCHER_AUTH", ("jwt", "none"), auth_default)
+        settings = cls(
+            machine_backend=backend,  # type: ignore[arg-type]
+            fly_api_token=fly_token,
+            fly_api_base_url=r.url("FLY_API_BASE_URL", cls.fly_api_base_url),
+            fly_bot_app=r.optional("FLY_BOT_APP", _APP, "a Fly app name"),
+            bot_image=r.text("BOT_IMAGE"),
+            fly_regions=r.regions("FLY_REGION"),
+            bot_cpu_kind=r.choice("BOT_CPU_KIND", ("shared", "performance"), cls.bot_cpu_kind),
+            bot_cpus=r.integer("BOT_CPUS", cls.bot_cpus, 1, 16),
+            bot_memory_mb=r.integer("BOT_MEMORY_MB", cls.bot_memory_mb, 256, 131072),
+            bot_stop_timeout_s=r.integer("BOT_STOP_TIMEOUT_S", cls.bot_stop_timeout_s, 1, 300),
+            daily_api_key=r.secret("DAILY_API_KEY"),
+            daily_api_url=r.url("DAILY_API_URL", cls.daily_api_url),
+            database_url=r.database_url("DATABASE_URL", cls.database_url),
+            dispatcher_url=r.url("DISPATCHER_URL", None),
+            dispatcher_name=r.text("DISPATCHER_NAME") or r.text("FLY_APP_NAME") or "dispatcher",
+            session_max_duration_s=r.integer(
+                "SESSION_MAX_DURATION_S", cls.session_max_duration_s, 10, 86400
+            ),
+            ready_timeout_s=r.number("READY_TIMEOUT_S", cls.ready_timeout_s, 0.1, 3600),
+            max_sessions=r.integer("MAX_SESSIONS", cls.max_sessions, 1, 1_000_000),
+            jwt_secret=jwt_secret,
+            jwt_audience=r.text("JWT_AUDIENCE"),
+            jwt_issuer=r.text("JWT_ISSUER"),
+            auth=auth,  # type: ignore[arg-type]
+            auth_explicit="DISPATCHER_AUTH" in env,
+            local_bot_dir=r.text("LOCAL_BOT_DIR"),
+        )
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        if self.bot_memory_mb % 256:
+            raise ConfigError(f"BOT_MEMORY_MB must be a multiple of 256, got {self.bot_memory_mb}")
+        if self.auth == "jwt" and self.jwt_secret is None:
+            raise ConfigError(
+                "JWT_SECRET is required when DISPATCHER_AUTH is jwt (the default in fly mode); "
+                "set DISPATCHER_AUTH=none explicitly to run without authentication"
+            )
+        if self.jwt_secret is not None and len(self.jwt_secret.reveal()) < 32:
+            raise ConfigError("JWT_SECRET must be at least 32 characters")
+        if self.machine_backend == "fly":
+            if self.fly_api_token is None:
+                raise ConfigError("FLY_API_TOKEN is required when MACHINE_BACKEND is fly")
+            if not self.fly_bot_app:
+                raise ConfigError("FLY_BOT_APP is required when MACHINE_BACKEND is fly")
+            if not self.bot_image:
+                raise ConfigError("BOT_IMAGE is required when MACHINE_BACKEND is fly")
+            if not image_is_pinned(self.bot_image):
+                raise ConfigError(
+                    f"BOT_IMAGE must be pinned by a digest (@sha256:...) or a tag other than "
+                    f"'latest', got {self.bot_image!r}"
+                )
+            if not self.dispatcher_url:
+                raise ConfigError(
+                    "DISPATCHER_URL is required when MACHINE_BACKEND is fly (how bots reach the "
+                    "dispatcher, e.g. http://<dispatcher-app>.internal:7860)"
+                )
+
+    @property
+    def room_backend(self) -> Literal["daily"] | None:
+        """Which room backend serves sessions: Daily when its key is set, else none yet."""
+        return "daily" if self.daily_api_key is not None else None
+
+    def listening_on(self, host: str, port: int) -> Settings:
+        """These settings for a server on host:port: checks the bind, fills DISPATCHER_URL."""
+        if self.auth == "none" and not self.auth_explicit and not is_loopback(host):
+            raise ConfigError(
+                f"refusing to listen on {host} without authentication: with no credentials the "
+                "dispatcher listens on loopback only (set JWT_SECRET, or DISPATCHER_AUTH=none "
+                "explicitly)"
+            )
+        if self.dispatcher_url:
+            return self
+        local = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # noqa: S104
+        if ":" in local:
+            local = f"[{local}]"
+        return dataclasses.replace(self, dispatcher_url=f"http://{local}:{port}")
+
+
+def image_is_pinned(image: str) -> bool:
+    """Whether an image reference names one build: a digest, or a tag that is not `latest`."""
+    if "@sha256:" in image:
+        return True
+    name = image.rsplit("/", 1)[-1]
+    return ":" in name and not name.endswith(":latest")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether host is a loopback address or localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _Reader:
+    """Reads typed values from the environment, raising ConfigError that names the variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def text(self, name: str) -> str | None:
+        value = self.env.get(name, "").strip()
+        return value or None
+
+    def secret(self, name: str) -> Secret | None:
+        value = self.text(name)
+        return Secret(value) if value else None
+
+    def _parse(self, name: str, default: T, parse: Callable[[str], T], what: str) -> T:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            return parse(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be {what}, got {raw!r}") from None
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        value = self._parse(name, default, int, "an integer")
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        value = self._parse(name, default, float, "a number")
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
+        value = (self.text(name) or default).lower()
+        if value not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    def optional(self, name: str, pattern: re.Pattern[str], what: str) -> str | None:
+        value = self.text(name)
+        if value is not None and not pattern.match(value):
+            raise ConfigError(f"{name} must be {what}, got {value!r}")
+        return value
+
+    def url(self, name: str, default: T) -> str | T:
+        value = self.text(name)
+        if value is None:
+            return default
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+    def regions(self, name: str) -> tuple[str, ...]:
+        raw = self.text(name)
+        if raw is None:
+            return ()
+        regions = tuple(part.strip() for part in raw.split(",") if part.strip())
+        bad = [r for r in regions if not _REGION.match(r)]
+        if bad or not regions:
+            raise ConfigError(f"{name} must be a comma list of Fly region codes, got {raw!r}")
+        return regions
+
+    def database_url(self, name: str, default: str) -> str:
+        value = self.text(name) or default
+        scheme = value.split(":", 1)[0]
+        if scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ConfigError(f"{name} must be a sqlite:/// or postgresql:// URL, got {scheme!r}")
+        return value

@@ -1,0 +1,124 @@
+"""An async client of Daily's REST API: one method per endpoint, typed results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from dispatcher.errors import UpstreamError
+from dispatcher.upstream import RetryPolicy, json_or_none, status_error, transport_error
+
+API = "daily"
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The Daily domain of the API key: its name (in room URLs) and id (in tokens)."""
+
+    name: str
+    id: str
+
+
+@dataclass(frozen=True)
+class Room:
+    """A Daily room."""
+
+    name: str
+    url: str
+    privacy: str
+
+
+class DailyAPI:
+    """Daily's REST API; `http` carries the base URL and the API key."""
+
+    def __init__(self, http: httpx.AsyncClient, retry: RetryPolicy) -> None:
+        self._http = http
+        self._retry = retry
+
+    @staticmethod
+    def client(base_url: str, api_key: str, *, timeout_s: float = 10.0) -> httpx.AsyncClient:
+        """The httpx client the API wants: base URL, auth, timeouts."""
+        return httpx.AsyncClient(
+            base_url=base_url.rstrip("/") + "/",
+            headers={"Authorization": f"Bearer {api_key}", "User-Agent": "pipecat-fly-dispatcher"},
+            timeout=httpx.Timeout(timeout_s, connect=5.0),
+        )
+
+    async def _call(
+        self, operation: str, method: str, path: str, *, mutating: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise transport_error(exc, api=API, operation=operation, mutating=mutating) from exc
+        if response.is_success:
+            return response
+        body = json_or_none(response)
+        body = body if isinstance(body, dict) else {}
+        raise status_error(
+            response,
+            api=API,
+            operation=operation,
+            mutating=mutating,
+            request_id_header="x-request-id",
+            upstream_code=body.get("error") if isinstance(body.get("error"), str) else None,
+            message=body.get("info") if isinstance(body.get("info"), str) else None,
+        )
+
+    async def _retried(
+        self, operation: str, method: str, path: str, **kwargs: Any
+    ) -> httpx.Response:
+        async for attempt in self._retry.retrying():
+            with attempt:
+                return await self._call(operation, method, path, **kwargs)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def domain(self) -> Domain:
+        """The domain of the API key (`GET /`)."""
+        data = (await self._retried("domain", "GET", "")).json()
+        try:
+            return Domain(name=str(data["domain_name"]), id=str(data["domain_id"]))
+        except (KeyError, TypeError):
+            raise UpstreamError(
+                "daily domain answer lacks domain_name/domain_id", api=API, operation="domain"
+            ) from None
+
+    async def create_room(self, name: str, *, privacy: str, properties: dict[str, Any]) -> Room:
+        """Create a room: one attempt (the caller decides on retries, the name makes it safe)."""
+        body = {"name": name, "privacy": privacy, "properties": properties}
+        data = (await self._call("create_room", "POST", "rooms", json=body, mutating=True)).json()
+        return _room(data)
+
+    async def get_room(self, name: str) -> Room | None:
+        """The room, or None if Daily does not have it (deleted or expired)."""
+        try:
+            data = (await self._retried("get_room", "GET", f"rooms/{name}")).json()
+        except UpstreamError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return _room(data)
+
+    async def delete_room(self, name: str) -> None:
+        """Delete a room; one Daily no longer has counts as deleted."""
+        try:
+            await self._retried("delete_room", "DELETE", f"rooms/{name}", mutating=True)
+        except UpstreamError as exc:
+            if exc.status != 404:
+                raise
+
+    async def presence(self, name: str) -> list[dict[str, Any]]:
+        """Who is in the room now."""
+        data = (await self._retried("presence", "GET", f"rooms/{name}/presence")).json()
+        return list(data.get("data") or []) if isinstance(data, dict) else []
+
+
+def _room(data: Any) -> Room:
+    try:
+        return Room(name=str(data["name"]), url=str(data["url"]), privacy=str(data["privacy"]))
+    except (KeyError, TypeError):
+        raise UpstreamError(
+            "daily room answer lacks name/url/privacy", api=API, operation="room"
+        ) from None

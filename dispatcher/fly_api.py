@@ -1,0 +1,221 @@
+"""An async client of the Fly Machines API: one method per endpoint, typed results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from dispatcher.errors import UpstreamError
+from dispatcher.upstream import RetryPolicy, json_or_none, status_error, transport_error
+
+API = "fly"
+MAX_WAIT_S = 60
+_MACAROON_PREFIXES = ("fm1r_", "fm1a_", "fm2_")
+
+
+def auth_header(token: str) -> str:
+    """The Authorization value for a Fly token, as fly-go builds it.
+
+    Any `Bearer `/`FlyV1 ` prefix is stripped; macaroons (`fm1r_`, `fm1a_`, `fm2_`) go as
+    `FlyV1 <token>`, anything else as `Bearer <token>`.
+    """
+    token = token.strip()
+    for prefix in ("Bearer ", "FlyV1 "):
+        if token.startswith(prefix):
+            token = token[len(prefix) :].strip()
+    scheme = "FlyV1" if token.startswith(_MACAROON_PREFIXES) else "Bearer"
+    return f"{scheme} {token}"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """A Fly machine as the API describes it (the fields the dispatcher uses)."""
+
+    id: str
+    state: str
+    region: str | None = None
+    name: str | None = None
+    instance_id: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Machine:
+        """Parse a Machine object."""
+        config = data.get("config") or {}
+        return cls(
+            id=str(data["id"]),
+            state=str(data.get("state", "")),
+            region=data.get("region"),
+            name=data.get("name"),
+            instance_id=data.get("instance_id") or data.get("version"),
+            metadata=dict(config.get("metadata") or {}),
+            events=list(data.get("events") or []),
+        )
+
+
+@dataclass(frozen=True)
+class ExitEvent:
+    """The exit of a machine's main process, from Fly's `exit` event."""
+
+    exit_code: int | None
+    oom_killed: bool = False
+    requested_stop: bool = False
+    signal: int | None = None
+
+    @classmethod
+    def latest(cls, events: list[dict[str, Any]]) -> ExitEvent | None:
+        """The newest exit event in a list of machine events, or None."""
+        exits = [e for e in events if e.get("type") == "exit"]
+        if not exits:
+            return None
+        newest = max(exits, key=lambda e: e.get("timestamp") or 0)
+        info = (newest.get("request") or {}).get("exit_event") or {}
+        code = info.get("exit_code")
+        signal = info.get("signal")
+        return cls(
+            exit_code=code if isinstance(code, int) else None,
+            oom_killed=bool(info.get("oom_killed")),
+            requested_stop=bool(info.get("requested_stop")),
+            signal=signal if isinstance(signal, int) and signal > 0 else None,
+        )
+
+
+class FlyAPI:
+    """The Machines API of one app; `http` carries the base URL and the auth header."""
+
+    def __init__(self, http: httpx.AsyncClient, app: str, retry: RetryPolicy) -> None:
+        self._http = http
+        self._prefix = f"/v1/apps/{app}"
+        self._retry = retry
+
+    @staticmethod
+    def client(base_url: str, token: str, *, timeout_s: float = 15.0) -> httpx.AsyncClient:
+        """The httpx client the API wants: base URL, auth, timeouts."""
+        return httpx.AsyncClient(
+            base_url=base_url,
+            headers={"Authorization": auth_header(token), "User-Agent": "pipecat-fly-dispatcher"},
+            timeout=httpx.Timeout(timeout_s, connect=5.0),
+        )
+
+    async def _call(
+        self,
+        operation: str,
+        method: str,
+        path: str,
+        *,
+        mutating: bool = False,
+        ok: tuple[int, ...] = (200,),
+        deadline_s: float | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """One request; an answer outside `ok` raises UpstreamError."""
+        if deadline_s is not None:
+            kwargs["timeout"] = httpx.Timeout(deadline_s, connect=5.0)
+        try:
+            response = await self._http.request(method, self._prefix + path, **kwargs)
+        except httpx.TransportError as exc:
+            raise transport_error(exc, api=API, operation=operation, mutating=mutating) from exc
+        if response.status_code in ok:
+            return response
+        body = json_or_none(response)
+        body = body if isinstance(body, dict) else {}
+        raise status_error(
+            response,
+            api=API,
+            operation=operation,
+            mutating=mutating,
+            request_id_header="fly-request-id",
+            upstream_code=_str_or_none(body.get("status")),
+            message=_str_or_none(body.get("error") or body.get("message")),
+        )
+
+    async def _retried(
+        self, operation: str, method: str, path: str, **kwargs: Any
+    ) -> httpx.Response:
+        async for attempt in self._retry.retrying():
+            with attempt:
+                return await self._call(operation, method, path, **kwargs)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def create(self, body: dict[str, Any]) -> Machine:
+        """Create a machine: one attempt, never retried here (create is not idempotent)."""
+        response = await self._call("create", "POST", "/machines", json=body, mutating=True)
+        return Machine.from_json(response.json())
+
+    async def get(self, machine_id: str) -> Machine | None:
+        """The machine, or None if Fly does not know it."""
+        try:
+            response = await self._retried("get", "GET", f"/machines/{machine_id}")
+        except UpstreamError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return Machine.from_json(response.json())
+
+    async def list_machines(
+        self, *, metadata: dict[str, str] | None = None, include_deleted: bool = False
+    ) -> list[Machine]:
+        """Machines of the app whose metadata has every given key and value."""
+        params: dict[str, str] = {f"metadata.{k}": v for k, v in (metadata or {}).items()}
+        if include_deleted:
+            params["include_deleted"] = "true"
+        response = await self._retried("list", "GET", "/machines", params=params)
+        return [Machine.from_json(m) for m in response.json() or []]
+
+    async def wait(
+        self, machine_id: str, state: str, *, timeout_s: int, version: str | None = None
+    ) -> bool:
+        """Wait up to `timeout_s` (at most 60) for a state; False when Fly's wait timed out."""
+        timeout_s = max(1, min(MAX_WAIT_S, timeout_s))
+        params = {"state": state, "timeout": str(timeout_s)}
+        if version:
+            params["version"] = version
+        try:
+            await self._call(
+                "wait",
+                "GET",
+                f"/machines/{machine_id}/wait",
+                params=params,
+                deadline_s=timeout_s + 10,
+            )
+        except UpstreamError as exc:
+            if exc.status == 408:
+                return False
+            raise
+        return True
+
+    async def stop(self, machine_id: str, *, signal: str = "SIGTERM", timeout_s: int = 10) -> None:
+        """Ask the machine to stop: `signal` now, SIGKILL after `timeout_s`. Gone counts as done."""
+        body = {"signal": signal, "timeout": f"{timeout_s}s"}
+        await self._tolerating_404("stop", "POST", f"/machines/{machine_id}/stop", json=body)
+
+    async def destroy(self, machine_id: str) -> None:
+        """Destroy the machine, killing it if it runs. Gone counts as done."""
+        await self._tolerating_404(
+            "destroy", "DELETE", f"/machines/{machine_id}", params={"force": "true"}
+        )
+
+    async def events(self, machine_id: str, *, limit: int = 50) -> list[dict[str, Any]]:
+        """The machine's events, newest first (at most 50)."""
+        response = await self._retried(
+            "events",
+            "GET",
+            f"/machines/{machine_id}/events",
+            params={"limit": str(min(50, limit))},
+        )
+        data = response.json()
+        return list(data) if isinstance(data, list) else []
+
+    async def _tolerating_404(self, operation: str, method: str, path: str, **kwargs: Any) -> None:
+        try:
+            await self._retried(operation, method, path, **kwargs)
+        except UpstreamError as exc:
+            if exc.status != 404:
+                raise
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None

@@ -1,0 +1,65 @@
+"""Where bots run: the machine backend interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+BOT_COMMAND = ("python", "-m", "bot")
+
+
+@dataclass(frozen=True)
+class BotSpec:
+    """What a session's bot needs: the command, its env (the bot contract) and where to run."""
+
+    session_id: str
+    user: str
+    cmd: tuple[str, ...]
+    env: dict[str, str] = field(repr=False)
+    regions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MachineRef:
+    """A launched bot: the backend's id for it, its region, and the version to wait on."""
+
+    id: str
+    region: str | None = None
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class MachineExit:
+    """How a bot's machine ended: exit code when known, OOM, whether we asked it to stop."""
+
+    exit_code: int | None = None
+    oom_killed: bool = False
+    requested_stop: bool = False
+    signal: int | None = None
+
+
+class MachineBackend(Protocol):
+    """Launches one bot per session and follows it to its exit."""
+
+    name: str
+
+    async def launch(self, spec: BotSpec) -> MachineRef:
+        """Start the bot; never two machines for one session, even after ambiguous failures."""
+
+    async def cleanup(self, session_id: str) -> None:
+        """Remove whatever the backend may hold for a session whose launch failed ambiguously."""
+
+    async def wait_exit(self, ref: MachineRef, timeout_s: float) -> MachineExit | None:
+        """Wait up to `timeout_s` for the bot to exit; None if it still runs."""
+
+    async def stop(self, ref: MachineRef, grace_s: int) -> None:
+        """SIGTERM now, SIGKILL after `grace_s`; a machine already gone counts as stopped."""
+
+    async def destroy(self, ref: MachineRef) -> None:
+        """Remove the machine for good, killing it if it still runs."""
+
+    async def check(self) -> None:
+        """Raise if the backend cannot be reached."""
+
+    async def aclose(self) -> None:
+        """Release what the backend holds (bots on Fly are never touched)."""

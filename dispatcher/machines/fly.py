@@ -1,0 +1,169 @@
+"""Bots on Fly Machines: one detached machine per session, created safely, followed to its exit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from dispatcher.config import Settings
+from dispatcher.errors import UpstreamError
+from dispatcher.fly_api import MAX_WAIT_S, ExitEvent, FlyAPI, Machine
+from dispatcher.machines import BotSpec, MachineExit, MachineRef
+from dispatcher.upstream import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+GONE_STATES = frozenset({"stopped", "destroyed", "destroying", "failed", "replaced", "migrated"})
+INSUFFICIENT_CAPACITY = "insufficient_capacity"
+NAME_TAKEN = "name_taken"
+
+
+class FlyMachines:
+    """The machine backend on the Fly Machines API of the bot app."""
+
+    name = "fly"
+
+    def __init__(self, api: FlyAPI, settings: Settings, retry: RetryPolicy) -> None:
+        self._api = api
+        self._settings = settings
+        self._retry = retry
+
+    def machine_config(self, spec: BotSpec) -> dict[str, Any]:
+        """The machine config for a session: the bot contract, pinned image, no services."""
+        s = self._settings
+        return {
+            "image": s.bot_image,
+            "init": {"cmd": list(spec.cmd)},
+            "env": dict(spec.env),
+            "guest": {
+                "cpu_kind": s.bot_cpu_kind,
+                "cpus": s.bot_cpus,
+                "memory_mb": s.bot_memory_mb,
+            },
+            "restart": {"policy": "no"},
+            "auto_destroy": True,
+            "stop_config": {"signal": "SIGTERM", "timeout": f"{s.bot_stop_timeout_s}s"},
+            "metadata": {
+                "session_id": spec.session_id,
+                "dispatcher": s.dispatcher_name,
+                "user": spec.user[:64],
+            },
+        }
+
+    async def launch(self, spec: BotSpec) -> MachineRef:
+        """Create the session's machine in the first region with capacity."""
+        regions: tuple[str | None, ...] = spec.regions or (None,)
+        config = self.machine_config(spec)
+        for index, region in enumerate(regions):
+            body: dict[str, Any] = {"name": spec.session_id, "config": config}
+            if region:
+                body["region"] = region
+            try:
+                machine = await self._create_once(spec.session_id, body)
+            except UpstreamError as exc:
+                if exc.upstream_code == INSUFFICIENT_CAPACITY and index + 1 < len(regions):
+                    log.warning(
+                        "no capacity in %s, trying %s",
+                        region,
+                        regions[index + 1],
+                        extra={"session_id": spec.session_id},
+                    )
+                    continue
+                raise
+            return MachineRef(machine.id, machine.region or region, machine.instance_id)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _create_once(self, session_id: str, body: dict[str, Any]) -> Machine:
+        """Create with retries, never twice: after an ambiguous failure, adopt what exists.
+
+        The machine's name is the session id, unique in the app, so a create that Fly
+        already performed answers name_taken instead of making a second machine.
+        """
+        maybe_created = False
+        async for attempt in self._retry.retrying():
+            with attempt:
+                if maybe_created and (found := await self._find(session_id)):
+                    return found
+                try:
+                    return await self._api.create(body)
+                except UpstreamError as exc:
+                    if exc.upstream_code == NAME_TAKEN and (found := await self._find(session_id)):
+                        return found
+                    maybe_created = maybe_created or exc.ambiguous
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _find(self, session_id: str) -> Machine | None:
+        machines = await self._api.list_machines(metadata={"session_id": session_id})
+        live = [m for m in machines if m.state not in ("destroyed", "destroying")]
+        if live:
+            log.info(
+                "adopted machine %s after an ambiguous create",
+                live[0].id,
+                extra={"session_id": session_id},
+            )
+            return live[0]
+        return None
+
+    async def cleanup(self, session_id: str) -> None:
+        """Destroy any machine labelled with the session (after an ambiguous launch failure)."""
+        for machine in await self._api.list_machines(metadata={"session_id": session_id}):
+            if machine.state not in ("destroyed", "destroying"):
+                await self._api.destroy(machine.id)
+
+    async def wait_exit(self, ref: MachineRef, timeout_s: float) -> MachineExit | None:
+        """Wait in 60-second long polls until the machine stops or `timeout_s` passes."""
+        deadline = time.monotonic() + timeout_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                stopped = await self._api.wait(
+                    ref.id,
+                    "stopped",
+                    timeout_s=int(min(MAX_WAIT_S, max(1, remaining))),
+                    version=ref.version,
+                )
+            except UpstreamError as exc:
+                if exc.status == 404:
+                    return await self._exit_of(ref)
+                if exc.status not in (400,) and not exc.retryable:
+                    raise
+                stopped = False
+                await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            if stopped:
+                return await self._exit_of(ref)
+            machine = await self._api.get(ref.id)
+            if machine is None or machine.state in GONE_STATES:
+                return await self._exit_of(ref)
+        return None
+
+    async def _exit_of(self, ref: MachineRef) -> MachineExit:
+        """How the machine exited, from its events (they may be gone with the machine)."""
+        try:
+            exit_event = ExitEvent.latest(await self._api.events(ref.id))
+        except UpstreamError:
+            exit_event = None
+        if exit_event is None:
+            return MachineExit()
+        return MachineExit(
+            exit_code=exit_event.exit_code,
+            oom_killed=exit_event.oom_killed,
+            requested_stop=exit_event.requested_stop,
+            signal=exit_event.signal,
+        )
+
+    async def stop(self, ref: MachineRef, grace_s: int) -> None:
+        """Fly's stop: SIGTERM, then SIGKILL after the grace period."""
+        await self._api.stop(ref.id, signal="SIGTERM", timeout_s=grace_s)
+
+    async def destroy(self, ref: MachineRef) -> None:
+        """Force-destroy the machine (404 counts as done)."""
+        await self._api.destroy(ref.id)
+
+    async def check(self) -> None:
+        """Raise if the bot app's machines cannot be listed."""
+        await self._api.list_machines(metadata={"dispatcher": self._settings.dispatcher_name})
+
+    async def aclose(self) -> None:
+        """Nothing to release: machines outlive the dispatcher by design."""

@@ -1,0 +1,144 @@
+"""Bots as local subprocesses: the same command and env as on Fly, on this host."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Mapping
+
+from dispatcher.machines import BotSpec, MachineExit, MachineRef
+
+log = logging.getLogger(__name__)
+
+# Never handed down to a bot: the dispatcher's own credentials.
+DISPATCHER_SECRETS = frozenset(
+    {"FLY_API_TOKEN", "DAILY_API_KEY", "JWT_SECRET", "DATABASE_URL", "DISPATCHER_AUTH"}
+)
+
+
+class LocalMachines:
+    """The machine backend that runs each bot as a child process of the dispatcher."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        *,
+        bot_dir: str | None = None,
+        base_env: Mapping[str, str] | None = None,
+        stop_grace_s: int = 10,
+    ) -> None:
+        self._bot_dir = bot_dir
+        self._base_env = {
+            k: v
+            for k, v in (os.environ if base_env is None else base_env).items()
+            if k not in DISPATCHER_SECRETS
+        }
+        self._stop_grace_s = stop_grace_s
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._stopping: set[str] = set()
+        self._by_session: dict[str, str] = {}
+        self._killers: set[asyncio.Task[None]] = set()
+
+    async def launch(self, spec: BotSpec) -> MachineRef:
+        """Start the bot command as a subprocess (`python` is this interpreter)."""
+        cmd = list(spec.cmd)
+        if cmd and cmd[0] in ("python", "python3"):
+            cmd[0] = sys.executable
+        env = {**self._base_env, **spec.env}
+        if self._bot_dir:
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (self._bot_dir, env.get("PYTHONPATH")) if p
+            )
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, env=env, cwd=self._bot_dir or None, start_new_session=True
+        )
+        machine_id = f"local-{secrets.token_hex(6)}"
+        self._procs[machine_id] = proc
+        self._by_session[spec.session_id] = machine_id
+        log.info(
+            "bot process %s started (pid %s)",
+            machine_id,
+            proc.pid,
+            extra={"session_id": spec.session_id, "machine_id": machine_id},
+        )
+        return MachineRef(machine_id, "local", None)
+
+    async def cleanup(self, session_id: str) -> None:
+        """Kill the session's process if the launch got that far."""
+        machine_id = self._by_session.get(session_id)
+        if machine_id:
+            await self.destroy(MachineRef(machine_id))
+
+    async def wait_exit(self, ref: MachineRef, timeout_s: float) -> MachineExit | None:
+        """Wait for the process to exit; a process this dispatcher does not know has exited."""
+        proc = self._procs.get(ref.id)
+        if proc is None:
+            return MachineExit()
+        try:
+            code = await asyncio.wait_for(proc.wait(), timeout=max(0.0, timeout_s))
+        except TimeoutError:
+            return None
+        return _exit(code, requested=ref.id in self._stopping)
+
+    async def stop(self, ref: MachineRef, grace_s: int) -> None:
+        """SIGTERM now, SIGKILL after `grace_s` (in the background)."""
+        proc = self._procs.get(ref.id)
+        if proc is None or proc.returncode is not None:
+            return
+        self._stopping.add(ref.id)
+        _signal(proc, signal.SIGTERM)
+        task = asyncio.create_task(self._kill_after(proc, grace_s))
+        self._killers.add(task)
+        task.add_done_callback(self._killers.discard)
+
+    async def _kill_after(self, proc: asyncio.subprocess.Process, grace_s: float) -> None:
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=grace_s)
+        except TimeoutError:
+            _signal(proc, signal.SIGKILL)
+            await proc.wait()
+
+    async def destroy(self, ref: MachineRef) -> None:
+        """Kill the process if it still runs and forget it once it has exited."""
+        proc = self._procs.get(ref.id)
+        if proc is None:
+            return
+        if proc.returncode is None:
+            self._stopping.add(ref.id)
+            _signal(proc, signal.SIGKILL)
+            await proc.wait()
+
+    async def check(self) -> None:
+        """Always reachable."""
+
+    async def aclose(self) -> None:
+        """Stop every bot still running (local bots cannot outlive the dispatcher)."""
+        running = [(mid, p) for mid, p in self._procs.items() if p.returncode is None]
+        for mid, proc in running:
+            self._stopping.add(mid)
+            _signal(proc, signal.SIGTERM)
+        await asyncio.gather(
+            *(self._kill_after(p, self._stop_grace_s) for _, p in running),
+            return_exceptions=True,
+        )
+        for task in list(self._killers):
+            task.cancel()
+        self._procs.clear()
+
+
+def _signal(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+
+
+def _exit(code: int, *, requested: bool) -> MachineExit:
+    """A process's return code as a machine exit (death by signal N is 128+N, as a shell says)."""
+    if code < 0:
+        return MachineExit(exit_code=128 - code, requested_stop=requested, signal=-code)
+    return MachineExit(exit_code=code, requested_stop=requested)

@@ -1,0 +1,46 @@
+"""Where users and bots meet: the room backend interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class RoomPlan:
+    """A room decided before it exists: its name and URL, the two tokens, and its properties."""
+
+    name: str
+    url: str
+    user_token: str = field(repr=False)
+    bot_token: str = field(repr=False)
+    expires_at: float
+    properties: dict[str, Any] = field(default_factory=dict)
+
+
+class RoomBackend(Protocol):
+    """Creates and deletes the room of a session; minting tokens needs no I/O."""
+
+    transport: str
+
+    async def open(self) -> None:
+        """Learn what the backend needs at start-up (for Daily, the domain)."""
+
+    def plan(
+        self,
+        session_id: str,
+        user: str,
+        expires_at: float,
+        room_properties: dict[str, Any],
+        token_properties: dict[str, Any],
+    ) -> RoomPlan:
+        """Name, URL, tokens and properties of the session's room; no I/O."""
+
+    async def create(self, plan: RoomPlan) -> None:
+        """Create the planned room (retried; safe against a create that succeeded silently)."""
+
+    async def delete(self, name: str) -> None:
+        """Delete the room; a room that is already gone counts as deleted."""
+
+    async def check(self) -> None:
+        """Raise if the backend cannot be reached."""

@@ -1,0 +1,174 @@
+"""Daily rooms: private, named after the session, with self-signed meeting tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import jwt
+
+from dispatcher.config import Secret
+from dispatcher.daily_api import DailyAPI, Domain
+from dispatcher.errors import BadRequest, UpstreamError
+from dispatcher.rooms import RoomPlan
+from dispatcher.upstream import RetryPolicy
+
+GEO_REGIONS = (
+    "us-east-1",
+    "us-west-2",
+    "eu-central-1",
+    "eu-west-2",
+    "ap-south-1",
+    "ap-southeast-1",
+    "ap-southeast-2",
+    "ap-northeast-2",
+    "sa-east-1",
+    "af-south-1",
+)
+# Room properties a client may set: none of them costs money or weakens the room's limits.
+ROOM_PROPERTIES: dict[str, type | tuple[str, ...]] = {
+    "enable_prejoin_ui": bool,
+    "enable_chat": bool,
+    "enable_knocking": bool,
+    "enable_people_ui": bool,
+    "enable_screenshare": bool,
+    "start_video_off": bool,
+    "start_audio_off": bool,
+    "lang": str,
+    "geo": GEO_REGIONS,
+}
+# Meeting-token properties a client may set, with the claim each becomes in a self-signed token.
+TOKEN_PROPERTIES: dict[str, tuple[type, str]] = {
+    "user_name": (str, "u"),
+    "start_video_off": (bool, "vo"),
+    "start_audio_off": (bool, "ao"),
+    "enable_screenshare": (bool, "ss"),
+    "lang": (str, "uil"),
+}
+MAX_PARTICIPANTS = 2
+ROOM_EXP_MARGIN_S = 300
+MAX_USER_ID = 36
+
+
+def check_room_properties(props: dict[str, Any]) -> dict[str, Any]:
+    """The client's room properties if every one is allowed and well typed, else BadRequest."""
+    for key, value in props.items():
+        if key not in ROOM_PROPERTIES:
+            raise BadRequest(
+                f"dailyRoomProperties.{key} may not be set by a client",
+                code="property-not-allowed",
+            )
+        rule = ROOM_PROPERTIES[key]
+        ok = value in rule if isinstance(rule, tuple) else _is(value, rule)
+        if not ok or (isinstance(value, str) and len(value) > 64):
+            raise BadRequest(f"dailyRoomProperties.{key} has a bad value", code="invalid-property")
+    return props
+
+
+def check_token_properties(props: dict[str, Any]) -> dict[str, Any]:
+    """The client's token properties if every one is allowed and well typed, else BadRequest."""
+    for key, value in props.items():
+        if key not in TOKEN_PROPERTIES:
+            raise BadRequest(
+                f"dailyMeetingTokenProperties.{key} may not be set by a client",
+                code="property-not-allowed",
+            )
+        kind, _ = TOKEN_PROPERTIES[key]
+        if not _is(value, kind) or (isinstance(value, str) and len(value) > 64):
+            raise BadRequest(
+                f"dailyMeetingTokenProperties.{key} has a bad value", code="invalid-property"
+            )
+    return props
+
+
+def _is(value: Any, kind: type) -> bool:
+    return type(value) is kind  # bool is not int, int is not bool
+
+
+def daily_user_id(user: str) -> str:
+    """The user's id as Daily's `user_id` (at most 36 characters; longer ids are hashed)."""
+    if len(user) <= MAX_USER_ID:
+        return user
+    return "u-" + hashlib.sha256(user.encode()).hexdigest()[: MAX_USER_ID - 2]
+
+
+class DailyRooms:
+    """The room backend on Daily's REST API."""
+
+    transport = "daily"
+
+    def __init__(self, api: DailyAPI, api_key: Secret, retry: RetryPolicy) -> None:
+        self._api = api
+        self._key = api_key
+        self._retry = retry
+        self._domain: Domain | None = None
+
+    async def open(self) -> None:
+        """Fetch the key's domain once (needed for room URLs and self-signed tokens)."""
+        self._domain = await self._api.domain()
+
+    @property
+    def domain(self) -> Domain:
+        """The domain learnt at start-up."""
+        if self._domain is None:
+            raise RuntimeError("DailyRooms.open() was not awaited")
+        return self._domain
+
+    def plan(
+        self,
+        session_id: str,
+        user: str,
+        expires_at: float,
+        room_properties: dict[str, Any],
+        token_properties: dict[str, Any],
+    ) -> RoomPlan:
+        """A private room named after the session, its URL and two self-signed tokens."""
+        exp = int(expires_at) + ROOM_EXP_MARGIN_S
+        properties = {
+            **room_properties,
+            "exp": exp,
+            "eject_at_room_exp": True,
+            "max_participants": MAX_PARTICIPANTS,
+        }
+        user_claims = {TOKEN_PROPERTIES[k][1]: v for k, v in token_properties.items()} | {
+            "o": False,
+            "ud": daily_user_id(user),
+        }
+        bot_claims = {"o": True, "u": "Pipecat Bot", "ud": f"bot-{session_id}"}
+        return RoomPlan(
+            name=session_id,
+            url=f"https://{self.domain.name}.daily.co/{session_id}",
+            user_token=self._token(session_id, exp, user_claims),
+            bot_token=self._token(session_id, exp, bot_claims),
+            expires_at=exp,
+            properties=properties,
+        )
+
+    def _token(self, room: str, exp: int, claims: dict[str, Any]) -> str:
+        payload = {**claims, "r": room, "d": self.domain.id, "iat": int(time.time()), "exp": exp}
+        return jwt.encode(payload, self._key.reveal(), algorithm="HS256")
+
+    async def create(self, plan: RoomPlan) -> None:
+        """Create the room; after an ambiguous failure, a room already there is adopted."""
+        maybe_created = False
+        async for attempt in self._retry.retrying():
+            with attempt:
+                if maybe_created and await self._api.get_room(plan.name) is not None:
+                    return
+                try:
+                    await self._api.create_room(
+                        plan.name, privacy="private", properties=plan.properties
+                    )
+                except UpstreamError as exc:
+                    maybe_created = maybe_created or exc.ambiguous
+                    raise
+                return
+
+    async def delete(self, name: str) -> None:
+        """Delete the room (404 counts as done)."""
+        await self._api.delete_room(name)
+
+    async def check(self) -> None:
+        """Raise if Daily cannot be reached with our key."""
+        await self._api.domain()

@@ -1,0 +1,331 @@
+"""Sessions: start one (room and machine at once), look it up, end it, take bot callbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from typing import Any
+
+from dispatcher.auth import Principal, new_callback_token, token_matches
+from dispatcher.config import Settings
+from dispatcher.errors import (
+    BadRequest,
+    Conflict,
+    DispatcherError,
+    NotFound,
+    Unauthorized,
+    UpstreamError,
+)
+from dispatcher.machines import BOT_COMMAND, BotSpec, MachineBackend, MachineRef
+from dispatcher.rooms import RoomBackend, RoomPlan
+from dispatcher.start import StartRequest
+from dispatcher.store import (
+    ACTIVE_STATES,
+    DISPATCHED,
+    ENDING,
+    FAILED,
+    READY,
+    STARTING,
+    Session,
+    Store,
+)
+from dispatcher.supervisor import DELETED, Supervisor
+
+log = logging.getLogger(__name__)
+
+_REASON = re.compile(r"^[a-z0-9_]{1,64}$")
+
+
+def new_session_id() -> str:
+    """A session id: short, URL- and Daily-room-name-safe, 64 random bits."""
+    return "s-" + secrets.token_hex(8)
+
+
+def new_traceparent() -> str:
+    """A W3C traceparent for the dispatch of a session."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+class SessionService:
+    """The dispatcher's use cases; HTTP handlers call these and nothing else."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        machines: MachineBackend,
+        rooms: RoomBackend | None,
+        supervisor: Supervisor,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._machines = machines
+        self._rooms = rooms
+        self._supervisor = supervisor
+        self._starts: set[asyncio.Task[dict[str, Any]]] = set()
+
+    @property
+    def starts_in_flight(self) -> int:
+        """How many starts are running now."""
+        return len(self._starts)
+
+    async def start(self, principal: Principal, request: StartRequest) -> dict[str, Any]:
+        """Start a session, shielded: a client that goes away leaves nothing half made."""
+        task = asyncio.create_task(self._start(principal, request))
+        self._starts.add(task)
+        task.add_done_callback(self._starts.discard)
+        return await asyncio.shield(task)
+
+    async def _start(self, principal: Principal, request: StartRequest) -> dict[str, Any]:
+        rooms = self._room_backend(request.transport)
+        now = time.time()
+        session_id = new_session_id()
+        expires_at = now + self._settings.session_max_duration_s
+        plan = rooms.plan(
+            session_id,
+            principal.user,
+            expires_at,
+            request.room_properties,
+            request.token_properties,
+        )
+        callback_token, callback_hash = new_callback_token()
+        traceparent = new_traceparent()
+        session = Session(
+            id=session_id,
+            user_id=principal.user,
+            state=STARTING,
+            transport=request.transport,
+            dispatcher=self._settings.dispatcher_name,
+            created_at=now,
+            updated_at=now,
+            expires_at=expires_at,
+            room_name=plan.name,
+            room_url=plan.url,
+            callback_hash=callback_hash,
+        )
+        await self._store.create_session(session, max_sessions=self._settings.max_sessions)
+        await self._store.record(
+            session_id,
+            "requested",
+            {
+                "user": principal.user,
+                "transport": request.transport,
+                "region": request.region,
+                "traceparent": traceparent,
+            },
+        )
+        spec = BotSpec(
+            session_id=session_id,
+            user=principal.user,
+            cmd=(*BOT_COMMAND, "--room-url", plan.url),
+            env=self._bot_env(session_id, plan, callback_token, request, traceparent),
+            regions=self._regions(request.region),
+        )
+        room_done, launched = await asyncio.gather(
+            rooms.create(plan), self._machines.launch(spec), return_exceptions=True
+        )
+        room_error = room_done if isinstance(room_done, BaseException) else None
+        machine = launched if isinstance(launched, MachineRef) else None
+        machine_error = launched if isinstance(launched, BaseException) else None
+        if room_error or machine_error:
+            await self._undo(session, rooms, plan, room_error, machine, machine_error)
+            error = room_error or machine_error
+            assert error is not None
+            raise error
+        assert machine is not None
+        await self._store.record(session_id, "room_created", {"room": plan.name})
+        dispatched = await self._store.transition(
+            session_id,
+            DISPATCHED,
+            from_states=(STARTING,),
+            machine_id=machine.id,
+            region=machine.region,
+            machine_version=machine.version,
+            details={"machine_id": machine.id, "region": machine.region},
+        )
+        if dispatched is None:
+            dispatched = await self._after_race(session_id, machine)
+        log.info(
+            "session dispatched to machine %s in %s",
+            machine.id,
+            machine.region,
+            extra={"session_id": session_id, "machine_id": machine.id},
+        )
+        self._supervisor.follow(dispatched)
+        return {"dailyRoom": plan.url, "dailyToken": plan.user_token, "sessionId": session_id}
+
+    async def _after_race(self, session_id: str, machine: MachineRef) -> Session:
+        """The session left `starting` while its machine was created: a fast bot, or a DELETE."""
+        await self._store.update(
+            session_id,
+            machine_id=machine.id,
+            region=machine.region,
+            machine_version=machine.version,
+        )
+        current = await self._store.get(session_id)
+        assert current is not None
+        self._supervisor.follow(current)
+        if current.end_reason == DELETED:
+            await self._machines.stop(machine, self._settings.bot_stop_timeout_s)
+            raise Conflict("the session was ended while it was starting", code="session-ended")
+        return current
+
+    async def _undo(
+        self,
+        session: Session,
+        rooms: RoomBackend,
+        plan: RoomPlan,
+        room_error: BaseException | None,
+        machine: MachineRef | None,
+        machine_error: BaseException | None,
+    ) -> None:
+        """Undo a start that failed half-way: destroy the machine, delete the room, fail it."""
+        cleanups = []
+        if machine is not None:
+            cleanups.append(("machine_destroy", self._machines.destroy(machine)))
+        elif _maybe_happened(machine_error):
+            cleanups.append(("machine_cleanup", self._machines.cleanup(session.id)))
+        if room_error is None or _maybe_happened(room_error):
+            cleanups.append(("room_delete", rooms.delete(plan.name)))
+        results = await asyncio.gather(*(c for _, c in cleanups), return_exceptions=True)
+        for (what, _), result in zip(cleanups, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("undo %s failed: %s", what, result, extra={"session_id": session.id})
+                await self._store.record(
+                    session.id, "cleanup_failed", {"what": what, "error": str(result)}
+                )
+        error = room_error or machine_error
+        details = (
+            error.details() if isinstance(error, UpstreamError) else {"error": type(error).__name__}
+        )
+        failed_on = "room" if room_error else "machine"
+        await self._store.transition(
+            session.id,
+            FAILED,
+            from_states=(STARTING, ENDING),
+            end_reason=f"{failed_on}_create_failed",
+            ended_at=time.time(),
+            details=details,
+        )
+        log.warning(
+            "start failed on the %s: %s", failed_on, error, extra={"session_id": session.id}
+        )
+
+    def _room_backend(self, transport: str) -> RoomBackend:
+        if self._rooms is None or self._rooms.transport != transport:
+            raise BadRequest(
+                f"transport {transport!r} is not available on this dispatcher: daily sessions "
+                "need DAILY_API_KEY; the local webrtc transport is not built yet",
+                code="transport-unavailable",
+            )
+        return self._rooms
+
+    def _regions(self, requested: str | None) -> tuple[str, ...]:
+        regions = self._settings.fly_regions
+        if requested:
+            return (requested, *(r for r in regions if r != requested))
+        return regions
+
+    def _bot_env(
+        self,
+        session_id: str,
+        plan: RoomPlan,
+        callback_token: str,
+        request: StartRequest,
+        traceparent: str,
+    ) -> dict[str, str]:
+        """The bot contract's env: per-session values only, never a key of the dispatcher's."""
+        assert self._settings.dispatcher_url
+        return {
+            "SESSION_ID": session_id,
+            "DAILY_ROOM_URL": plan.url,
+            "DAILY_TOKEN": plan.bot_token,
+            "DISPATCHER_URL": self._settings.dispatcher_url,
+            "BOT_CALLBACK_TOKEN": callback_token,
+            "SESSION_BODY": request.body_json,
+            "SESSION_MAX_DURATION_S": str(self._settings.session_max_duration_s),
+            "TRACEPARENT": traceparent,
+        }
+
+    async def get(self, principal: Principal, session_id: str) -> Session:
+        """The caller's session (someone else's is reported as not found)."""
+        session = await self._store.get(session_id)
+        if session is None or session.user_id != principal.user:
+            raise NotFound(f"no session {session_id}", code="session-not-found")
+        return session
+
+    async def end(self, principal: Principal, session_id: str) -> Session:
+        """End the caller's session: SIGTERM to the bot with a grace period; idempotent."""
+        await self.get(principal, session_id)
+        ending = await self._store.transition(
+            session_id,
+            ENDING,
+            from_states=(STARTING, DISPATCHED, READY),
+            end_reason=DELETED,
+            details={"reason": DELETED, "by": principal.user},
+        )
+        if ending is None:
+            return await self.get(principal, session_id)
+        if ending.machine_id:
+            ref = MachineRef(ending.machine_id, ending.region, ending.machine_version)
+            await self._machines.stop(ref, self._settings.bot_stop_timeout_s)
+            self._supervisor.follow(ending)
+        return ending
+
+    async def bot_ready(self, session_id: str, token: str | None) -> None:
+        """The bot joined its room."""
+        session = await self._bot_session(session_id, token)
+        ready = await self._store.transition(
+            session_id,
+            READY,
+            from_states=(STARTING, DISPATCHED),
+            ready_at=time.time(),
+            details={"source": "bot"},
+        )
+        if ready is None and session.state not in (READY, ENDING):
+            raise Conflict(f"session is {session.state}", code="session-ended")
+        self._supervisor.notify_ready(session_id)
+
+    async def bot_ended(
+        self, session_id: str, token: str | None, reason: Any, exit_code: Any
+    ) -> None:
+        """The bot is leaving, with its reason and exit code."""
+        if not isinstance(reason, str) or not _REASON.match(reason):
+            raise BadRequest("reason must match [a-z0-9_]{1,64}", code="invalid-reason")
+        if exit_code is not None and (type(exit_code) is not int or not 0 <= exit_code <= 255):
+            raise BadRequest("exit_code must be an integer 0..255", code="invalid-exit-code")
+        session = await self._bot_session(session_id, token)
+        details = {"source": "bot", "reason": reason, "exit_code": exit_code}
+        moved = await self._store.transition(
+            session_id,
+            ENDING,
+            from_states=(STARTING, DISPATCHED, READY),
+            end_reason=reason,
+            exit_code=exit_code,
+            details=details,
+        )
+        if moved is None:
+            await self._store.record(session_id, "bot_ended", details)
+            if session.exit_code is None and exit_code is not None:
+                await self._store.update(session_id, exit_code=exit_code)
+
+    async def _bot_session(self, session_id: str, token: str | None) -> Session:
+        """The session of a callback: refused unless the token matches and the session lives."""
+        session = await self._store.get(session_id)
+        if session is None or not token_matches(token, session.callback_hash):
+            raise Unauthorized("bad callback token", code="invalid-callback-token")
+        if session.state not in ACTIVE_STATES:
+            raise Conflict(f"session is {session.state}", code="session-ended")
+        return session
+
+
+def _maybe_happened(error: BaseException | None) -> bool:
+    """Whether a failed call may still have taken effect (or failed in a way we cannot tell)."""
+    if error is None:
+        return False
+    if isinstance(error, DispatcherError):
+        return bool(getattr(error, "ambiguous", False))
+    return True

@@ -1,0 +1,236 @@
+"""Follows each dispatched session to its end: readiness, exit, ready timeout, max duration."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from dispatcher.config import Settings
+from dispatcher.machines import MachineBackend, MachineExit, MachineRef
+from dispatcher.rooms import RoomBackend
+from dispatcher.store import (
+    ACTIVE_STATES,
+    DISPATCHED,
+    ENDED,
+    ENDING,
+    FAILED,
+    READY,
+    STARTING,
+    Session,
+    Store,
+)
+
+log = logging.getLogger(__name__)
+
+# End reasons the dispatcher decides; a bot's own reason never overrides them.
+DELETED = "deleted"
+MAX_DURATION = "max_duration"
+READY_TIMEOUT = "ready_timeout"
+DISPATCHER_REASONS = frozenset({DELETED, MAX_DURATION, READY_TIMEOUT})
+EXIT_MARGIN_S = 15
+
+
+class Supervisor:
+    """One watch task per session; the tasks are owned here and cancelled on shutdown."""
+
+    def __init__(
+        self,
+        store: Store,
+        machines: MachineBackend,
+        rooms: RoomBackend | None,
+        settings: Settings,
+        *,
+        poll_s: float = 5.0,
+    ) -> None:
+        self._store = store
+        self._machines = machines
+        self._rooms = rooms
+        self._settings = settings
+        self._poll_s = poll_s
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._ready: dict[str, asyncio.Event] = {}
+
+    def follow(self, session: Session) -> None:
+        """Watch a dispatched session until it ends (once per session)."""
+        if session.id in self._tasks or not session.machine_id:
+            return
+        task = asyncio.create_task(self._follow(session), name=f"follow {session.id}")
+        self._tasks[session.id] = task
+
+    def notify_ready(self, session_id: str) -> None:
+        """The bot of a session called back ready on this instance."""
+        self._ready.setdefault(session_id, asyncio.Event()).set()
+
+    @property
+    def watching(self) -> int:
+        """How many sessions this instance follows."""
+        return len(self._tasks)
+
+    async def resume(self) -> None:
+        """Follow again the active sessions of this dispatcher that have a machine."""
+        for state in (DISPATCHED, READY, ENDING):
+            for session in await self._store.list_sessions(state=state, limit=10_000):
+                if session.dispatcher == self._settings.dispatcher_name:
+                    self.follow(session)
+
+    async def aclose(self) -> None:
+        """Stop watching (the bots themselves are not touched)."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _follow(self, session: Session) -> None:
+        try:
+            await self._watch(session)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("watching the session failed", extra={"session_id": session.id})
+        finally:
+            self._tasks.pop(session.id, None)
+            self._ready.pop(session.id, None)
+
+    async def _watch(self, session: Session) -> None:
+        ref = MachineRef(session.machine_id or "", session.region, session.machine_version)
+        horizon = session.expires_at - time.time() + self._settings.bot_stop_timeout_s
+        exit_task = asyncio.create_task(self._machines.wait_exit(ref, max(1.0, horizon)))
+        try:
+            if session.ready_at is None and session.state in (STARTING, DISPATCHED):
+                outcome = await self._until_ready(session, exit_task)
+                if outcome == "timeout" and await self._ask_to_end(session.id, READY_TIMEOUT):
+                    log.warning(
+                        "bot not ready after %.0f s",
+                        self._settings.ready_timeout_s,
+                        extra={"session_id": session.id, "machine_id": ref.id},
+                    )
+                    await self._machines.stop(ref, self._settings.bot_stop_timeout_s)
+                    await self.finish(session.id, ref, await self._exit_within(exit_task, ref))
+                    return
+            remaining = session.expires_at - time.time()
+            done, _ = await asyncio.wait({exit_task}, timeout=max(0.0, remaining))
+            if not done:
+                await self._ask_to_end(session.id, MAX_DURATION)
+                await self._machines.stop(ref, self._settings.bot_stop_timeout_s)
+            exit = await self._exit_within(exit_task, ref)
+            await self.finish(session.id, ref, exit)
+        finally:
+            exit_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await exit_task
+
+    async def _until_ready(
+        self, session: Session, exit_task: asyncio.Task[MachineExit | None]
+    ) -> str:
+        """Wait for the ready callback: 'ready', 'exited', 'ending' (asked to end) or 'timeout'."""
+        event = self._ready.setdefault(session.id, asyncio.Event())
+        deadline = min(session.created_at + self._settings.ready_timeout_s, session.expires_at)
+        while (remaining := deadline - time.time()) > 0:
+            ready_wait = asyncio.create_task(event.wait())
+            done, _ = await asyncio.wait(
+                {ready_wait, exit_task},
+                timeout=min(remaining, self._poll_s),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            ready_wait.cancel()
+            if event.is_set():
+                return "ready"
+            if exit_task in done:
+                return "exited"
+            current = await self._store.get(session.id)
+            if current is None or current.ready_at is not None:
+                return "ready"
+            if current.state not in (STARTING, DISPATCHED):
+                return "ending"
+        return "timeout"
+
+    async def _ask_to_end(self, session_id: str, reason: str) -> bool:
+        """Move a live session to `ending` with a reason of the dispatcher's."""
+        return (
+            await self._store.transition(
+                session_id,
+                ENDING,
+                from_states=(STARTING, DISPATCHED, READY),
+                end_reason=reason,
+                details={"reason": reason},
+            )
+            is not None
+        )
+
+    async def _exit_within(
+        self, exit_task: asyncio.Task[MachineExit | None], ref: MachineRef
+    ) -> MachineExit:
+        """The machine's exit, giving it the stop grace period; destroyed if it outlives that."""
+        grace = self._settings.bot_stop_timeout_s + EXIT_MARGIN_S
+        done, _ = await asyncio.wait({exit_task}, timeout=grace)
+        exit = exit_task.result() if done else None
+        if exit is None:
+            log.warning(
+                "machine outlived its stop grace period: destroying it",
+                extra={"machine_id": ref.id},
+            )
+            await self._machines.destroy(ref)
+            exit = MachineExit(requested_stop=True)
+        return exit
+
+    async def finish(self, session_id: str, ref: MachineRef, exit: MachineExit) -> Session | None:
+        """Record how the session ended, then delete its room and make sure its machine is gone."""
+        session = await self._store.get(session_id)
+        if session is None or not session.active:
+            return session
+        reached_ready = session.ready_at is not None or session.end_reason == DELETED
+        reason = session.end_reason
+        if exit.oom_killed and reason not in DISPATCHER_REASONS:
+            reason = "oom_killed"
+        if reason is None:
+            if not reached_ready:
+                reason = "exited_before_ready"
+            else:
+                reason = "completed" if exit.exit_code in (0, None) else "crashed"
+        exit_code = exit.exit_code if exit.exit_code is not None else session.exit_code
+        details: dict[str, Any] = {
+            "machine_id": ref.id,
+            "exit_code": exit_code,
+            "oom_killed": exit.oom_killed,
+            "requested_stop": exit.requested_stop,
+            "signal": exit.signal,
+        }
+        ended = await self._store.transition(
+            session_id,
+            ENDED if reached_ready and reason != READY_TIMEOUT else FAILED,
+            from_states=ACTIVE_STATES,
+            end_reason=reason,
+            exit_code=exit_code,
+            ended_at=time.time(),
+            details=details,
+        )
+        log.info(
+            "session %s: %s (exit code %s)",
+            ended.state if ended else "over",
+            reason,
+            exit_code,
+            extra={"session_id": session_id, "machine_id": ref.id},
+        )
+        await self.clean_up(session, ref)
+        return ended
+
+    async def clean_up(self, session: Session, ref: MachineRef | None) -> None:
+        """Delete the session's room and destroy its machine; failures are logged and recorded."""
+        if ref is not None:
+            await self._attempt(session.id, "machine_destroy", self._machines.destroy(ref))
+        if self._rooms is not None and session.room_name:
+            await self._attempt(session.id, "room_delete", self._rooms.delete(session.room_name))
+
+    async def _attempt(self, session_id: str, what: str, call: Any) -> bool:
+        try:
+            await call
+        except Exception as exc:
+            log.warning("%s failed: %s", what, exc, extra={"session_id": session_id})
+            await self._store.record(
+                session_id, "cleanup_failed", {"what": what, "error": str(exc)}
+            )
+            return False
+        return True

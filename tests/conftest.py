@@ -1,0 +1,65 @@
+"""Fixtures shared by the test suite: databases, settings, secrets."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from dispatcher.store import Store, engine_url
+
+PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+JWT_SECRET = "test-jwt-secret-" + "x" * 32
+
+
+async def _pg_reachable() -> str | None:
+    engine = create_async_engine(engine_url(PG_URL))
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        await engine.dispose()
+    return None
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[Store]:
+    """A fresh store on SQLite (a temp file) or PostgreSQL (a schema of its own)."""
+    if request.param == "sqlite":
+        db = await Store.open(f"sqlite:///{tmp_path}/test.db")
+        yield db
+        await db.close()
+        return
+    async for db in _pg_store():
+        yield db
+
+
+async def _pg_store() -> AsyncIterator[Store]:
+    problem = await _pg_reachable()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL at {PG_URL} is required in CI: {problem}")
+        pytest.skip(f"PostgreSQL at {PG_URL} unreachable: {problem}")
+    schema = "t_" + secrets.token_hex(6)
+    db = await Store.open(PG_URL, schema=schema)
+    try:
+        yield db
+    finally:
+        await db.close()
+        engine = create_async_engine(engine_url(PG_URL))
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await engine.dispose()
+
+
+@pytest.fixture
+async def pg_store() -> AsyncIterator[Store]:
+    """A fresh PostgreSQL store only."""
+    async for db in _pg_store():
+        yield db

@@ -1,0 +1,122 @@
+"""Settings: defaults, validation that names the variable, secrets kept out of repr."""
+
+from __future__ import annotations
+
+import pytest
+
+from dispatcher.config import Settings, image_is_pinned
+from dispatcher.errors import ConfigError
+from tests.conftest import JWT_SECRET
+
+FLY = {
+    "FLY_API_TOKEN": "fm2_secret-token",
+    "FLY_BOT_APP": "my-bots",
+    "BOT_IMAGE": "registry.fly.io/my-bots:deployment-01J",
+    "DISPATCHER_URL": "http://my-dispatcher.internal:7860",
+    "JWT_SECRET": JWT_SECRET,
+}
+
+
+def test_no_credentials_means_local_without_auth() -> None:
+    """With an empty environment the dispatcher runs the local backend, no auth, SQLite."""
+    s = Settings.from_env({})
+    assert s.machine_backend == "local"
+    assert s.auth == "none"
+    assert s.room_backend is None
+    assert s.database_url.startswith("sqlite:///")
+
+
+def test_fly_token_selects_fly_and_jwt() -> None:
+    """FLY_API_TOKEN switches to the fly backend, where auth defaults to jwt."""
+    s = Settings.from_env(FLY)
+    assert s.machine_backend == "fly"
+    assert s.auth == "jwt"
+    assert s.fly_bot_app == "my-bots"
+
+
+@pytest.mark.parametrize(
+    ("missing", "named"),
+    [
+        ("FLY_BOT_APP", "FLY_BOT_APP"),
+        ("BOT_IMAGE", "BOT_IMAGE"),
+        ("DISPATCHER_URL", "DISPATCHER_URL"),
+        ("JWT_SECRET", "JWT_SECRET"),
+    ],
+)
+def test_fly_mode_requires(missing: str, named: str) -> None:
+    """In fly mode each required variable, when missing, stops start-up with its name."""
+    env = {k: v for k, v in FLY.items() if k != missing}
+    with pytest.raises(ConfigError, match=named):
+        Settings.from_env(env)
+
+
+def test_explicit_auth_none_is_allowed_in_fly_mode() -> None:
+    """DISPATCHER_AUTH=none set explicitly lets fly mode start without JWT_SECRET."""
+    env = {k: v for k, v in FLY.items() if k != "JWT_SECRET"} | {"DISPATCHER_AUTH": "none"}
+    s = Settings.from_env(env)
+    assert s.auth == "none" and s.auth_explicit
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BOT_CPUS", "two"),
+        ("BOT_MEMORY_MB", "1000"),
+        ("BOT_MEMORY_MB", "-256"),
+        ("MAX_SESSIONS", "0"),
+        ("READY_TIMEOUT_S", "soon"),
+        ("SESSION_MAX_DURATION_S", "1.5"),
+        ("BOT_CPU_KIND", "huge"),
+        ("FLY_REGION", "iad,Chicago"),
+        ("FLY_API_BASE_URL", "ftp://x"),
+        ("DAILY_API_URL", "api.daily.co"),
+        ("DATABASE_URL", "mysql://x"),
+        ("DISPATCHER_AUTH", "maybe"),
+        ("FLY_BOT_APP", "Bad_App"),
+        ("JWT_SECRET", "short"),
+    ],
+)
+def test_malformed_value_names_variable(name: str, value: str) -> None:
+    """A malformed value stops start-up with a message naming the variable."""
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_unpinned_image_is_refused() -> None:
+    """BOT_IMAGE must name one build: a digest or a tag other than latest."""
+    with pytest.raises(ConfigError, match="BOT_IMAGE must be pinned"):
+        Settings.from_env(FLY | {"BOT_IMAGE": "registry.fly.io/my-bots:latest"})
+    assert image_is_pinned("registry.fly.io/my-bots@sha256:" + "a" * 64)
+    assert not image_is_pinned("registry.fly.io/my-bots")
+    assert not image_is_pinned("localhost:5000/bots")
+
+
+def test_regions_are_a_list_in_order() -> None:
+    """FLY_REGION is a comma list kept in order."""
+    assert Settings.from_env({"FLY_REGION": "ord, iad,cdg"}).fly_regions == ("ord", "iad", "cdg")
+
+
+def test_secrets_never_in_repr() -> None:
+    """repr and str of the settings show no secret value."""
+    s = Settings.from_env(FLY | {"DAILY_API_KEY": "daily-secret-key"})
+    text = repr(s) + str(s)
+    for secret in ("fm2_secret-token", "daily-secret-key", JWT_SECRET):
+        assert secret not in text
+    assert s.daily_api_key is not None and s.daily_api_key.reveal() == "daily-secret-key"
+
+
+def test_no_auth_listens_on_loopback_only() -> None:
+    """Without credentials only loopback addresses are allowed; DISPATCHER_URL is filled in."""
+    s = Settings.from_env({})
+    with pytest.raises(ConfigError, match="loopback"):
+        s.listening_on("0.0.0.0", 7860)
+    assert s.listening_on("127.0.0.1", 8123).dispatcher_url == "http://127.0.0.1:8123"
+    assert s.listening_on("::1", 8123).dispatcher_url == "http://[::1]:8123"
+    explicit = Settings.from_env({"DISPATCHER_AUTH": "none"})
+    assert explicit.listening_on("0.0.0.0", 7860).dispatcher_url == "http://127.0.0.1:7860"
+
+
+def test_dispatcher_url_is_kept_when_set() -> None:
+    """An explicit DISPATCHER_URL wins over the listening address."""
+    s = Settings.from_env(FLY).listening_on("0.0.0.0", 7860)
+    assert s.dispatcher_url == "http://my-dispatcher.internal:7860"

@@ -95,6 +95,7 @@ def create_app(
     rooms: RoomBackend | None = None,
     retry: RetryPolicy | None = None,
     poll_s: float = 5.0,
+    upstream_timeout_s: float = 15.0,
 ) -> Starlette:
     """Build the dispatcher; backends not passed in are built from the settings in the lifespan."""
     retry = retry or RetryPolicy()
@@ -107,9 +108,13 @@ def create_app(
             db = store or await Store.open(settings.database_url)
             if store is None:
                 stack.push_async_callback(db.close)
-            bots = machines or _machine_backend(settings, retry, stack)
+            bots = machines or _machine_backend(settings, retry, upstream_timeout_s, stack)
             stack.push_async_callback(bots.aclose)
-            room_backend = rooms if rooms is not None else _room_backend(settings, retry, stack)
+            room_backend = (
+                rooms
+                if rooms is not None
+                else _room_backend(settings, retry, upstream_timeout_s, stack)
+            )
             if room_backend is not None:
                 await room_backend.open()
             else:
@@ -255,23 +260,27 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
 
 
 def _machine_backend(
-    settings: Settings, retry: RetryPolicy, stack: contextlib.AsyncExitStack
+    settings: Settings, retry: RetryPolicy, timeout_s: float, stack: contextlib.AsyncExitStack
 ) -> MachineBackend:
     if settings.machine_backend == "local":
         return LocalMachines(
             bot_dir=settings.local_bot_dir, stop_grace_s=settings.bot_stop_timeout_s
         )
     assert settings.fly_api_token is not None and settings.fly_bot_app is not None
-    http = FlyAPI.client(settings.fly_api_base_url, settings.fly_api_token.reveal())
+    http = FlyAPI.client(
+        settings.fly_api_base_url, settings.fly_api_token.reveal(), timeout_s=timeout_s
+    )
     stack.push_async_callback(http.aclose)
     return FlyMachines(FlyAPI(http, settings.fly_bot_app, retry), settings, retry)
 
 
 def _room_backend(
-    settings: Settings, retry: RetryPolicy, stack: contextlib.AsyncExitStack
+    settings: Settings, retry: RetryPolicy, timeout_s: float, stack: contextlib.AsyncExitStack
 ) -> RoomBackend | None:
     if settings.daily_api_key is None:
         return None
-    http = DailyAPI.client(settings.daily_api_url, settings.daily_api_key.reveal())
+    http = DailyAPI.client(
+        settings.daily_api_url, settings.daily_api_key.reveal(), timeout_s=timeout_s
+    )
     stack.push_async_callback(http.aclose)
     return DailyRooms(DailyAPI(http, retry), settings.daily_api_key, retry)

@@ -187,8 +187,12 @@ def control_routes(
 
 
 def bind_loopback(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
-    """A listening TCP socket on loopback (port 0: any free port)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    """A listening TCP socket on loopback (port 0: any free port).
+
+    The protocol is given explicitly: asyncio sets TCP_NODELAY only on sockets whose proto is
+    IPPROTO_TCP, and without it small answers stall ~40 ms behind delayed ACKs.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(1024)
@@ -197,9 +201,12 @@ def bind_loopback(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Starlette, port: int = 0, host: str = "127.0.0.1") -> AsyncIterator[str]:
-    """Run `app` under uvicorn on loopback in this event loop; yields its base URL."""
-    sock = bind_loopback(port, host)
+async def serve(
+    app: Starlette, port: int = 0, host: str = "127.0.0.1", *, sock: socket.socket | None = None
+) -> AsyncIterator[str]:
+    """Run `app` under uvicorn on loopback (or on `sock`) in this event loop; yields its URL."""
+    sock = sock or bind_loopback(port, host)
+    host = sock.getsockname()[0]
     config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -1,0 +1,194 @@
+"""A stand-in bot image that plays the bot contract offline: `python -m bot --room-url URL`.
+
+Standard library only. It checks the contract (the command line and every environment
+variable), calls `ready`, waits for SIGTERM or its time limit, and calls `ended`; the
+`"testBot"` object of SESSION_BODY scripts misbehaviour:
+
+    ready_delay_s      seconds before calling ready (default 0.05)
+    skip_ready         never call ready
+    exit_before_ready  exit with this code before ready (after ended "crashed")
+    exit_after_s       exit this many seconds after ready, with exit_code (default 0):
+    exit_code          ended "crashed" if it is non-zero, else "completed"
+    ignore_sigterm     keep running on SIGTERM (and SIGINT)
+    no_ended           never call ended
+
+Exit codes: 0 clean, 3 a broken contract (ended "bad_contract" when it can be sent), else
+what the script says. One line per step on stdout, never a secret.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+REQUIRED = (
+    "SESSION_ID",
+    "DAILY_ROOM_URL",
+    "DAILY_TOKEN",
+    "DISPATCHER_URL",
+    "BOT_CALLBACK_TOKEN",
+    "SESSION_MAX_DURATION_S",
+    "TRACEPARENT",
+)
+TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+EXIT_BAD_CONTRACT = 3
+CALLBACK_TIMEOUT_S = 5.0
+CALLBACK_ATTEMPTS = 3
+TICK_S = 0.02
+
+
+class TestBot:
+    """One scripted session: contract check, ready, wait, ended."""
+
+    def __init__(self, room_url: str | None, environ: dict[str, str]) -> None:
+        self.room_url = room_url
+        self.env = environ
+        self.session_id = environ.get("SESSION_ID") or "-"
+        self.stop_signal: str | None = None
+        self.announced = False
+        self.started = time.monotonic()
+
+    def say(self, step: str) -> None:
+        """Print one step of the session on stdout."""
+        print(f"testbot session={self.session_id} {step}", flush=True)
+
+    def run(self) -> int:
+        """Play the session; returns the exit code."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.say(f"start pid={os.getpid()} room={self.room_url}")
+        problem = self.contract_problem()
+        if problem:
+            self.say(f"bad_contract {problem}")
+            return self.finish("bad_contract", EXIT_BAD_CONTRACT, script={})
+        script = self.script()
+        max_duration_s = int(self.env["SESSION_MAX_DURATION_S"])
+        if script.get("exit_before_ready") is not None:
+            return self.finish("crashed", int(script["exit_before_ready"]), script)
+        stopped = self.wait(float(script.get("ready_delay_s", 0.05)), script, max_duration_s)
+        if stopped:
+            return self.finish(stopped, 0, script)
+        if script.get("skip_ready"):
+            self.say("ready skipped")
+        else:
+            self.say(f"ready status={self.callback('ready', {})}")
+        exit_after_s = script.get("exit_after_s")
+        if exit_after_s is not None:
+            stopped = self.wait(float(exit_after_s), script, max_duration_s)
+            if not stopped:
+                code = int(script.get("exit_code", 0))
+                return self.finish("crashed" if code else "completed", code, script)
+        else:
+            stopped = self.wait(None, script, max_duration_s)
+        return self.finish(stopped or "completed", 0, script)
+
+    def contract_problem(self) -> str | None:
+        """What is wrong with the command line or the environment, if anything."""
+        missing = [name for name in REQUIRED if not self.env.get(name)]
+        if missing:
+            return "missing=" + ",".join(missing)
+        if self.room_url != self.env["DAILY_ROOM_URL"]:
+            return "room_url_mismatch"
+        if not self.env["SESSION_MAX_DURATION_S"].isdigit() or not int(
+            self.env["SESSION_MAX_DURATION_S"]
+        ):
+            return "bad=SESSION_MAX_DURATION_S"
+        if not TRACEPARENT.match(self.env["TRACEPARENT"]):
+            return "bad=TRACEPARENT"
+        try:
+            json.loads(self.env.get("SESSION_BODY") or "{}")
+        except ValueError:
+            return "bad=SESSION_BODY"
+        return None
+
+    def script(self) -> dict[str, Any]:
+        """The `testBot` object of SESSION_BODY ({} if none)."""
+        body = json.loads(self.env.get("SESSION_BODY") or "{}")
+        script = body.get("testBot") if isinstance(body, dict) else None
+        return script if isinstance(script, dict) else {}
+
+    def wait(
+        self, seconds: float | None, script: dict[str, Any], max_duration_s: int
+    ) -> str | None:
+        """Sleep `seconds` (None: forever); the end reason if a signal or the limit cut it short."""
+        until = None if seconds is None else time.monotonic() + seconds
+        deadline = self.started + max_duration_s
+        while until is None or time.monotonic() < until:
+            if self.stop_signal and not self.announced:
+                self.announced = True
+                ignored = bool(script.get("ignore_sigterm"))
+                self.say(self.stop_signal + (" ignored" if ignored else ""))
+            if self.stop_signal and not script.get("ignore_sigterm"):
+                return self.stop_signal
+            if time.monotonic() >= deadline:
+                self.say("max_duration")
+                return "max_duration"
+            time.sleep(TICK_S)
+        return None
+
+    def finish(self, reason: str, code: int, script: dict[str, Any]) -> int:
+        """Send ended (unless scripted not to) and return the exit code."""
+        if script.get("no_ended"):
+            self.say(f"ended skipped reason={reason} exit_code={code}")
+        elif all(self.env.get(k) for k in ("DISPATCHER_URL", "SESSION_ID", "BOT_CALLBACK_TOKEN")):
+            status = self.callback("ended", {"reason": reason, "exit_code": code})
+            self.say(f"ended reason={reason} exit_code={code} status={status}")
+        else:
+            self.say(f"ended impossible reason={reason} exit_code={code}")
+        self.say(f"exit code={code}")
+        return code
+
+    def callback(self, operation: str, payload: dict[str, Any]) -> int | str:
+        """POST a callback, retrying connection errors and 5xx/429; its status or error name."""
+        url = (
+            f"{self.env['DISPATCHER_URL'].rstrip('/')}/internal/sessions/"
+            f"{self.env['SESSION_ID']}/{operation}"
+        )
+        headers = {
+            "Authorization": f"Bearer {self.env['BOT_CALLBACK_TOKEN']}",
+            "Content-Type": "application/json",
+        }
+        if self.env.get("TRACEPARENT"):
+            headers["traceparent"] = self.env["TRACEPARENT"]
+        result: int | str = "not_sent"
+        for attempt in range(CALLBACK_ATTEMPTS):
+            if attempt:
+                time.sleep(0.2 * 2**attempt)
+            request = urllib.request.Request(  # noqa: S310 (the dispatcher's http URL)
+                url, data=json.dumps(payload).encode(), headers=headers, method="POST"
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=CALLBACK_TIMEOUT_S) as response:  # noqa: S310
+                    return int(response.status)
+            except urllib.error.HTTPError as exc:
+                result = exc.code
+                if exc.code != 429 and exc.code < 500:
+                    return result
+            except (urllib.error.URLError, OSError) as exc:
+                result = type(exc).__name__
+            self.say(f"{operation} attempt={attempt + 1} failed={result}")
+        return result
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        # Only a flag: printing here could re-enter a print the signal interrupted.
+        self.stop_signal = self.stop_signal or ("sigterm" if signum == signal.SIGTERM else "sigint")
+
+
+def main() -> int:
+    """Parse the command line and play the session."""
+    parser = argparse.ArgumentParser(prog="python -m bot")
+    parser.add_argument("--room-url")
+    args = parser.parse_args()
+    return TestBot(args.room_url, dict(os.environ)).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

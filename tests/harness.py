@@ -1,0 +1,168 @@
+"""A whole dispatcher on loopback: Fly and Daily emulators, the real app under uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+
+from dispatcher.app import create_app
+from dispatcher.config import Settings
+from dispatcher.upstream import RetryPolicy
+from tests.conftest import JWT_SECRET
+from tests.fakes.common import bind_loopback, serve
+from tests.fakes.daily import DailyEmulator
+from tests.fakes.fly import FlyEmulator
+
+TESTBOT_DIR = Path(__file__).parent / "fakes" / "images" / "testbot"
+BOT_APP = "pipecat-bots"
+BOT_IMAGE = "registry.fly.io/pipecat-bots:test-1"
+FLY_TOKEN = "fm2_fly-secret-token-value"
+DAILY_KEY = "daily-secret-api-key-" + "0123456789abcdef" * 3
+FAST_RETRY = RetryPolicy(
+    attempts=5, initial_backoff_s=0.05, max_backoff_s=0.2, max_retry_after_s=2.0, deadline_s=10
+)
+SECRETS = (FLY_TOKEN, DAILY_KEY, JWT_SECRET)
+
+
+@dataclass
+class Stack:
+    """A running dispatcher with its emulators, and helpers to drive it."""
+
+    url: str
+    http: httpx.AsyncClient
+    settings: Settings
+    fly: FlyEmulator | None
+    daily: DailyEmulator | None
+
+    def headers(self, user: str = "user-1") -> dict[str, str]:
+        """Authorization for a user."""
+        token = jwt.encode(
+            {"sub": user, "exp": int(time.time()) + 600}, JWT_SECRET, algorithm="HS256"
+        )
+        return {"Authorization": f"Bearer {token}"}
+
+    async def start(
+        self, body: Any = None, *, user: str = "user-1", **request: Any
+    ) -> httpx.Response:
+        """POST /start as a user, with `body` for the bot and other request fields."""
+        payload = {"createDailyRoom": True, **request}
+        if body is not None:
+            payload["body"] = body
+        return await self.http.post("/start", json=payload, headers=self.headers(user))
+
+    async def session(self, sid: str, user: str = "user-1") -> dict[str, Any]:
+        """GET /sessions/{id} as the owner."""
+        response = await self.http.get(f"/sessions/{sid}", headers=self.headers(user))
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    async def wait_state(
+        self, sid: str, *states: str, timeout: float = 15.0, user: str = "user-1"
+    ) -> dict[str, Any]:
+        """Poll the session until it is in one of `states`."""
+        session: dict[str, Any] = {}
+
+        async def reached() -> bool:
+            nonlocal session
+            session = await self.session(sid, user)
+            return session["state"] in states
+
+        await eventually(reached, timeout=timeout, what=f"{sid} in {states}: {session}")
+        return session
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Wait until `check()` is true, polling; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if await check():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def dispatcher_env(
+    *, fly_url: str | None, daily_url: str | None, dispatcher_url: str, db: str
+) -> dict[str, str]:
+    """The environment of a dispatcher wired to the emulators."""
+    env = {
+        "JWT_SECRET": JWT_SECRET,
+        "DATABASE_URL": db,
+        "DISPATCHER_URL": dispatcher_url,
+        "READY_TIMEOUT_S": "10",
+        "SESSION_MAX_DURATION_S": "300",
+        "BOT_STOP_TIMEOUT_S": "2",
+        "DISPATCHER_NAME": "test-dispatcher",
+    }
+    if fly_url:
+        env |= {
+            "FLY_API_TOKEN": FLY_TOKEN,
+            "FLY_API_BASE_URL": fly_url,
+            "FLY_BOT_APP": BOT_APP,
+            "BOT_IMAGE": BOT_IMAGE,
+            "FLY_REGION": "iad,ord",
+        }
+    if daily_url:
+        env |= {"DAILY_API_KEY": DAILY_KEY, "DAILY_API_URL": daily_url}
+    return env
+
+
+def fly_emulator(**kwargs: Any) -> FlyEmulator:
+    """A Fly emulator whose bot app runs the test bot image."""
+    options: dict[str, Any] = {
+        "token": FLY_TOKEN,
+        "apps": [BOT_APP],
+        "images": {BOT_IMAGE: TESTBOT_DIR},
+        "regions": {"iad": None, "ord": None},
+    }
+    return FlyEmulator(**(options | kwargs))
+
+
+def daily_emulator(**kwargs: Any) -> DailyEmulator:
+    """A Daily emulator for our API key."""
+    return DailyEmulator(**({"api_key": DAILY_KEY} | kwargs))
+
+
+@contextlib.asynccontextmanager
+async def dispatcher_stack(
+    tmp_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    fly: FlyEmulator | None = None,
+    daily: DailyEmulator | None = None,
+    local: bool = False,
+    retry: RetryPolicy = FAST_RETRY,
+    upstream_timeout_s: float = 10.0,
+) -> AsyncIterator[Stack]:
+    """Emulators and a dispatcher on loopback; `local=True` runs bots as local processes."""
+    fly = None if local else (fly or fly_emulator())
+    daily = daily or daily_emulator()
+    async with contextlib.AsyncExitStack() as stack:
+        fly_url = await stack.enter_async_context(serve(fly.app)) if fly else None
+        daily_url = await stack.enter_async_context(serve(daily.app))
+        sock = bind_loopback()
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        values = dispatcher_env(
+            fly_url=fly_url,
+            daily_url=daily_url,
+            dispatcher_url=url,
+            db=f"sqlite:///{tmp_path}/dispatcher.db",
+        )
+        if local:
+            values["LOCAL_BOT_DIR"] = str(TESTBOT_DIR)
+        settings = Settings.from_env(values | (env or {}))
+        app = create_app(settings, retry=retry, poll_s=0.2, upstream_timeout_s=upstream_timeout_s)
+        await stack.enter_async_context(serve(app, sock=sock))
+        http = await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=30))
+        yield Stack(url=url, http=http, settings=settings, fly=fly, daily=daily)

@@ -1,0 +1,94 @@
+"""Daily rooms: the planned room, self-signed tokens that Daily (emulated) accepts, retries."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from dispatcher.config import Secret
+from dispatcher.daily_api import DailyAPI
+from dispatcher.errors import UpstreamError
+from dispatcher.rooms.daily import MAX_USER_ID, DailyRooms, daily_user_id
+from dispatcher.upstream import RetryPolicy
+from tests.fakes.common import serve
+from tests.fakes.daily import DailyEmulator, JoinRefused
+
+KEY = "k" * 64
+FAST = RetryPolicy(attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
+
+
+@pytest.fixture
+async def daily() -> AsyncIterator[tuple[DailyEmulator, DailyRooms]]:
+    emu = DailyEmulator(api_key=KEY)
+    async with serve(emu.app) as url, DailyAPI.client(url, KEY) as http:
+        rooms = DailyRooms(DailyAPI(http, FAST), Secret(KEY), FAST)
+        await rooms.open()
+        yield emu, rooms
+
+
+async def test_planned_room_and_tokens_work_on_daily(
+    daily: tuple[DailyEmulator, DailyRooms],
+) -> None:
+    """The room is private with our limits; the user token joins as non-owner, the bot as owner."""
+    emu, rooms = daily
+    plan = rooms.plan(
+        "s-abc", "user-7", time.time() + 600, {"start_video_off": True}, {"user_name": "Ada"}
+    )
+    await rooms.create(plan)
+    room = emu.rooms["s-abc"]
+    assert room.privacy == "private"
+    assert room.properties["max_participants"] == 2
+    assert room.properties["start_video_off"] is True
+    assert room.properties["exp"] == int(plan.expires_at)
+    user = emu.join("s-abc", plan.user_token)
+    assert (user["owner"], user["userId"], user["userName"]) == (False, "user-7", "Ada")
+    bot = emu.join("s-abc", plan.bot_token)
+    assert bot["owner"] is True and bot["userId"] == "bot-s-abc"
+    with pytest.raises(JoinRefused):
+        emu.join("s-abc", None)
+    assert "user_token" not in repr(plan) and plan.user_token not in repr(plan)
+
+
+async def test_token_for_one_room_does_not_open_another(
+    daily: tuple[DailyEmulator, DailyRooms],
+) -> None:
+    """A session's token is refused in another session's room."""
+    emu, rooms = daily
+    first = rooms.plan("s-one", "u", time.time() + 600, {}, {})
+    second = rooms.plan("s-two", "u", time.time() + 600, {}, {})
+    await rooms.create(first)
+    await rooms.create(second)
+    with pytest.raises(JoinRefused, match="room"):
+        emu.join("s-two", first.user_token)
+
+
+async def test_delete_is_idempotent(daily: tuple[DailyEmulator, DailyRooms]) -> None:
+    """Deleting a room twice is fine: 404 counts as deleted."""
+    emu, rooms = daily
+    plan = rooms.plan("s-del", "u", time.time() + 600, {}, {})
+    await rooms.create(plan)
+    await rooms.delete("s-del")
+    await rooms.delete("s-del")
+    assert "s-del" not in emu.rooms
+
+
+async def test_create_retries_then_gives_up(daily: tuple[DailyEmulator, DailyRooms]) -> None:
+    """A 503 is retried; a failure that persists raises UpstreamError with Daily's code."""
+    emu, rooms = daily
+    emu.faults.add("create_room", status=503)
+    await rooms.create(rooms.plan("s-r1", "u", time.time() + 600, {}, {}))
+    assert "s-r1" in emu.rooms
+    emu.faults.add("create_room", status=500, times=10)
+    with pytest.raises(UpstreamError) as info:
+        await rooms.create(rooms.plan("s-r2", "u", time.time() + 600, {}, {}))
+    assert info.value.status == 500 and info.value.upstream_code == "server-error"
+
+
+def test_long_user_ids_are_hashed_to_fit() -> None:
+    """User ids longer than Daily's 36 characters are hashed, stably."""
+    assert daily_user_id("short") == "short"
+    long = "auth0|" + "x" * 60
+    assert len(daily_user_id(long)) == MAX_USER_ID
+    assert daily_user_id(long) == daily_user_id(long) != daily_user_id(long + "y")

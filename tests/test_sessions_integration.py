@@ -1,0 +1,241 @@
+"""Whole sessions: the real dispatcher under uvicorn against the Fly and Daily emulators."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jwt
+
+from dispatcher.upstream import RetryPolicy
+from tests.harness import (
+    BOT_IMAGE,
+    DAILY_KEY,
+    SECRETS,
+    Stack,
+    daily_emulator,
+    dispatcher_stack,
+    eventually,
+    fly_emulator,
+)
+
+
+def live_machines(stack: Stack) -> list[object]:
+    assert stack.fly is not None
+    return [m for m in stack.fly.machines.values() if m.state != "destroyed"]
+
+
+async def test_whole_session(tmp_path: Path) -> None:
+    """/start -> machine process -> ready -> DELETE -> ended, room deleted, machine destroyed."""
+    async with dispatcher_stack(tmp_path) as stack:
+        assert stack.fly is not None and stack.daily is not None
+        response = await stack.start({"greeting": "hi"})
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        sid = answer["sessionId"]
+        assert set(answer) == {"dailyRoom", "dailyToken", "sessionId"}
+        assert answer["dailyRoom"] == f"https://{stack.daily.domain_name}.daily.co/{sid}"
+
+        room = stack.daily.rooms[sid]
+        assert room.privacy == "private"
+        assert room.properties["max_participants"] == 2
+        assert room.properties["eject_at_room_exp"] is True
+        user = stack.daily.join(sid, answer["dailyToken"])
+        assert user["owner"] is False and user["userId"] == "user-1"
+
+        session = await stack.wait_state(sid, "ready")
+        assert session["machineId"] and session["region"] == "iad"
+        machine = stack.fly.machines[session["machineId"]]
+        assert machine.name == sid
+
+        deleted = await stack.http.delete(f"/sessions/{sid}", headers=stack.headers())
+        assert deleted.status_code == 202
+        assert deleted.json()["state"] == "ending"
+        ended = await stack.wait_state(sid, "ended")
+        assert ended["endReason"] == "deleted" and ended["exitCode"] == 0
+        await eventually(lambda: _true(machine.state == "destroyed"), what="machine destroyed")
+        assert sid not in stack.daily.rooms
+        assert any(line.startswith("testbot") and "ready" in line for line in machine.logs)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_machine_config_carries_the_bot_contract(tmp_path: Path) -> None:
+    """The machine is created with the bot contract, pinned image, no restarts and no secrets."""
+    async with dispatcher_stack(tmp_path) as stack:
+        assert stack.fly is not None
+        response = await stack.start({"persona": "pirate"})
+        sid = response.json()["sessionId"]
+        (machine,) = stack.fly.machines.values()
+        config = machine.config
+        assert config["image"] == BOT_IMAGE
+        assert config["init"]["cmd"] == [
+            "python",
+            "-m",
+            "bot",
+            "--room-url",
+            config["env"]["DAILY_ROOM_URL"],
+        ]
+        assert config["restart"] == {"policy": "no"}
+        assert config["auto_destroy"] is True
+        assert config["metadata"]["session_id"] == sid
+        assert config["metadata"]["dispatcher"] == "test-dispatcher"
+        assert config["guest"] == {"cpu_kind": "shared", "cpus": 1, "memory_mb": 1024}
+        assert config["stop_config"] == {"signal": "SIGTERM", "timeout": "2s"}
+        assert "services" not in config
+        env = config["env"]
+        assert set(env) == {
+            "SESSION_ID",
+            "DAILY_ROOM_URL",
+            "DAILY_TOKEN",
+            "DISPATCHER_URL",
+            "BOT_CALLBACK_TOKEN",
+            "SESSION_BODY",
+            "SESSION_MAX_DURATION_S",
+            "TRACEPARENT",
+        }
+        assert json.loads(env["SESSION_BODY"]) == {"persona": "pirate"}
+        bot_claims = jwt.decode(env["DAILY_TOKEN"], DAILY_KEY, algorithms=["HS256"])
+        assert bot_claims["o"] is True and bot_claims["r"] == sid
+        assert env["DAILY_TOKEN"] != response.json()["dailyToken"]
+        everything_sent = json.dumps([r._asdict() for r in stack.fly.requests], default=str)
+        for secret in SECRETS:
+            assert secret not in everything_sent
+        assert "--token" not in json.dumps(config["init"])
+        await stack.wait_state(sid, "ready")
+
+
+async def test_crash_before_ready(tmp_path: Path) -> None:
+    """A bot that exits before ready fails the session with its exit code; the room goes."""
+    async with dispatcher_stack(tmp_path) as stack:
+        assert stack.daily is not None
+        sid = (await stack.start({"testBot": {"exit_before_ready": 3}})).json()["sessionId"]
+        session = await stack.wait_state(sid, "failed")
+        assert session["exitCode"] == 3
+        assert session["readyAt"] is None
+        await eventually(lambda: _true(sid not in stack.daily.rooms), what="room deleted")
+        await eventually(lambda: _true(not live_machines(stack)), what="machine destroyed")
+
+
+async def test_ready_timeout(tmp_path: Path) -> None:
+    """No ready callback in time: the machine is stopped and destroyed, the session fails."""
+    async with dispatcher_stack(tmp_path, env={"READY_TIMEOUT_S": "1"}) as stack:
+        assert stack.fly is not None
+        sid = (await stack.start({"testBot": {"skip_ready": True}})).json()["sessionId"]
+        session = await stack.wait_state(sid, "failed")
+        assert session["endReason"] == "ready_timeout"
+        (machine,) = stack.fly.machines.values()
+        await eventually(lambda: _true(machine.state == "destroyed"), what="machine destroyed")
+        assert machine.exit_events()[0]["requested_stop"] is True
+
+
+async def test_fly_429_then_success(tmp_path: Path) -> None:
+    """A 429 from Fly's create is retried after Retry-After and the start succeeds once."""
+    fly = fly_emulator()
+    fly.faults.add(
+        "create", status=429, headers={"Retry-After": "1"}, body={"error": "rate limited"}
+    )
+    async with dispatcher_stack(tmp_path, fly=fly) as stack:
+        response = await stack.start()
+        assert response.status_code == 200, response.text
+        assert len(fly.machines) == 1
+        assert ("create", 429) in fly.faults.fired
+
+
+async def test_create_that_succeeded_but_answered_500(tmp_path: Path) -> None:
+    """A create that made the machine but answered 500 leaves exactly one machine, adopted."""
+    fly = fly_emulator()
+    fly.faults.add("create", status=500, apply_first=True)
+    async with dispatcher_stack(tmp_path, fly=fly) as stack:
+        response = await stack.start()
+        assert response.status_code == 200, response.text
+        sid = response.json()["sessionId"]
+        assert len(fly.machines) == 1
+        (machine,) = fly.machines.values()
+        session = await stack.wait_state(sid, "ready")
+        assert session["machineId"] == machine.id
+
+
+async def test_create_dropped_connection_is_not_duplicated(tmp_path: Path) -> None:
+    """A create whose connection dropped after the machine was made still yields one machine."""
+    fly = fly_emulator()
+    fly.faults.add("create", status=0, apply_first=True)
+    async with dispatcher_stack(tmp_path, fly=fly) as stack:
+        response = await stack.start()
+        assert response.status_code == 200, response.text
+        assert len(fly.machines) == 1
+
+
+async def test_daily_failing_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Daily failing on room create answers 502 JSON; the machine is destroyed, no room stays."""
+    daily = daily_emulator()
+    daily.faults.add("create_room", status=500, times=100)
+    async with dispatcher_stack(tmp_path, daily=daily) as stack:
+        assert stack.fly is not None
+        response = await stack.start()
+        assert response.status_code == 502
+        assert response.json()["code"] == "upstream-error"
+        assert not daily.rooms
+        await eventually(lambda: _true(not live_machines(stack)), what="machines destroyed")
+        assert len(stack.fly.machines) == 1
+
+
+async def test_room_created_but_answered_500_is_adopted(tmp_path: Path) -> None:
+    """A room create that succeeded but answered 500 is adopted on retry, not duplicated."""
+    daily = daily_emulator()
+    daily.faults.add("create_room", status=500, apply_first=True)
+    async with dispatcher_stack(tmp_path, daily=daily) as stack:
+        response = await stack.start()
+        assert response.status_code == 200, response.text
+        assert list(daily.rooms) == [response.json()["sessionId"]]
+
+
+async def test_fly_failing_deletes_the_room(tmp_path: Path) -> None:
+    """Fly failing for good answers 502 and deletes the room that was made meanwhile."""
+    fly = fly_emulator()
+    fly.faults.add("create", status=503, times=100)
+    async with dispatcher_stack(tmp_path, fly=fly) as stack:
+        assert stack.daily is not None
+        response = await stack.start()
+        assert response.status_code == 502
+        body = response.json()
+        assert body["code"] == "upstream-error" and "fly" in body["detail"]
+        assert not stack.daily.rooms
+        assert not live_machines(stack)
+
+
+async def test_capacity_missing_in_first_region(tmp_path: Path) -> None:
+    """insufficient_capacity in the first region of FLY_REGION moves on to the second."""
+    fly = fly_emulator(regions={"iad": 0, "ord": None})
+    async with dispatcher_stack(tmp_path, fly=fly) as stack:
+        response = await stack.start()
+        assert response.status_code == 200, response.text
+        session = await stack.wait_state(response.json()["sessionId"], "ready")
+        assert session["region"] == "ord"
+
+
+async def test_no_capacity_anywhere_is_502(tmp_path: Path) -> None:
+    """With no capacity in any region the start fails with 502 and nothing is left."""
+    fly = fly_emulator(regions={"iad": 0, "ord": 0})
+    async with dispatcher_stack(tmp_path, fly=fly) as stack:
+        assert stack.daily is not None
+        response = await stack.start()
+        assert response.status_code == 502
+        assert not stack.daily.rooms
+
+
+async def test_upstream_timeout_is_504(tmp_path: Path) -> None:
+    """Daily not answering in time gives 504 JSON and leaves nothing behind."""
+    daily = daily_emulator()
+    daily.faults.add("create_room", status=500, delay_s=2, times=100)
+    retry = RetryPolicy(attempts=2, initial_backoff_s=0.05, max_backoff_s=0.1)
+    async with dispatcher_stack(
+        tmp_path, daily=daily, retry=retry, upstream_timeout_s=0.5
+    ) as stack:
+        response = await stack.start()
+        assert response.status_code == 504, response.text
+        assert response.json()["code"] == "upstream-timeout"
+        assert not daily.rooms
+        await eventually(lambda: _true(not live_machines(stack)), what="machines destroyed")

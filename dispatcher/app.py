@@ -144,6 +144,8 @@ def create_app(
                 db.dialect,
             )
             yield
+            log.info("dispatcher stopping: %d sessions watched", supervisor.watching)
+        log.info("dispatcher stopped")
 
     def services() -> Services:
         return holder["s"]

@@ -93,7 +93,7 @@ class Settings:
             dispatcher_url=r.url("DISPATCHER_URL", None),
             dispatcher_name=r.text("DISPATCHER_NAME") or r.text("FLY_APP_NAME") or "dispatcher",
             session_max_duration_s=r.integer(
-                "SESSION_MAX_DURATION_S", cls.session_max_duration_s, 10, 86400
+                "SESSION_MAX_DURATION_S", cls.session_max_duration_s, 1, 86400
             ),
             ready_timeout_s=r.number("READY_TIMEOUT_S", cls.ready_timeout_s, 0.1, 3600),
             max_sessions=r.integer("MAX_SESSIONS", cls.max_sessions, 1, 1_000_000),

@@ -1,0 +1,208 @@
+"""The HTTP contract: JSON errors with stable codes, auth, ownership, callbacks, health."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+
+from dispatcher.start import MAX_BODY_BYTES
+from tests.conftest import JWT_SECRET
+from tests.harness import Stack, daily_emulator, dispatcher_stack, eventually
+
+
+def upstream_untouched(stack: Stack) -> bool:
+    """Whether no API call beyond start-up reached Fly or Daily."""
+    assert stack.fly is not None and stack.daily is not None
+    daily_calls = [r for r in stack.daily.requests if r.path != "/"]
+    fly_calls = [r for r in stack.fly.requests if r.method != "GET"]
+    return not daily_calls and not fly_calls and not stack.fly.machines
+
+
+@pytest.fixture
+async def stack(tmp_path: Path):  # type: ignore[no-untyped-def]
+    async with dispatcher_stack(tmp_path) as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    ("content", "code"),
+    [
+        (b"{oops", "invalid-json"),
+        (b'"a string"', "invalid-json"),
+        (b'{"createDailyRoom": "yes"}', "invalid-type"),
+        (b'{"transport": "smoke-signals"}', "unknown-transport"),
+        (b'{"dailyRoomProperties": {"exp": 99999999999}}', "property-not-allowed"),
+        (b'{"dailyRoomProperties": {"enable_recording": "cloud"}}', "property-not-allowed"),
+        (b'{"dailyMeetingTokenProperties": {"is_owner": true}}', "property-not-allowed"),
+        (b'{"region": "syd"}', "region-not-allowed"),
+    ],
+)
+async def test_bad_input_is_400_json(stack: Stack, content: bytes, code: str) -> None:
+    """Bad JSON, wrong types and disallowed properties answer 400 JSON; nothing reaches Fly/Daily."""
+    response = await stack.http.post(
+        "/start",
+        content=content,
+        headers=stack.headers() | {"content-type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert response.json()["code"] == code and response.json()["detail"]
+    assert upstream_untouched(stack)
+
+
+async def test_oversize_body_is_413(stack: Stack) -> None:
+    """A body over the limit answers 413 JSON before it is parsed."""
+    response = await stack.http.post(
+        "/start", content=b"{" + b" " * MAX_BODY_BYTES + b"}", headers=stack.headers()
+    )
+    assert response.status_code == 413
+    assert response.json()["code"] == "payload-too-large"
+    assert upstream_untouched(stack)
+
+
+def expired_token() -> str:
+    return jwt.encode({"sub": "u", "exp": int(time.time()) - 600}, JWT_SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({}, "missing-credentials"),
+        ({"Authorization": "Bearer garbage"}, "invalid-token"),
+        (
+            {
+                "Authorization": "Bearer "
+                + jwt.encode(
+                    {"sub": "u", "exp": int(time.time()) + 600},
+                    "wrong-secret-" + "z" * 32,
+                    algorithm="HS256",
+                )
+            },
+            "invalid-token",
+        ),
+        ({"Authorization": "Bearer " + expired_token()}, "token-expired"),
+    ],
+    ids=["none", "garbage", "wrong-key", "expired"],
+)
+async def test_no_or_bad_jwt_is_401_json(stack: Stack, headers: dict[str, str], code: str) -> None:
+    """Missing or bad credentials answer 401 JSON on /start and /sessions; nothing is made."""
+    response = await stack.http.post("/start", json={}, headers=headers)
+    assert response.status_code == 401 and response.json()["code"] == code
+    for method in ("GET", "DELETE"):
+        response = await stack.http.request(method, "/sessions/s-0123456789abcdef", headers=headers)
+        assert response.status_code == 401
+    assert upstream_untouched(stack)
+
+
+async def test_sessions_are_visible_to_their_owner_only(stack: Stack) -> None:
+    """Another user's session answers 404, for reading and for deleting."""
+    sid = (await stack.start(user="alice")).json()["sessionId"]
+    assert (await stack.session(sid, user="alice"))["user"] == "alice"
+    for method in ("GET", "DELETE"):
+        response = await stack.http.request(
+            method, f"/sessions/{sid}", headers=stack.headers("mallory")
+        )
+        assert response.status_code == 404
+        assert response.json()["code"] == "session-not-found"
+    assert (await stack.session(sid, user="alice"))["state"] in ("dispatched", "ready")
+
+
+async def test_delete_is_idempotent(stack: Stack) -> None:
+    """Deleting an ended session again answers 202 with the session as it is."""
+    sid = (await stack.start()).json()["sessionId"]
+    await stack.wait_state(sid, "ready")
+    first = await stack.http.delete(f"/sessions/{sid}", headers=stack.headers())
+    assert first.status_code == 202
+    await stack.wait_state(sid, "ended")
+    again = await stack.http.delete(f"/sessions/{sid}", headers=stack.headers())
+    assert again.status_code == 202 and again.json()["state"] == "ended"
+
+
+async def test_callbacks_need_the_sessions_own_token(stack: Stack) -> None:
+    """A callback with no token, a wrong one, or another session's is 401; after the end, 409."""
+    assert stack.fly is not None
+    one = (await stack.start({"testBot": {"skip_ready": True}})).json()["sessionId"]
+    two = (await stack.start()).json()["sessionId"]
+    await stack.wait_state(two, "ready")
+    tokens = {
+        m.config["env"]["SESSION_ID"]: m.config["env"]["BOT_CALLBACK_TOKEN"]
+        for m in stack.fly.machines.values()
+    }
+    ready = f"/internal/sessions/{one}/ready"
+    assert (await stack.http.post(ready)).status_code == 401
+    bad = {"Authorization": "Bearer not-the-token"}
+    assert (await stack.http.post(ready, headers=bad)).status_code == 401
+    other = {"Authorization": f"Bearer {tokens[two]}"}
+    refused = await stack.http.post(ready, headers=other)
+    assert refused.status_code == 401 and refused.json()["code"] == "invalid-callback-token"
+    assert (await stack.session(one))["state"] == "dispatched"
+
+    own = {"Authorization": f"Bearer {tokens[one]}"}
+    bad_reason = await stack.http.post(
+        f"/internal/sessions/{one}/ended", headers=own, json={"reason": "<script>", "exit_code": 0}
+    )
+    assert bad_reason.status_code == 400
+    assert (await stack.http.post(ready, headers=own)).status_code == 200
+    await stack.wait_state(one, "ready")
+    await stack.http.delete(f"/sessions/{one}", headers=stack.headers())
+    await stack.wait_state(one, "ended")
+    replay = await stack.http.post(ready, headers=own)
+    assert replay.status_code == 409 and replay.json()["code"] == "session-ended"
+
+
+async def test_unknown_routes_and_methods_are_json(stack: Stack) -> None:
+    """404 and 405 answers are JSON too (Pipecat's client parses every error as JSON)."""
+    missing = await stack.http.get("/nope")
+    assert missing.status_code == 404 and missing.json()["code"] == "not-found"
+    wrong = await stack.http.put("/start")
+    assert wrong.status_code == 405 and wrong.json()["code"] == "method-not-allowed"
+
+
+async def test_health_and_readiness(stack: Stack) -> None:
+    """/healthz answers while alive; /readyz is 200 with every backend reachable."""
+    assert (await stack.http.get("/healthz")).json() == {"status": "ok"}
+    ready = await stack.http.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"store": "ok", "machines": "ok", "rooms": "ok"}
+
+
+async def test_readiness_fails_when_a_backend_is_down(tmp_path: Path) -> None:
+    """/readyz answers 503 JSON naming the backend that cannot be reached."""
+    daily = daily_emulator()
+    async with dispatcher_stack(tmp_path, daily=daily) as stack:
+        daily.faults.add("domain", status=500, times=1000)
+        response = await stack.http.get("/readyz")
+        assert response.status_code == 503
+        body = response.json()
+        assert body["code"] == "backend-unavailable"
+        assert body["checks"]["rooms"] != "ok" and body["checks"]["store"] == "ok"
+
+
+async def test_capacity_is_429_with_retry_after(tmp_path: Path) -> None:
+    """Past MAX_SESSIONS a start answers 429 JSON with Retry-After and makes nothing."""
+    async with dispatcher_stack(tmp_path, env={"MAX_SESSIONS": "1"}) as stack:
+        assert stack.fly is not None
+        assert (await stack.start()).status_code == 200
+        response = await stack.start()
+        assert response.status_code == 429
+        assert response.json()["code"] == "at-capacity"
+        assert int(response.headers["retry-after"]) >= 1
+        assert len(stack.fly.machines) == 1
+
+
+async def test_max_duration_ends_the_session(tmp_path: Path) -> None:
+    """At SESSION_MAX_DURATION_S the bot gets SIGTERM and the session ends as max_duration."""
+    async with dispatcher_stack(tmp_path, env={"SESSION_MAX_DURATION_S": "2"}) as stack:
+        assert stack.fly is not None
+        sid = (await stack.start({"testBot": {"ignore_max_duration": True}})).json()["sessionId"]
+        session = await stack.wait_state(sid, "ended", timeout=20)
+        assert session["endReason"] == "max_duration"
+        (machine,) = stack.fly.machines.values()
+        await eventually(lambda: _is(machine.state, "destroyed"), what="machine destroyed")
+        assert machine.exit_events()[0]["requested_stop"] is True
+
+
+async def _is(value: str, expected: str) -> bool:
+    return value == expected

@@ -1,0 +1,212 @@
+"""The local machine backend, and the `dispatcher serve` command run as a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import jwt
+
+from dispatcher.config import Settings
+from dispatcher.machines import BotSpec
+from dispatcher.machines.local import LocalMachines
+from tests.conftest import JWT_SECRET
+from tests.fakes.common import bind_loopback, serve
+from tests.harness import (
+    DAILY_KEY,
+    TESTBOT_DIR,
+    daily_emulator,
+    dispatcher_env,
+    dispatcher_stack,
+    eventually,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def test_local_backend_runs_a_whole_session(tmp_path: Path) -> None:
+    """With the local backend the bot is a subprocess: ready, DELETE, SIGTERM, ended."""
+    async with dispatcher_stack(tmp_path, local=True) as stack:
+        sid = (await stack.start()).json()["sessionId"]
+        session = await stack.wait_state(sid, "ready")
+        assert session["machineId"].startswith("local-") and session["region"] == "local"
+        await stack.http.delete(f"/sessions/{sid}", headers=stack.headers())
+        ended = await stack.wait_state(sid, "ended")
+        assert ended["endReason"] == "deleted" and ended["exitCode"] == 0
+        assert stack.daily is not None and sid not in stack.daily.rooms
+
+
+async def test_local_backend_records_a_crash(tmp_path: Path) -> None:
+    """A local bot that exits before ready fails the session with its exit code."""
+    async with dispatcher_stack(tmp_path, local=True) as stack:
+        sid = (await stack.start({"testBot": {"exit_before_ready": 7}})).json()["sessionId"]
+        session = await stack.wait_state(sid, "failed")
+        assert session["exitCode"] == 7
+
+
+async def test_local_bots_never_get_the_dispatchers_secrets(tmp_path: Path) -> None:
+    """The local backend strips the dispatcher's own credentials from the bot's environment."""
+    out = tmp_path / "env.txt"
+    machines = LocalMachines(
+        base_env={
+            "PATH": os.environ["PATH"],
+            "DAILY_API_KEY": "k",
+            "JWT_SECRET": "j",
+            "FLY_API_TOKEN": "f",
+            "DATABASE_URL": "d",
+            "KEEP": "1",
+        },
+    )
+    script = f"import os; open({str(out)!r}, 'w').write(' '.join(sorted(os.environ)))"
+    ref = await machines.launch(
+        BotSpec(session_id="s-x", user="u", cmd=("python", "-c", script), env={"SESSION_ID": "s"})
+    )
+    exit = await machines.wait_exit(ref, 10)
+    assert exit is not None and exit.exit_code == 0
+    names = out.read_text().split()
+    assert "KEEP" in names and "SESSION_ID" in names
+    assert not {"DAILY_API_KEY", "JWT_SECRET", "FLY_API_TOKEN", "DATABASE_URL"} & set(names)
+    await machines.aclose()
+
+
+async def test_local_stop_escalates_to_sigkill(tmp_path: Path) -> None:
+    """A local bot that ignores SIGTERM is killed after the grace period, exit 128+9."""
+    machines = LocalMachines()
+    script = "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    ref = await machines.launch(
+        BotSpec(session_id="s-y", user="u", cmd=("python", "-c", script), env={})
+    )
+    await asyncio.sleep(0.3)
+    await machines.stop(ref, grace_s=1)
+    exit = await machines.wait_exit(ref, 10)
+    assert exit is not None and exit.exit_code == 137 and exit.requested_stop
+    await machines.aclose()
+
+
+@asynccontextmanager
+async def dispatcher_process(
+    env: dict[str, str], port: int, *args: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`python -m dispatcher serve` as a child process on loopback."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dispatcher",
+        "serve",
+        "--port",
+        str(port),
+        *args,
+        env={"PATH": os.environ["PATH"], **env},
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def wait_healthy(url: str) -> None:
+    async with httpx.AsyncClient(base_url=url) as http:
+
+        async def healthy() -> bool:
+            try:
+                return (await http.get("/healthz")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await eventually(healthy, timeout=20, what="dispatcher up")
+
+
+async def test_serve_runs_a_daily_session_as_a_process(tmp_path: Path) -> None:
+    """`python -m dispatcher serve` with Daily and the local backend serves a whole session."""
+    daily = daily_emulator()
+    async with serve(daily.app) as daily_url:
+        sock = bind_loopback()
+        port = sock.getsockname()[1]
+        sock.close()
+        url = f"http://127.0.0.1:{port}"
+        env = dispatcher_env(
+            fly_url=None, daily_url=daily_url, dispatcher_url=url, db=f"sqlite:///{tmp_path}/d.db"
+        ) | {"LOCAL_BOT_DIR": str(TESTBOT_DIR)}
+        async with dispatcher_process(env, port) as proc:
+            await wait_healthy(url)
+            token = jwt.encode({"sub": "cli-user", "exp": 2**31}, JWT_SECRET, algorithm="HS256")
+            headers = {"Authorization": f"Bearer {token}"}
+            async with httpx.AsyncClient(base_url=url, headers=headers) as http:
+                answer = (await http.post("/start", json={})).json()
+                sid = answer["sessionId"]
+
+                async def state(wanted: str) -> bool:
+                    return (await http.get(f"/sessions/{sid}")).json()["state"] == wanted
+
+                await eventually(lambda: state("ready"), timeout=15, what="ready")
+                assert (await http.delete(f"/sessions/{sid}")).status_code == 202
+                await eventually(lambda: state("ended"), timeout=15, what="ended")
+            proc.send_signal(signal.SIGTERM)
+            # uvicorn shuts down gracefully, then re-raises the signal it caught
+            assert await asyncio.wait_for(proc.wait(), 20) in (0, -signal.SIGTERM)
+            assert proc.stdout is not None
+            output = (await proc.stdout.read()).decode()
+    assert f"listening on http://127.0.0.1:{port}" in output
+    assert "dispatcher stopped" in output
+    assert DAILY_KEY not in output and JWT_SECRET not in output
+
+
+async def test_serve_with_no_credentials_says_what_is_missing(tmp_path: Path) -> None:
+    """With no credentials it serves on loopback and /start explains the missing transport."""
+    sock = bind_loopback()
+    port = sock.getsockname()[1]
+    sock.close()
+    url = f"http://127.0.0.1:{port}"
+    async with dispatcher_process({"DATABASE_URL": f"sqlite:///{tmp_path}/d.db"}, port) as proc:
+        await wait_healthy(url)
+        async with httpx.AsyncClient(base_url=url) as http:
+            response = await http.post("/start", json={})
+        assert response.status_code == 400
+        assert response.json()["code"] == "transport-unavailable"
+        assert "DAILY_API_KEY" in response.json()["detail"]
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 20)
+        assert proc.stdout is not None
+        output = (await proc.stdout.read()).decode()
+    assert "DAILY_API_KEY is not set" in output
+    assert "authentication is off" in output
+
+
+async def test_serve_refuses_bad_config_naming_the_variable() -> None:
+    """A malformed setting stops start-up with exit code 2 and the variable's name."""
+    async with dispatcher_process({"MAX_SESSIONS": "lots"}, 0) as proc:
+        assert await asyncio.wait_for(proc.wait(), 20) == 2
+        assert proc.stdout is not None
+        output = (await proc.stdout.read()).decode()
+    assert "MAX_SESSIONS" in output and "Traceback" not in output
+
+
+async def test_serve_refuses_public_address_without_auth() -> None:
+    """Without credentials, listening on a non-loopback address is refused."""
+    async with dispatcher_process({}, 0, "--host", "0.0.0.0") as proc:
+        assert await asyncio.wait_for(proc.wait(), 20) == 2
+        assert proc.stdout is not None
+        assert "loopback" in (await proc.stdout.read()).decode()
+
+
+def test_settings_used_by_the_harness_are_valid() -> None:
+    """The harness's environment is itself a valid configuration (fly + daily + jwt)."""
+    env = dispatcher_env(
+        fly_url="http://127.0.0.1:1",
+        daily_url="http://127.0.0.1:2",
+        dispatcher_url="http://127.0.0.1:3",
+        db="sqlite:///x.db",
+    )
+    settings = Settings.from_env(env)
+    assert settings.machine_backend == "fly" and settings.room_backend == "daily"

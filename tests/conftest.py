@@ -11,6 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from dispatcher.store import Store, engine_url
+from tests.fakes.common import serve
+from tests.fakes.recorder import CallbackRecorder
 
 PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 JWT_SECRET = "test-jwt-secret-" + "x" * 32
@@ -63,3 +65,12 @@ async def pg_store() -> AsyncIterator[Store]:
     """A fresh PostgreSQL store only."""
     async for db in _pg_store():
         yield db
+
+
+@pytest.fixture
+async def recorder() -> AsyncIterator[CallbackRecorder]:
+    """A callback recorder served on loopback."""
+    rec = CallbackRecorder()
+    async with serve(rec.app()) as url:
+        rec.url = url
+        yield rec

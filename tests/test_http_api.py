@@ -41,7 +41,7 @@ async def stack(tmp_path: Path):  # type: ignore[no-untyped-def]
     ],
 )
 async def test_bad_input_is_400_json(stack: Stack, content: bytes, code: str) -> None:
-    """Bad JSON, wrong types and disallowed properties answer 400 JSON; nothing reaches Fly/Daily."""
+    """Bad JSON, wrong types and disallowed properties: 400 JSON, nothing reaches Fly or Daily."""
     response = await stack.http.post(
         "/start",
         content=content,

@@ -10,6 +10,7 @@ variable), calls `ready`, waits for SIGTERM or its time limit, and calls `ended`
     exit_after_s       exit this many seconds after ready, with exit_code (default 0):
     exit_code          ended "crashed" if it is non-zero, else "completed"
     ignore_sigterm     keep running on SIGTERM (and SIGINT)
+    ignore_max_duration  keep running past SESSION_MAX_DURATION_S (the dispatcher must end it)
     no_ended           never call ended
 
 Exit codes: 0 clean, 3 a broken contract (ended "bad_contract" when it can be sent), else
@@ -128,7 +129,7 @@ class TestBot:
                 self.say(self.stop_signal + (" ignored" if ignored else ""))
             if self.stop_signal and not script.get("ignore_sigterm"):
                 return self.stop_signal
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline and not script.get("ignore_max_duration"):
                 self.say("max_duration")
                 return "max_duration"
             time.sleep(TICK_S)

@@ -17,6 +17,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 
 class TokenBucket:
@@ -125,6 +126,28 @@ class FaultPlan:
 
 class DroppedConnection(Exception):
     """Raised by a handler to close the connection without answering."""
+
+
+class DropConnections:
+    """Pure-ASGI middleware: a handler's DroppedConnection closes the socket without an answer.
+
+    Swallowing the exception is not enough (uvicorn would answer 500), so it aborts uvicorn's
+    transport, reached through its `receive` method, and waits for the disconnect to register.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except DroppedConnection:
+            transport = getattr(getattr(receive, "__self__", None), "transport", None)
+            if transport is None:
+                raise
+            transport.abort()
+            while (await receive())["type"] != "http.disconnect":
+                pass
 
 
 class Latency:

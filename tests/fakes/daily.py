@@ -32,9 +32,9 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tests.fakes.common import (
+    DropConnections,
     DroppedConnection,
     Fault,
     FaultPlan,
@@ -248,28 +248,6 @@ def _privacy(value: Any) -> str:
     return str(value)
 
 
-class _DropConnections:
-    """Pure-ASGI middleware: a handler's DroppedConnection closes the socket without an answer.
-
-    Swallowing the exception is not enough (uvicorn would answer 500), so it aborts uvicorn's
-    transport, reached through its `receive` method, and waits for the disconnect to register.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await self.app(scope, receive, send)
-        except DroppedConnection:
-            transport = getattr(getattr(receive, "__self__", None), "transport", None)
-            if transport is None:
-                raise
-            transport.abort()
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-
 class DailyEmulator:
     """Daily's REST API as a Starlette app (`.app`), with its state public for tests.
 
@@ -301,7 +279,7 @@ class DailyEmulator:
         self._seq = 0
         self.app = Starlette(
             routes=self._routes(),
-            middleware=[Middleware(_DropConnections)],
+            middleware=[Middleware(DropConnections)],
             exception_handlers={HTTPException: self._http_error},
         )
 

@@ -48,12 +48,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tests.fakes.common import (
+    DropConnections,
     DroppedConnection,
     Fault,
     FaultPlan,
@@ -112,7 +114,6 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_RAW_SEND = "fly_emulator.raw_send"
 
 
 def ulid() -> str:
@@ -411,7 +412,7 @@ def _kill_group(proc: asyncio.subprocess.Process, sig: int = signal.SIGKILL) -> 
 
 
 class _EmulatorApp(Starlette):
-    """Starlette, plus a `fly-request-id` on every answer and a way for handlers to hang up."""
+    """Starlette, plus a `fly-request-id` on every answer."""
 
     def build_middleware_stack(self) -> ASGIApp:
         inner = super().build_middleware_stack()
@@ -420,7 +421,6 @@ class _EmulatorApp(Starlette):
             if scope["type"] != "http":
                 await inner(scope, receive, send)
                 return
-            scope[_RAW_SEND] = send
             request_id = ulid().lower().encode()
 
             async def send_with_id(message: Message) -> None:
@@ -432,17 +432,6 @@ class _EmulatorApp(Starlette):
             await inner(scope, receive, send_with_id)
 
         return app
-
-
-async def _hang_up(request: Request, exc: Exception) -> Response:
-    """Close the socket without an answer (uvicorn's transport); elsewhere, let `exc` propagate."""
-    server_send = request.scope.get(_RAW_SEND)
-    transport = getattr(getattr(server_send, "__self__", None), "transport", None)
-    if transport is None:
-        raise exc
-    transport.close()
-    await asyncio.sleep(0)  # uvicorn sees the connection lost, so it writes nothing more
-    return Response(status_code=500)
 
 
 Handler = Callable[[Request, Any], Awaitable[Response]]
@@ -494,7 +483,7 @@ class FlyEmulator:
         self.app = _EmulatorApp(
             routes=self._routes(),
             lifespan=self._lifespan,
-            exception_handlers={DroppedConnection: _hang_up},
+            middleware=[Middleware(DropConnections)],
         )
 
     # -- wiring ------------------------------------------------------------------------------

@@ -146,23 +146,65 @@ async def dispatcher_stack(
     upstream_timeout_s: float = 10.0,
 ) -> AsyncIterator[Stack]:
     """Emulators and a dispatcher on loopback; `local=True` runs bots as local processes."""
-    fly = None if local else (fly or fly_emulator())
+    upstream = emulators(fly=None if local else (fly or fly_emulator()), daily=daily)
+    async with contextlib.AsyncExitStack() as stack:
+        urls = await stack.enter_async_context(upstream)
+        yield await stack.enter_async_context(
+            run_dispatcher(
+                tmp_path,
+                urls,
+                env=env,
+                local=local,
+                retry=retry,
+                upstream_timeout_s=upstream_timeout_s,
+            )
+        )
+
+
+@dataclass
+class Emulators:
+    """Emulators being served, and their URLs."""
+
+    fly: FlyEmulator | None
+    daily: DailyEmulator
+    fly_url: str | None
+    daily_url: str
+
+
+@contextlib.asynccontextmanager
+async def emulators(
+    *, fly: FlyEmulator | None, daily: DailyEmulator | None = None
+) -> AsyncIterator[Emulators]:
+    """Serve the emulators (Fly is optional) on loopback."""
     daily = daily or daily_emulator()
     async with contextlib.AsyncExitStack() as stack:
         fly_url = await stack.enter_async_context(serve(fly.app)) if fly else None
         daily_url = await stack.enter_async_context(serve(daily.app))
-        sock = bind_loopback()
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        values = dispatcher_env(
-            fly_url=fly_url,
-            daily_url=daily_url,
-            dispatcher_url=url,
-            db=f"sqlite:///{tmp_path}/dispatcher.db",
-        )
-        if local:
-            values["LOCAL_BOT_DIR"] = str(TESTBOT_DIR)
-        settings = Settings.from_env(values | (env or {}))
-        app = create_app(settings, retry=retry, poll_s=0.2, upstream_timeout_s=upstream_timeout_s)
-        await stack.enter_async_context(serve(app, sock=sock))
-        http = await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=30))
-        yield Stack(url=url, http=http, settings=settings, fly=fly, daily=daily)
+        yield Emulators(fly, daily, fly_url, daily_url)
+
+
+@contextlib.asynccontextmanager
+async def run_dispatcher(
+    tmp_path: Path,
+    urls: Emulators,
+    *,
+    env: dict[str, str] | None = None,
+    local: bool = False,
+    retry: RetryPolicy = FAST_RETRY,
+    upstream_timeout_s: float = 10.0,
+) -> AsyncIterator[Stack]:
+    """A dispatcher under uvicorn on loopback, wired to served emulators (its DB in tmp_path)."""
+    sock = bind_loopback()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    values = dispatcher_env(
+        fly_url=urls.fly_url,
+        daily_url=urls.daily_url,
+        dispatcher_url=url,
+        db=f"sqlite:///{tmp_path}/dispatcher.db",
+    )
+    if local:
+        values["LOCAL_BOT_DIR"] = str(TESTBOT_DIR)
+    settings = Settings.from_env(values | (env or {}))
+    app = create_app(settings, retry=retry, poll_s=0.2, upstream_timeout_s=upstream_timeout_s)
+    async with serve(app, sock=sock), httpx.AsyncClient(base_url=url, timeout=30) as http:
+        yield Stack(url=url, http=http, settings=settings, fly=urls.fly, daily=urls.daily)

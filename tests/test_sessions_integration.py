@@ -15,8 +15,10 @@ from tests.harness import (
     Stack,
     daily_emulator,
     dispatcher_stack,
+    emulators,
     eventually,
     fly_emulator,
+    run_dispatcher,
 )
 
 
@@ -239,3 +241,37 @@ async def test_upstream_timeout_is_504(tmp_path: Path) -> None:
         assert response.json()["code"] == "upstream-timeout"
         assert not daily.rooms
         await eventually(lambda: _true(not live_machines(stack)), what="machines destroyed")
+
+
+async def test_restarted_dispatcher_follows_running_sessions(tmp_path: Path) -> None:
+    """A dispatcher restart leaves the bot running; the new instance follows it to its end."""
+    async with emulators(fly=fly_emulator()) as upstream:
+        assert upstream.fly is not None
+        async with run_dispatcher(tmp_path, upstream) as first:
+            sid = (await first.start()).json()["sessionId"]
+            await first.wait_state(sid, "ready")
+        (machine,) = upstream.fly.machines.values()
+        assert machine.state == "started" and machine.exit_events() == []
+        async with run_dispatcher(tmp_path, upstream) as second:
+            assert (await second.session(sid))["state"] == "ready"
+            await second.http.delete(f"/sessions/{sid}", headers=second.headers())
+            ended = await second.wait_state(sid, "ended")
+            assert ended["endReason"] == "deleted"
+            await eventually(lambda: _true(machine.state == "destroyed"), what="destroyed")
+            assert sid not in upstream.daily.rooms
+
+
+async def test_machine_exit_is_noticed_after_a_restart(tmp_path: Path) -> None:
+    """A bot that exits while no dispatcher runs is noticed by the next one, which ends it."""
+    script = {"testBot": {"exit_after_s": 1, "exit_code": 0, "no_ended": True}}
+    async with emulators(fly=fly_emulator()) as upstream:
+        assert upstream.fly is not None
+        async with run_dispatcher(tmp_path, upstream) as first:
+            sid = (await first.start(script)).json()["sessionId"]
+            await first.wait_state(sid, "ready")
+        (machine,) = upstream.fly.machines.values()
+        await eventually(lambda: _true(machine.state == "destroyed"), what="bot exited")
+        async with run_dispatcher(tmp_path, upstream) as second:
+            ended = await second.wait_state(sid, "ended")
+            assert ended["endReason"] == "completed" and ended["exitCode"] == 0
+            assert sid not in upstream.daily.rooms

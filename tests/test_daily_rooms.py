@@ -20,12 +20,20 @@ FAST = RetryPolicy(attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
 
 
 @pytest.fixture
-async def daily() -> AsyncIterator[tuple[DailyEmulator, DailyRooms]]:
+async def served() -> AsyncIterator[tuple[DailyEmulator, DailyRooms, DailyAPI]]:
     emu = DailyEmulator(api_key=KEY)
     async with serve(emu.app) as url, DailyAPI.client(url, KEY) as http:
-        rooms = DailyRooms(DailyAPI(http, FAST), Secret(KEY), FAST)
+        api = DailyAPI(http, FAST)
+        rooms = DailyRooms(api, Secret(KEY), FAST)
         await rooms.open()
-        yield emu, rooms
+        yield emu, rooms, api
+
+
+@pytest.fixture
+def daily(
+    served: tuple[DailyEmulator, DailyRooms, DailyAPI],
+) -> tuple[DailyEmulator, DailyRooms]:
+    return served[0], served[1]
 
 
 async def test_planned_room_and_tokens_work_on_daily(
@@ -92,3 +100,18 @@ def test_long_user_ids_are_hashed_to_fit() -> None:
     long = "auth0|" + "x" * 60
     assert len(daily_user_id(long)) == MAX_USER_ID
     assert daily_user_id(long) == daily_user_id(long) != daily_user_id(long + "y")
+
+
+async def test_presence_lists_who_is_in_the_room(
+    served: tuple[DailyEmulator, DailyRooms, DailyAPI],
+) -> None:
+    """Presence shows the bot by its user id once it has joined (the watchdog signal)."""
+    emu, rooms, api = served
+    plan = rooms.plan("s-pres", "u", time.time() + 600, {}, {})
+    await rooms.create(plan)
+    assert await api.presence("s-pres") == []
+    emu.join("s-pres", plan.bot_token)
+    assert [p["userId"] for p in await api.presence("s-pres")] == ["bot-s-pres"]
+    assert await api.get_room("s-pres") is not None
+    await rooms.delete("s-pres")
+    assert await api.get_room("s-pres") is None

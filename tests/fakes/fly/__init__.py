@@ -1,0 +1,70 @@
+"""A stateful emulator of the Fly Machines API that runs each machine as a local process.
+
+Follows /work/shared/reference/fly-machines.md. Choices where the reference is silent:
+
+- `wait`: `timeout` takes (fractional) seconds or a Go duration, default 60; larger values are
+  clamped to 60. An unknown `version`/`instance_id` answers 400. `stopped` is satisfied once that
+  version's process has exited, or by a destroyed machine; `started` only by the current state.
+- `instance_id` (= `version`) is minted at create and kept by the first boot and by policy
+  restarts; every API `start` that boots the machine mints a new one.
+- A process killed by signal N reports `exit_code` = `guest_exit_code` = 128+N and
+  `signal` = `guest_signal` = N (-1 when none); an OOM kill is SIGKILL (137), `oom_killed: true`.
+- The exit event's `status` is the state entered next: `stopped`, or `restarting` when the
+  restart policy boots the process again (`restarting: true` in the exit event).
+- Durations in `stop_config.timeout` / stop's `timeout` are Go durations: strings like "1m30s",
+  or numbers of nanoseconds (as fly-go's `Duration` decodes them).
+- Stop on a machine that is not running answers `{"ok":true}`; start/stop on a destroyed machine,
+  412; destroy of a destroyed machine, 404. An empty stop body counts as `{}`.
+- A wait that can no longer be satisfied (started, on a stopped machine) runs to its 408.
+- The image's CMD is `default_cmd` (`python -m bot`); `init.exec` replaces it, `init.entrypoint`
+  runs with `init.cmd` only. Each process gets `PYTHONUNBUFFERED=1`, as the image's ENV would.
+  An image directory's `bot/` needs an `__init__.py`: a namespace package loses to the repo's
+  `bot` package, which the editable install puts on every interpreter's path.
+- A fault with `status=0` closes uvicorn's transport: an ASGI app that returns without
+  answering gets a 500 from uvicorn, not a dropped connection.
+"""
+
+from tests.fakes.fly.api import (
+    APP_SCOPED_LIMITS,
+    DEFAULT_APP,
+    DEFAULT_LIMITS,
+    DEFAULT_TOKEN,
+    FlyEmulator,
+    Handler,
+)
+from tests.fakes.fly.errors import ApiError, ApiRequest
+from tests.fakes.fly.handlers import MAX_WAIT_S, REGION_NAMES, WAITABLE_STATES, MachineHandlers
+from tests.fakes.fly.machine import (
+    MachineRecord,
+    parse_duration,
+    parse_image_ref,
+    parse_signal,
+    ulid,
+    utc_now,
+)
+from tests.fakes.fly.runtime import DEFAULT_MAX_RETRIES, MachineRuntime
+from tests.fakes.fly.validation import validate_create
+
+__all__ = [
+    "APP_SCOPED_LIMITS",
+    "DEFAULT_APP",
+    "DEFAULT_LIMITS",
+    "DEFAULT_MAX_RETRIES",
+    "DEFAULT_TOKEN",
+    "MAX_WAIT_S",
+    "REGION_NAMES",
+    "WAITABLE_STATES",
+    "ApiError",
+    "ApiRequest",
+    "FlyEmulator",
+    "Handler",
+    "MachineHandlers",
+    "MachineRecord",
+    "MachineRuntime",
+    "parse_duration",
+    "parse_image_ref",
+    "parse_signal",
+    "ulid",
+    "utc_now",
+    "validate_create",
+]

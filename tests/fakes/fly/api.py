@@ -1,0 +1,286 @@
+"""The emulator's app: routes, auth, rate limits, faults, latency and control endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tests.fakes.common import (
+    DropConnections,
+    DroppedConnection,
+    Fault,
+    FaultPlan,
+    Latency,
+    RateLimiter,
+    control_routes,
+)
+from tests.fakes.fly.errors import ApiError, ApiRequest, _not_found
+from tests.fakes.fly.handlers import MachineHandlers
+from tests.fakes.fly.machine import MachineRecord, ulid
+from tests.fakes.fly.runtime import _kill_group
+
+DEFAULT_LIMITS: dict[str, tuple[float, int]] = {
+    "create": (1.0, 3),
+    "list": (1.0, 3),
+    "get": (5.0, 10),
+    "wait": (1.0, 3),
+    "stop": (1.0, 3),
+    "start": (1.0, 3),
+    "destroy": (1.0, 3),
+    "events": (1.0, 3),
+    "metadata": (1.0, 3),
+}
+"""(requests a second, burst) per action: create and list per app, the rest per machine."""
+
+DEFAULT_TOKEN = "test-token"
+DEFAULT_APP = "bots"
+APP_SCOPED_LIMITS = frozenset({"create", "list"})
+
+
+class _EmulatorApp(Starlette):
+    """Starlette, plus a `fly-request-id` on every answer."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        inner = super().build_middleware_stack()
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await inner(scope, receive, send)
+                return
+            request_id = ulid().lower().encode()
+
+            async def send_with_id(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    headers = [*message.get("headers", []), (b"fly-request-id", request_id)]
+                    message = {**message, "headers": headers}
+                await send(message)
+
+            await inner(scope, receive, send_with_id)
+
+        return app
+
+
+Handler = Callable[[Request, Any], Awaitable[Response]]
+
+
+class FlyEmulator(MachineHandlers):
+    """The Fly Machines API for one org: apps, images, regions, and machines as local processes."""
+
+    def __init__(
+        self,
+        *,
+        token: str = DEFAULT_TOKEN,
+        apps: Iterable[str] = (DEFAULT_APP,),
+        images: Mapping[str, Path] | None = None,
+        default_image_root: Path | None = None,
+        default_cmd: Iterable[str] = ("python", "-m", "bot"),
+        regions: Mapping[str, int | None] | None = None,
+        secrets: Mapping[str, str] | None = None,
+        boot_delay_s: float = 0.05,
+        destroy_delay_s: float = 0.02,
+        restart_delay_s: float = 0.05,
+        capacity_status: int = 412,
+        retry_after_header: bool = True,
+        rate_limits: bool = True,
+        limits: Mapping[str, tuple[float, int]] | None = None,
+        latency: float = 0.0,
+        list_lag_s: float = 0.0,
+    ) -> None:
+        self.token = token
+        self.apps = set(apps)
+        self.images = {ref: Path(path) for ref, path in (images or {}).items()}
+        self.default_image_root = default_image_root
+        self.default_cmd = list(default_cmd)
+        self.regions: dict[str, int | None] = dict(regions or {"iad": None, "ord": None})
+        self.secrets = dict(secrets or {})
+        self.boot_delay_s = boot_delay_s
+        self.destroy_delay_s = destroy_delay_s
+        self.restart_delay_s = restart_delay_s
+        self.capacity_status = capacity_status
+        self.retry_after_header = retry_after_header
+        self.list_lag_s = list_lag_s
+        self.machines: dict[str, MachineRecord] = {}
+        self.requests: list[ApiRequest] = []
+        self.faults = FaultPlan()
+        self.latency = Latency(latency)
+        self.limiter = RateLimiter({**DEFAULT_LIMITS, **(limits or {})}, enabled=rate_limits)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self.app = _EmulatorApp(
+            routes=self._routes(),
+            lifespan=self._lifespan,
+            middleware=[Middleware(DropConnections)],
+        )
+
+    # -- wiring ------------------------------------------------------------------------------
+
+    def _routes(self) -> list[Route]:
+        machine = "/v1/apps/{app}/machines/{id}"
+        api = self._api
+        return [
+            Route("/v1/apps/{app}/machines", api("create", self._create), methods=["POST"]),
+            Route("/v1/apps/{app}/machines", api("list", self._list), methods=["GET"]),
+            Route(machine, api("get", self._get), methods=["GET"]),
+            Route(machine, api("destroy", self._destroy), methods=["DELETE"]),
+            Route(f"{machine}/wait", api("wait", self._wait), methods=["GET"]),
+            Route(f"{machine}/stop", api("stop", self._stop), methods=["POST"]),
+            Route(f"{machine}/start", api("start", self._start), methods=["POST"]),
+            Route(f"{machine}/events", api("events", self._events), methods=["GET"]),
+            Route(f"{machine}/metadata", api("metadata", self._metadata), methods=["GET"]),
+            Route(f"{machine}/metadata/{{key}}", api("metadata", self._set_meta), methods=["POST"]),
+            Route(
+                f"{machine}/metadata/{{key}}", api("metadata", self._del_meta), methods=["DELETE"]
+            ),
+            Route("/v1/platform/regions", api("regions", self._regions), methods=["GET"]),
+            *control_routes(self.faults, self.latency, self.limiter, self.snapshot),
+            Route("/_emulator/machines/{id}/oom", self._control_oom, methods=["POST"]),
+            Route("/_emulator/secrets", self._control_secrets, methods=["POST"]),
+            Route("/_emulator/regions", self._control_regions, methods=["POST"]),
+        ]
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await self.aclose()
+
+    def _api(self, op: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        """An endpoint: record, authorize, rate-limit, inject faults, operate, delay, answer."""
+
+        async def endpoint(request: Request) -> Response:
+            body = await self._record(request)
+            try:
+                self._authorize(request)
+                self._rate_limit(op, request)
+            except ApiError as exc:
+                return exc.response()
+            fault = self.faults.take(op, self._fault_region(op, request, body))
+            if fault is not None and not fault.apply_first:
+                return await self._fault_response(fault)
+            try:
+                if "app" in request.path_params and request.path_params["app"] not in self.apps:
+                    raise ApiError(404, "app not found")
+                response = await handler(request, body)
+            except ApiError as exc:
+                response = exc.response()
+            await self.latency.sleep(op)
+            return response if fault is None else await self._fault_response(fault)
+
+        return endpoint
+
+    async def _record(self, request: Request) -> Any:
+        raw = await request.body()
+        body: Any = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = raw.decode("utf-8", "replace")
+        self.requests.append(ApiRequest(request.method, request.url.path, request.url.query, body))
+        return body
+
+    def _authorize(self, request: Request) -> None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode("utf-8", "replace")
+        if scheme not in ("Bearer", "FlyV1") or not secrets.compare_digest(
+            given, self.token.encode()
+        ):
+            raise ApiError(401, "token validation error", "unauthorized")
+
+    def _rate_limit(self, op: str, request: Request) -> None:
+        params = request.path_params
+        scope = params.get("app", "")
+        if op not in APP_SCOPED_LIMITS and "id" in params:
+            scope = f"{scope}/{params['id']}"
+        wait = self.limiter.check(op, scope)
+        if wait is not None:
+            headers = {"retry-after": str(max(1, math.ceil(wait)))}
+            raise ApiError(
+                429,
+                "rate limit exceeded",
+                "rate_limited",
+                headers if self.retry_after_header else {},
+            )
+
+    def _fault_region(self, op: str, request: Request, body: Any) -> str | None:
+        if op != "create" or not isinstance(body, dict):
+            return None
+        region = body.get("region")
+        try:
+            return self._place(region if isinstance(region, str) else None)
+        except ApiError:
+            return None
+
+    async def _fault_response(self, fault: Fault) -> Response:
+        if fault.delay_s > 0:
+            await asyncio.sleep(fault.delay_s)
+        if fault.status == 0:
+            raise DroppedConnection
+        body = fault.body
+        if body is None:
+            if fault.status >= 500:
+                body = {"error": "internal error", "status": "unknown"}
+            else:
+                body = {"error": HTTPStatus(fault.status).phrase.lower(), "status": "unknown"}
+        if isinstance(body, str):
+            return Response(body, fault.status, headers=fault.headers, media_type="text/plain")
+        return JSONResponse(body, fault.status, headers=fault.headers)
+
+    # -- control API -------------------------------------------------------------------------
+
+    async def _control_oom(self, request: Request) -> Response:
+        """OOM-kill a machine's process: SIGKILL, reported with `oom_killed: true`."""
+        machine = self.machines.get(request.path_params["id"])
+        if machine is None:
+            return _not_found().response()
+        if machine.process is None:
+            return JSONResponse({"error": "machine has no running process"}, 409)
+        machine.oom_killed = True
+        _kill_group(machine.process)
+        return JSONResponse({"ok": True})
+
+    async def _control_secrets(self, request: Request) -> Response:
+        """Set app secrets (null unsets one); machines see them from their next boot."""
+        for key, value in (await request.json()).items():
+            if value is None:
+                self.secrets.pop(key, None)
+            else:
+                self.secrets[str(key)] = str(value)
+        return JSONResponse(sorted(self.secrets))
+
+    async def _control_regions(self, request: Request) -> Response:
+        """Add regions or change their capacity (null: unlimited)."""
+        for code, capacity in (await request.json()).items():
+            self.regions[str(code)] = None if capacity is None else int(capacity)
+        return JSONResponse(self.regions)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The emulator's state as JSON, for `GET /_emulator/state`."""
+        machines = [
+            m.to_json(summary=True)
+            | {"app": m.app, "restart_count": m.restart_count, "logs": m.logs[-100:]}
+            for m in self.machines.values()
+        ]
+        return {
+            "apps": sorted(self.apps),
+            "regions": self.regions,
+            "machines": machines,
+            "requests": len(self.requests),
+            "faults": {"pending": self.faults.pending(), "fired": self.faults.fired},
+            "rate_limited": self.limiter.refused,
+        }

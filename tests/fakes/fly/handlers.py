@@ -1,0 +1,321 @@
+"""The Machines API's endpoints: create, list, get, wait, stop, start, destroy, metadata."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive
+
+from tests.fakes.fly.errors import ApiError, _bad_request, _not_found
+from tests.fakes.fly.machine import MachineRecord, parse_duration, parse_signal, ulid, utc_now
+from tests.fakes.fly.runtime import MachineRuntime
+from tests.fakes.fly.validation import validate_create
+
+WAITABLE_STATES = ("started", "stopped", "suspended", "destroyed")
+MAX_WAIT_S = 60.0
+REGION_NAMES = {
+    "iad": "Ashburn, Virginia (US)",
+    "ord": "Chicago, Illinois (US)",
+    "dfw": "Dallas, Texas (US)",
+    "ewr": "Secaucus, NJ (US)",
+    "lax": "Los Angeles, California (US)",
+    "sjc": "San Jose, California (US)",
+    "sea": "Seattle, Washington (US)",
+    "yyz": "Toronto, Canada",
+    "gru": "Sao Paulo, Brazil",
+    "lhr": "London, United Kingdom",
+    "ams": "Amsterdam, Netherlands",
+    "fra": "Frankfurt, Germany",
+    "cdg": "Paris, France",
+    "arn": "Stockholm, Sweden",
+    "nrt": "Tokyo, Japan",
+    "sin": "Singapore, Singapore",
+    "syd": "Sydney, Australia",
+    "bom": "Mumbai, India",
+    "jnb": "Johannesburg, South Africa",
+}
+_ADJECTIVES = ("quiet", "patient", "bold", "young", "ancient", "shy", "dawn", "misty", "lively")
+_NOUNS = ("river", "glitter", "sound", "wave", "forest", "meadow", "thunder", "sun", "frost")
+
+
+class MachineHandlers(MachineRuntime):
+    """The Machines API's handlers, and where new machines land."""
+
+    images: dict[str, Path]
+    default_image_root: Path | None
+    capacity_status: int
+    list_lag_s: float
+
+    def _machine(self, request: Request) -> MachineRecord:
+        machine = self.machines.get(request.path_params["id"])
+        if machine is None or machine.app != request.path_params["app"]:
+            raise _not_found()
+        return machine
+
+    # -- placement ---------------------------------------------------------------------------
+
+    def _place(self, spec: str | None) -> str:
+        """The region a machine lands in: the first of `spec` with capacity."""
+        if not spec:
+            codes = list(self.regions)[:1]
+        elif spec == "any":
+            codes = list(self.regions)
+        else:
+            codes = [code.strip() for code in spec.split(",") if code.strip()]
+        for code in codes:
+            if code not in self.regions:
+                raise _bad_request(f"invalid region {code!r}")
+        for code in codes:
+            if self._has_capacity(code):
+                return code
+        raise self._capacity_error()
+
+    def _has_capacity(self, region: str) -> bool:
+        capacity = self.regions.get(region)
+        used = sum(
+            1
+            for m in self.machines.values()
+            if m.region == region and m.state not in ("stopped", "destroyed")
+        )
+        return capacity is None or used < capacity
+
+    def _capacity_error(self) -> ApiError:
+        return ApiError(
+            self.capacity_status,
+            "insufficient resources to create machine",
+            "insufficient_capacity",
+        )
+
+    def _image_dir(self, ref: str) -> Path:
+        if ref in self.images:
+            return self.images[ref]
+        if self.default_image_root is not None:
+            return self.default_image_root
+        raise ApiError(422, f"failed to resolve image {ref!r}: manifest unknown", "unknown")
+
+    # -- handlers ----------------------------------------------------------------------------
+
+    async def _create(self, request: Request, body: Any) -> Response:
+        config = validate_create(body)
+        app = request.path_params["app"]
+        name = body.get("name") or self._generate_name()
+        for other in self.machines.values():
+            if other.app == app and other.name == name and other.state != "destroyed":
+                raise ApiError(
+                    422,
+                    f"unique machine name violation, machine ID {other.id} already exists "
+                    f'with name "{name}"',
+                    "name_taken",
+                )
+        image_dir = self._image_dir(config["image"])
+        region = self._place(body.get("region"))
+        machine = MachineRecord(
+            id=secrets.token_hex(7),
+            app=app,
+            name=name,
+            region=region,
+            config=copy.deepcopy(config),
+            image_dir=image_dir,
+            instance_id=ulid(),
+            private_ip=self._private_ip(),
+        )
+        self.machines[machine.id] = machine
+        machine.add_event("launch", "created", "user")
+        answer = machine.to_json()
+        if not body.get("skip_launch"):
+            self._boot(machine)
+        return JSONResponse(answer)
+
+    async def _list(self, request: Request, body: Any) -> Response:
+        query = request.query_params
+        app = request.path_params["app"]
+        states = set(query["state"].split(",")) if query.get("state") else None
+        wanted = {k[9:]: v for k, v in query.multi_items() if k.startswith("metadata.")}
+        deleted = query.get("include_deleted") == "true"
+        visible_since = time.monotonic() - self.list_lag_s
+        found = [
+            m.to_json(summary=query.get("summary") == "true")
+            for m in self.machines.values()
+            if m.app == app
+            and m.created_mono <= visible_since
+            and (deleted or m.state != "destroyed")
+            and (states is None or m.state in states)
+            and query.get("region") in (None, m.region)
+            and all(m.metadata.get(k) == v for k, v in wanted.items())
+        ]
+        return JSONResponse(found)
+
+    async def _get(self, request: Request, body: Any) -> Response:
+        return JSONResponse(self._machine(request).to_json())
+
+    async def _wait(self, request: Request, body: Any) -> Response:
+        machine = self._machine(request)
+        query = request.query_params
+        target = query.get("state") or "started"
+        if target not in WAITABLE_STATES:
+            raise _bad_request(
+                f"invalid state {target!r}: want one of {', '.join(WAITABLE_STATES)}"
+            )
+        version = query.get("version") or query.get("instance_id")
+        if target == "stopped" and not version:
+            raise _bad_request("version (instance_id) is required when waiting for state stopped")
+        if version is not None and version not in machine.reached:
+            raise _bad_request(f"machine version {version!r} not found")
+        timeout = self._wait_timeout(query.get("timeout"))
+        if await self._await_state(request, machine, target, version, timeout):
+            return JSONResponse({"ok": True, "state": target})
+        raise ApiError(408, f"deadline_exceeded: timeout waiting for machine to be {target}")
+
+    @staticmethod
+    def _wait_timeout(raw: str | None) -> float:
+        if raw is None or raw == "":
+            return MAX_WAIT_S
+        try:
+            value = float(raw)
+        except ValueError:
+            try:
+                value = parse_duration(raw)
+            except ValueError:
+                raise _bad_request(f"invalid timeout {raw!r}") from None
+        if not value >= 0:
+            raise _bad_request(f"invalid timeout {raw!r}")
+        return min(value, MAX_WAIT_S)
+
+    async def _await_state(
+        self, request: Request, m: MachineRecord, target: str, version: str | None, within: float
+    ) -> bool:
+        """Wait until `m` satisfies `target`, the timeout passes, or the client goes away."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            while not m.satisfies(target, version):
+                remaining = deadline - loop.time()
+                if remaining <= 0 or gone.done():
+                    return False
+                change = asyncio.ensure_future(m.changed.wait())
+                await asyncio.wait(
+                    {change, gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                change.cancel()
+            return True
+        finally:
+            gone.cancel()
+
+    async def _stop(self, request: Request, body: Any) -> Response:
+        machine = self._machine(request)
+        body = {} if body is None else body
+        if not isinstance(body, dict):
+            raise _bad_request("invalid request body: must be a JSON object")
+        defaults = machine.config.get("stop_config") or {}
+        try:
+            sig = parse_signal(_first(body.get("signal"), defaults.get("signal"), "SIGINT"))
+            timeout = parse_duration(_first(body.get("timeout"), defaults.get("timeout"), "5s"))
+        except ValueError as exc:
+            raise _bad_request(str(exc)) from None
+        if machine.state == "destroyed":
+            raise self._wrong_state("stop", machine)
+        if machine.active and not machine.stop_requested:
+            machine.add_event("stop", "stopping", "user")
+            machine.set_state("stopping")
+            self._halt(machine, sig, timeout)
+        return JSONResponse({"ok": True})
+
+    async def _start(self, request: Request, body: Any) -> Response:
+        machine = self._machine(request)
+        previous = machine.state
+        if previous in ("destroying", "destroyed"):
+            raise self._wrong_state("start", machine)
+        if not machine.active:
+            if previous == "stopped" and not self._has_capacity(machine.region):
+                raise self._capacity_error()
+            machine.instance_id = ulid()
+            machine.add_event("start", "starting", "user")
+            machine.set_state("starting")
+            self._boot(machine)
+        return JSONResponse({"previous_state": previous, "migrated": False, "new_host": ""})
+
+    async def _destroy(self, request: Request, body: Any) -> Response:
+        machine = self._machine(request)
+        force = request.query_params.get("force", "").lower() in ("true", "1")
+        if machine.state == "destroyed":
+            raise _not_found()
+        if machine.active and not force:
+            raise ApiError(412, "failed_precondition: machine still active, refusing to delete")
+        if machine.state != "destroying":
+            machine.set_state("destroying")
+            if machine.active:
+                machine.destroy_requested = True
+                self._halt(machine, signal.SIGKILL, 0.0)
+            else:
+                self._spawn_task(self._finish_destroy(machine, "user"))
+        return JSONResponse({"ok": True})
+
+    async def _events(self, request: Request, body: Any) -> Response:
+        machine = self._machine(request)
+        raw = request.query_params.get("limit") or "20"
+        if not raw.isdigit():
+            raise _bad_request(f"invalid limit {raw!r}")
+        return JSONResponse(machine.events[: max(1, min(int(raw), 50))])
+
+    async def _metadata(self, request: Request, body: Any) -> Response:
+        return JSONResponse(self._machine(request).metadata)
+
+    async def _set_meta(self, request: Request, body: Any) -> Response:
+        machine = self._machine(request)
+        if not isinstance(body, dict) or not isinstance(body.get("value"), str):
+            raise _bad_request('invalid request body: want {"value": "<string>"}')
+        machine.config["metadata"] = machine.metadata | {request.path_params["key"]: body["value"]}
+        machine.updated_at = utc_now()
+        return Response(status_code=204)
+
+    async def _del_meta(self, request: Request, body: Any) -> Response:
+        machine = self._machine(request)
+        metadata = machine.metadata
+        metadata.pop(request.path_params["key"], None)
+        machine.config["metadata"] = metadata
+        machine.updated_at = utc_now()
+        return Response(status_code=204)
+
+    async def _regions(self, request: Request, body: Any) -> Response:
+        regions = [{"code": code, "name": REGION_NAMES.get(code, code)} for code in self.regions]
+        return JSONResponse({"Regions": regions, "Nearest": next(iter(self.regions), "")})
+
+    @staticmethod
+    def _wrong_state(action: str, machine: MachineRecord) -> ApiError:
+        return ApiError(
+            412,
+            f"failed_precondition: unable to {action} machine from current state: "
+            f"'{machine.state}'",
+        )
+
+    def _generate_name(self) -> str:
+        taken = {m.name for m in self.machines.values()}
+        while True:
+            adjective, noun = secrets.choice(_ADJECTIVES), secrets.choice(_NOUNS)
+            name = f"{adjective}-{noun}-{secrets.randbelow(10_000):04d}"
+            if name not in taken:
+                return name
+
+    @staticmethod
+    def _private_ip() -> str:
+        groups = ":".join(secrets.token_hex(2) for _ in range(3))
+        return f"fdaa:0:{secrets.token_hex(2)}:a7b:{groups}:2"
+
+
+def _first(*values: Any) -> Any:
+    return next(v for v in values if v is not None)
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return once the client has gone away."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -80,12 +81,13 @@ class Stack:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, what: str = "condition"
+    check: Callable[[], bool | Awaitable[bool]], *, timeout: float = 10.0, what: str = "condition"
 ) -> None:
-    """Wait until `check()` is true, polling; fail after `timeout` seconds."""
+    """Wait until `check()` (plain or async) is true, polling; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        if await check():
+        result = check()
+        if await result if inspect.isawaitable(result) else result:
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")

@@ -200,9 +200,5 @@ async def test_max_duration_ends_the_session(tmp_path: Path) -> None:
         session = await stack.wait_state(sid, "ended", timeout=20)
         assert session["endReason"] == "max_duration"
         (machine,) = stack.fly.machines.values()
-        await eventually(lambda: _is(machine.state, "destroyed"), what="machine destroyed")
+        await eventually(lambda: machine.state == "destroyed", what="machine destroyed")
         assert machine.exit_events()[0]["requested_stop"] is True
-
-
-async def _is(value: str, expected: str) -> bool:
-    return value == expected

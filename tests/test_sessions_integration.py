@@ -55,13 +55,9 @@ async def test_whole_session(tmp_path: Path) -> None:
         assert deleted.json()["state"] == "ending"
         ended = await stack.wait_state(sid, "ended")
         assert ended["endReason"] == "deleted" and ended["exitCode"] == 0
-        await eventually(lambda: _true(machine.state == "destroyed"), what="machine destroyed")
+        await eventually(lambda: machine.state == "destroyed", what="machine destroyed")
         assert sid not in stack.daily.rooms
         assert any(line.startswith("testbot") and "ready" in line for line in machine.logs)
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_machine_config_carries_the_bot_contract(tmp_path: Path) -> None:
@@ -117,8 +113,8 @@ async def test_crash_before_ready(tmp_path: Path) -> None:
         session = await stack.wait_state(sid, "failed")
         assert session["exitCode"] == 3
         assert session["readyAt"] is None
-        await eventually(lambda: _true(sid not in stack.daily.rooms), what="room deleted")
-        await eventually(lambda: _true(not live_machines(stack)), what="machine destroyed")
+        await eventually(lambda: sid not in stack.daily.rooms, what="room deleted")
+        await eventually(lambda: not live_machines(stack), what="machine destroyed")
 
 
 async def test_ready_timeout(tmp_path: Path) -> None:
@@ -129,7 +125,7 @@ async def test_ready_timeout(tmp_path: Path) -> None:
         session = await stack.wait_state(sid, "failed")
         assert session["endReason"] == "ready_timeout"
         (machine,) = stack.fly.machines.values()
-        await eventually(lambda: _true(machine.state == "destroyed"), what="machine destroyed")
+        await eventually(lambda: machine.state == "destroyed", what="machine destroyed")
         assert machine.exit_events()[0]["requested_stop"] is True
 
 
@@ -180,7 +176,7 @@ async def test_daily_failing_leaves_nothing_behind(tmp_path: Path) -> None:
         assert response.status_code == 502
         assert response.json()["code"] == "upstream-error"
         assert not daily.rooms
-        await eventually(lambda: _true(not live_machines(stack)), what="machines destroyed")
+        await eventually(lambda: not live_machines(stack), what="machines destroyed")
         assert len(stack.fly.machines) == 1
 
 
@@ -240,7 +236,7 @@ async def test_upstream_timeout_is_504(tmp_path: Path) -> None:
         assert response.status_code == 504, response.text
         assert response.json()["code"] == "upstream-timeout"
         assert not daily.rooms
-        await eventually(lambda: _true(not live_machines(stack)), what="machines destroyed")
+        await eventually(lambda: not live_machines(stack), what="machines destroyed")
 
 
 async def test_restarted_dispatcher_follows_running_sessions(tmp_path: Path) -> None:
@@ -257,7 +253,7 @@ async def test_restarted_dispatcher_follows_running_sessions(tmp_path: Path) -> 
             await second.http.delete(f"/sessions/{sid}", headers=second.headers())
             ended = await second.wait_state(sid, "ended")
             assert ended["endReason"] == "deleted"
-            await eventually(lambda: _true(machine.state == "destroyed"), what="destroyed")
+            await eventually(lambda: machine.state == "destroyed", what="destroyed")
             assert sid not in upstream.daily.rooms
 
 
@@ -270,7 +266,7 @@ async def test_machine_exit_is_noticed_after_a_restart(tmp_path: Path) -> None:
             sid = (await first.start(script)).json()["sessionId"]
             await first.wait_state(sid, "ready")
         (machine,) = upstream.fly.machines.values()
-        await eventually(lambda: _true(machine.state == "destroyed"), what="bot exited")
+        await eventually(lambda: machine.state == "destroyed", what="bot exited")
         async with run_dispatcher(tmp_path, upstream) as second:
             ended = await second.wait_state(sid, "ended")
             assert ended["endReason"] == "completed" and ended["exitCode"] == 0

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import jwt
+import pytest
 
 from dispatcher.upstream import RetryPolicy
 from tests.harness import (
@@ -271,3 +273,25 @@ async def test_machine_exit_is_noticed_after_a_restart(tmp_path: Path) -> None:
             ended = await second.wait_state(sid, "ended")
             assert ended["endReason"] == "completed" and ended["exitCode"] == 0
             assert sid not in upstream.daily.rooms
+
+
+async def test_start_finishes_when_the_client_goes_away(tmp_path: Path) -> None:
+    """A client that disconnects mid-start leaves a whole session, never a half-made one."""
+    fly = fly_emulator()
+    fly.latency.per_op["create"] = 1.0
+    async with dispatcher_stack(tmp_path, fly=fly) as stack:
+        with pytest.raises(httpx.ReadTimeout):
+            await stack.http.post(
+                "/start", json={}, headers=stack.headers(), timeout=httpx.Timeout(0.3)
+            )
+        await eventually(lambda: len(fly.machines) == 1, what="machine created")
+        (machine,) = fly.machines.values()
+        sid = machine.config["env"]["SESSION_ID"]
+        await stack.wait_state(sid, "ready")
+
+        async def adopted() -> bool:
+            return (await stack.session(sid))["machineId"] == machine.id
+
+        await eventually(adopted, what="machine recorded on the session")
+        await stack.http.delete(f"/sessions/{sid}", headers=stack.headers())
+        assert (await stack.wait_state(sid, "ended"))["endReason"] == "deleted"

@@ -67,11 +67,6 @@ class SessionService:
         self._supervisor = supervisor
         self._starts: set[asyncio.Task[dict[str, Any]]] = set()
 
-    @property
-    def starts_in_flight(self) -> int:
-        """How many starts are running now."""
-        return len(self._starts)
-
     async def start(self, principal: Principal, request: StartRequest) -> dict[str, Any]:
         """Start a session, shielded: a client that goes away leaves nothing half made."""
         task = asyncio.create_task(self._start(principal, request))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +32,7 @@ class RetryPolicy:
     max_retry_after_s: float = 10.0
     deadline_s: float = 30.0
 
-    def retrying(
-        self, *, on_retry: Callable[[RetryCallState], None] | None = None
-    ) -> AsyncRetrying:
+    def retrying(self) -> AsyncRetrying:
         """A tenacity loop that retries retryable UpstreamErrors under this policy."""
         backoff = wait_exponential_jitter(
             multiplier=self.initial_backoff_s, jitter=self.initial_backoff_s, max=self.max_backoff_s
@@ -51,7 +48,6 @@ class RetryPolicy:
             retry=retry_if_exception(is_retryable),
             wait=wait,
             stop=stop_after_attempt(self.attempts) | stop_after_delay(self.deadline_s),
-            before_sleep=on_retry,
             reraise=True,
         )
 

@@ -7,14 +7,17 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from dispatcher.auth import Authenticator, bearer_token
 from dispatcher.config import Settings
@@ -31,8 +34,10 @@ from dispatcher.fly_api import FlyAPI
 from dispatcher.machines import MachineBackend
 from dispatcher.machines.fly import FlyMachines
 from dispatcher.machines.local import LocalMachines
+from dispatcher.proxy import MAX_PROXY_BODY_BYTES, METHODS, BotProxy, check_path
 from dispatcher.rooms import RoomBackend
 from dispatcher.rooms.daily import DailyRooms
+from dispatcher.rooms.webrtc import WebRTCRooms
 from dispatcher.sessions import SessionService
 from dispatcher.start import MAX_BODY_BYTES, parse_start
 from dispatcher.store import Store
@@ -44,6 +49,10 @@ log = logging.getLogger(__name__)
 MAX_CALLBACK_BYTES = 4096
 READINESS_TTL_S = 5.0
 READINESS_TIMEOUT_S = 5.0
+# How long an offer waits for a bot that is still booting (capped by READY_TIMEOUT_S).
+BOOT_WAIT_S = 30.0
+# The web page served at `/` in local mode (built from web/, committed).
+WEB_DIR = Path(__file__).parent / "web"
 
 
 @dataclass
@@ -53,6 +62,7 @@ class Services:
     settings: Settings
     service: SessionService
     readiness: Readiness
+    proxy: BotProxy
 
 
 class Readiness:
@@ -92,7 +102,7 @@ def create_app(
     *,
     store: Store | None = None,
     machines: MachineBackend | None = None,
-    rooms: RoomBackend | None = None,
+    rooms: Mapping[str, RoomBackend] | None = None,
     retry: RetryPolicy | None = None,
     poll_s: float = 5.0,
     upstream_timeout_s: float = 15.0,
@@ -110,36 +120,34 @@ def create_app(
                 stack.push_async_callback(db.close)
             bots = machines or _machine_backend(settings, retry, upstream_timeout_s, stack)
             stack.push_async_callback(bots.aclose)
-            room_backend = (
+            transports = (
                 rooms
                 if rooms is not None
-                else _room_backend(settings, retry, upstream_timeout_s, stack)
+                else _room_backends(settings, retry, upstream_timeout_s, stack)
             )
-            if room_backend is not None:
-                await room_backend.open()
-            else:
-                log.warning(
-                    "no room backend: DAILY_API_KEY is not set, so POST /start answers 400 "
-                    "transport-unavailable (the local webrtc transport is not built yet)"
-                )
-            supervisor = Supervisor(db, bots, room_backend, settings, poll_s=poll_s)
+            for backend in transports.values():
+                await backend.open()
+            supervisor = Supervisor(db, bots, transports, settings, poll_s=poll_s)
             stack.push_async_callback(supervisor.aclose)
             checks: dict[str, Callable[[], Awaitable[None]]] = {
                 "store": db.ping,
                 "machines": bots.check,
             }
-            if room_backend is not None:
-                checks["rooms"] = room_backend.check
+            if "daily" in transports:
+                checks["rooms"] = transports["daily"].check
+            http = httpx.AsyncClient(trust_env=False)
+            stack.push_async_callback(http.aclose)
             holder["s"] = Services(
                 settings=settings,
-                service=SessionService(settings, db, bots, room_backend, supervisor),
+                service=SessionService(settings, db, bots, transports, supervisor),
                 readiness=Readiness(checks),
+                proxy=BotProxy(http, boot_wait_s=min(settings.ready_timeout_s, BOOT_WAIT_S)),
             )
             await supervisor.resume()
             log.info(
-                "dispatcher ready: machines=%s rooms=%s auth=%s store=%s",
+                "dispatcher ready: machines=%s transports=%s auth=%s store=%s",
                 bots.name,
-                room_backend.transport if room_backend else "none",
+                ",".join(transports) or "none",
                 settings.auth,
                 db.dialect,
             )
@@ -154,9 +162,8 @@ def create_app(
         principal = auth.authenticate(request.headers)
         s = services()
         raw = await read_body(request, MAX_BODY_BYTES)
-        default_transport = "daily" if settings.room_backend == "daily" else "webrtc"
         start_request = parse_start(
-            raw, default_transport=default_transport, regions=settings.fly_regions
+            raw, default_transport=settings.default_transport, regions=settings.fly_regions
         )
         return JSONResponse(await s.service.start(principal, start_request))
 
@@ -193,6 +200,27 @@ def create_app(
         )
         return JSONResponse({"ok": True})
 
+    async def proxy(request: Request) -> Response:
+        principal = auth.authenticate(request.headers)
+        path = check_path(request.path_params["path"])
+        s = services()
+        session_id = request.path_params["session_id"]
+        address = await s.service.bot_address(principal, session_id)
+        body = await read_body(request, MAX_PROXY_BODY_BYTES)
+        answer = await s.proxy.forward(
+            session_id,
+            address,
+            request.method,
+            path,
+            request.url.query,
+            dict(request.headers),
+            body,
+        )
+        return Response(answer.body, answer.status, media_type=answer.content_type)
+
+    async def page(request: Request) -> Response:
+        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -203,15 +231,21 @@ def create_app(
         body = error_body(Unavailable("a backend is unreachable", code="backend-unavailable"))
         return JSONResponse({**body, "checks": checks}, status_code=503)
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/start", start, methods=["POST"]),
         Route("/sessions/{session_id}", get_session, methods=["GET"]),
         Route("/sessions/{session_id}", delete_session, methods=["DELETE"]),
+        Route("/sessions/{session_id}/{path:path}", proxy, methods=list(METHODS)),
         Route("/internal/sessions/{session_id}/ready", bot_ready, methods=["POST"]),
         Route("/internal/sessions/{session_id}/ended", bot_ended, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]
+    if settings.machine_backend == "local":
+        routes += [
+            Route("/", page, methods=["GET"]),
+            Mount("/web", StaticFiles(directory=WEB_DIR, check_dir=False), name="web"),
+        ]
     return Starlette(
         routes=routes,
         lifespan=lifespan,
@@ -276,13 +310,18 @@ def _machine_backend(
     return FlyMachines(FlyAPI(http, settings.fly_bot_app, retry), settings, retry)
 
 
-def _room_backend(
+def _room_backends(
     settings: Settings, retry: RetryPolicy, timeout_s: float, stack: contextlib.AsyncExitStack
-) -> RoomBackend | None:
-    if settings.daily_api_key is None:
-        return None
-    http = DailyAPI.client(
-        settings.daily_api_url, settings.daily_api_key.reveal(), timeout_s=timeout_s
-    )
-    stack.push_async_callback(http.aclose)
-    return DailyRooms(DailyAPI(http, retry), settings.daily_api_key, retry)
+) -> dict[str, RoomBackend]:
+    backends: dict[str, RoomBackend] = {}
+    for transport in settings.transports:
+        if transport == "daily":
+            assert settings.daily_api_key is not None
+            http = DailyAPI.client(
+                settings.daily_api_url, settings.daily_api_key.reveal(), timeout_s=timeout_s
+            )
+            stack.push_async_callback(http.aclose)
+            backends[transport] = DailyRooms(DailyAPI(http, retry), settings.daily_api_key, retry)
+        else:
+            backends[transport] = WebRTCRooms(settings.ice_servers)
+    return backends

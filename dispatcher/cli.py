@@ -47,7 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.port,
         )
     app = create_app(settings)
-    print(f"dispatcher listening on http://{args.host}:{args.port}", flush=True)
+    url = f"http://{args.host}:{args.port}"
+    print(f"dispatcher listening on {url}", flush=True)
+    if settings.machine_backend == "local":
+        page = settings.dispatcher_url or url
+        print(f"open {page}/ in a browser and press Connect to talk to a bot", flush=True)
     uvicorn.run(
         app,
         host=args.host,

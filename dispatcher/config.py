@@ -15,10 +15,12 @@ T = TypeVar("T")
 
 MachineBackendName = Literal["fly", "local"]
 AuthMode = Literal["jwt", "none"]
+Transport = Literal["daily", "webrtc"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 _REGION = re.compile(r"^[a-z]{3}$")
+_STUN = re.compile(r"^stuns?:[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
 _APP = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 
 
@@ -66,6 +68,7 @@ class Settings:
     auth: AuthMode = "none"
     auth_explicit: bool = False
     local_bot_dir: str | None = None
+    ice_servers: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -103,6 +106,7 @@ class Settings:
             auth=auth,  # type: ignore[arg-type]
             auth_explicit="DISPATCHER_AUTH" in env,
             local_bot_dir=r.text("LOCAL_BOT_DIR"),
+            ice_servers=r.ice_servers("ICE_SERVERS"),
         )
         settings._check()
         return settings
@@ -129,6 +133,11 @@ class Settings:
                     f"BOT_IMAGE must be pinned by a digest (@sha256:...) or a tag other than "
                     f"'latest', got {self.bot_image!r}"
                 )
+            if self.daily_api_key is None:
+                raise ConfigError(
+                    "DAILY_API_KEY is required when MACHINE_BACKEND is fly (bots on Fly are "
+                    "joined through Daily rooms; the webrtc transport is for local bots)"
+                )
             if not self.dispatcher_url:
                 raise ConfigError(
                     "DISPATCHER_URL is required when MACHINE_BACKEND is fly (how bots reach the "
@@ -136,9 +145,16 @@ class Settings:
                 )
 
     @property
-    def room_backend(self) -> Literal["daily"] | None:
-        """Which room backend serves sessions: Daily when its key is set, else none yet."""
-        return "daily" if self.daily_api_key is not None else None
+    def transports(self) -> tuple[Transport, ...]:
+        """The transports sessions can use: Daily when its key is set, webrtc for local bots."""
+        daily: tuple[Transport, ...] = ("daily",) if self.daily_api_key is not None else ()
+        webrtc: tuple[Transport, ...] = ("webrtc",) if self.machine_backend == "local" else ()
+        return daily + webrtc
+
+    @property
+    def default_transport(self) -> Transport:
+        """The transport of a `/start` that names none: Daily when configured, else webrtc."""
+        return self.transports[0] if self.transports else "daily"
 
     def listening_on(self, host: str, port: int) -> Settings:
         """These settings for a server on host:port: checks the bind, fills DISPATCHER_URL."""
@@ -238,6 +254,15 @@ class _Reader:
         if bad or not regions:
             raise ConfigError(f"{name} must be a comma list of Fly region codes, got {raw!r}")
         return regions
+
+    def ice_servers(self, name: str) -> tuple[str, ...]:
+        raw = self.text(name)
+        if raw is None:
+            return ()
+        urls = tuple(part.strip() for part in raw.split(",") if part.strip())
+        if not urls or not all(_STUN.match(u) for u in urls):
+            raise ConfigError(f"{name} must be a comma list of stun: URLs, got {raw!r}")
+        return urls
 
     def database_url(self, name: str, default: str) -> str:
         value = self.text(name) or default

@@ -51,6 +51,24 @@ class Conflict(DispatcherError):
     code = "conflict"
 
 
+class Gone(DispatcherError):
+    """The resource existed and is over (an ended session, a bot that has exited)."""
+
+    code = "gone"
+
+
+class BotUnreachable(DispatcherError):
+    """A session's bot did not answer a proxied request."""
+
+    code = "bot-unreachable"
+
+
+class BotTimeout(BotUnreachable):
+    """A session's bot took too long to answer a proxied request."""
+
+    code = "bot-timeout"
+
+
 class PayloadTooLarge(DispatcherError):
     """The request body is over the size limit."""
 
@@ -136,10 +154,13 @@ _STATUS: dict[type[DispatcherError], int] = {
     Unauthorized: 401,
     NotFound: 404,
     Conflict: 409,
+    Gone: 410,
     PayloadTooLarge: 413,
     RetryLater: 429,
     UpstreamTimeout: 504,
     UpstreamError: 502,
+    BotTimeout: 504,
+    BotUnreachable: 502,
     Unavailable: 503,
     ConfigError: 500,
     DispatcherError: 500,

@@ -7,6 +7,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dispatcher.auth import Principal, new_callback_token, token_matches
@@ -15,6 +16,7 @@ from dispatcher.errors import (
     BadRequest,
     Conflict,
     DispatcherError,
+    Gone,
     NotFound,
     Unauthorized,
     UpstreamError,
@@ -57,7 +59,7 @@ class SessionService:
         settings: Settings,
         store: Store,
         machines: MachineBackend,
-        rooms: RoomBackend | None,
+        rooms: Mapping[str, RoomBackend],
         supervisor: Supervisor,
     ) -> None:
         self._settings = settings
@@ -97,8 +99,8 @@ class SessionService:
             created_at=now,
             updated_at=now,
             expires_at=expires_at,
-            room_name=plan.name,
-            room_url=plan.url,
+            room_name=plan.name or None,
+            room_url=plan.url or None,
             callback_hash=callback_hash,
         )
         await self._store.create_session(session, max_sessions=self._settings.max_sessions)
@@ -112,11 +114,15 @@ class SessionService:
                 "traceparent": traceparent,
             },
         )
+        contract = rooms.bot_contract(plan)
         spec = BotSpec(
             session_id=session_id,
             user=principal.user,
-            cmd=(*BOT_COMMAND, "--room-url", plan.url),
-            env=self._bot_env(session_id, plan, callback_token, request, traceparent),
+            cmd=(*BOT_COMMAND, *contract.args),
+            env={
+                **self._bot_env(session_id, callback_token, request, traceparent),
+                **contract.env,
+            },
             regions=self._regions(request.region),
         )
         room_done, launched = await asyncio.gather(
@@ -131,7 +137,8 @@ class SessionService:
             assert error is not None
             raise error
         assert machine is not None
-        await self._store.record(session_id, "room_created", {"room": plan.name})
+        if plan.name:
+            await self._store.record(session_id, "room_created", {"room": plan.name})
         dispatched = await self._store.transition(
             session_id,
             DISPATCHED,
@@ -150,7 +157,7 @@ class SessionService:
             extra={"session_id": session_id, "machine_id": machine.id},
         )
         self._supervisor.follow(dispatched)
-        return {"dailyRoom": plan.url, "dailyToken": plan.user_token, "sessionId": session_id}
+        return {**rooms.answer(plan), "sessionId": session_id}
 
     async def _after_race(self, session_id: str, machine: MachineRef) -> Session:
         """The session left `starting` while its machine was created: a fast bot, or a DELETE."""
@@ -183,7 +190,7 @@ class SessionService:
             cleanups.append(("machine_destroy", self._machines.destroy(machine)))
         elif _maybe_happened(machine_error):
             cleanups.append(("machine_cleanup", self._machines.cleanup(session.id)))
-        if room_error is None or _maybe_happened(room_error):
+        if plan.name and (room_error is None or _maybe_happened(room_error)):
             cleanups.append(("room_delete", rooms.delete(plan.name)))
         results = await asyncio.gather(*(c for _, c in cleanups), return_exceptions=True)
         for (what, _), result in zip(cleanups, results, strict=True):
@@ -210,13 +217,16 @@ class SessionService:
         )
 
     def _room_backend(self, transport: str) -> RoomBackend:
-        if self._rooms is None or self._rooms.transport != transport:
+        rooms = self._rooms.get(transport)
+        if rooms is None:
+            available = ", ".join(self._rooms) or "none"
             raise BadRequest(
-                f"transport {transport!r} is not available on this dispatcher: daily sessions "
-                "need DAILY_API_KEY; the local webrtc transport is not built yet",
+                f"transport {transport!r} is not available on this dispatcher (available: "
+                f"{available}); daily sessions need DAILY_API_KEY, webrtc sessions the local "
+                "machine backend",
                 code="transport-unavailable",
             )
-        return self._rooms
+        return rooms
 
     def _regions(self, requested: str | None) -> tuple[str, ...]:
         regions = self._settings.fly_regions
@@ -227,17 +237,15 @@ class SessionService:
     def _bot_env(
         self,
         session_id: str,
-        plan: RoomPlan,
         callback_token: str,
         request: StartRequest,
         traceparent: str,
     ) -> dict[str, str]:
-        """The bot contract's env: per-session values only, never a key of the dispatcher's."""
+        """The bot contract's env common to every transport: per-session values only, never a
+        key of the dispatcher's (the transport adds its own, see `RoomBackend.bot_contract`)."""
         assert self._settings.dispatcher_url
         return {
             "SESSION_ID": session_id,
-            "DAILY_ROOM_URL": plan.url,
-            "DAILY_TOKEN": plan.bot_token,
             "DISPATCHER_URL": self._settings.dispatcher_url,
             "BOT_CALLBACK_TOKEN": callback_token,
             "SESSION_BODY": request.body_json,
@@ -251,6 +259,20 @@ class SessionService:
         if session is None or session.user_id != principal.user:
             raise NotFound(f"no session {session_id}", code="session-not-found")
         return session
+
+    async def bot_address(self, principal: Principal, session_id: str) -> Callable[[], str | None]:
+        """Where the caller's live session's bot listens, asked afresh on each attempt."""
+        session = await self.get(principal, session_id)
+        rooms = self._rooms.get(session.transport)
+        if rooms is None or not rooms.bot_routes:
+            raise NotFound(f"{session.transport} sessions have no bot routes", code="no-bot-routes")
+        if session.state not in (DISPATCHED, READY):
+            if session.state == STARTING:
+                raise Conflict("the session is starting", code="session-starting")
+            raise Gone(f"the session is {session.state}", code="session-ended")
+        assert session.machine_id is not None
+        ref = MachineRef(session.machine_id, session.region, session.machine_version)
+        return lambda: self._machines.address(ref)
 
     async def end(self, principal: Principal, session_id: str) -> Session:
         """End the caller's session: SIGTERM to the bot with a grace period; idempotent."""

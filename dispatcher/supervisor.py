@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from dispatcher.config import Settings
@@ -40,7 +41,7 @@ class Supervisor:
         self,
         store: Store,
         machines: MachineBackend,
-        rooms: RoomBackend | None,
+        rooms: Mapping[str, RoomBackend],
         settings: Settings,
         *,
         poll_s: float = 5.0,
@@ -221,8 +222,9 @@ class Supervisor:
         """Delete the session's room and destroy its machine; failures are logged and recorded."""
         if ref is not None:
             await self._attempt(session.id, "machine_destroy", self._machines.destroy(ref))
-        if self._rooms is not None and session.room_name:
-            await self._attempt(session.id, "room_delete", self._rooms.delete(session.room_name))
+        rooms = self._rooms.get(session.transport)
+        if rooms is not None and session.room_name:
+            await self._attempt(session.id, "room_delete", rooms.delete(session.room_name))
 
     async def _attempt(self, session_id: str, what: str, call: Any) -> bool:
         try:

@@ -14,6 +14,7 @@ FLY = {
     "BOT_IMAGE": "registry.fly.io/my-bots:deployment-01J",
     "DISPATCHER_URL": "http://my-dispatcher.internal:7860",
     "JWT_SECRET": JWT_SECRET,
+    "DAILY_API_KEY": "daily-key",
 }
 
 
@@ -22,7 +23,7 @@ def test_no_credentials_means_local_without_auth() -> None:
     s = Settings.from_env({})
     assert s.machine_backend == "local"
     assert s.auth == "none"
-    assert s.room_backend is None
+    assert s.transports == ("webrtc",) and s.default_transport == "webrtc"
     assert s.database_url.startswith("sqlite:///")
 
 
@@ -32,6 +33,22 @@ def test_fly_token_selects_fly_and_jwt() -> None:
     assert s.machine_backend == "fly"
     assert s.auth == "jwt"
     assert s.fly_bot_app == "my-bots"
+    assert s.transports == ("daily",) and s.default_transport == "daily"
+
+
+def test_local_mode_with_a_daily_key_offers_both_transports() -> None:
+    """Local bots can join Daily rooms when a key is set; webrtc stays available."""
+    s = Settings.from_env({"DAILY_API_KEY": "daily-key"})
+    assert s.transports == ("daily", "webrtc") and s.default_transport == "daily"
+
+
+def test_ice_servers_are_stun_urls() -> None:
+    """ICE_SERVERS is a comma list of stun: URLs; anything else names the variable."""
+    s = Settings.from_env({"ICE_SERVERS": "stun:stun.example.org:3478, stun:other.example"})
+    assert s.ice_servers == ("stun:stun.example.org:3478", "stun:other.example")
+    for bad in ("turn:user@relay", "http://stun.example.org", ","):
+        with pytest.raises(ConfigError, match="ICE_SERVERS"):
+            Settings.from_env({"ICE_SERVERS": bad})
 
 
 @pytest.mark.parametrize(
@@ -41,6 +58,7 @@ def test_fly_token_selects_fly_and_jwt() -> None:
         ("BOT_IMAGE", "BOT_IMAGE"),
         ("DISPATCHER_URL", "DISPATCHER_URL"),
         ("JWT_SECRET", "JWT_SECRET"),
+        ("DAILY_API_KEY", "DAILY_API_KEY"),
     ],
 )
 def test_fly_mode_requires(missing: str, named: str) -> None:

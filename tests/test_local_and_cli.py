@@ -162,25 +162,36 @@ async def test_serve_runs_a_daily_session_as_a_process(tmp_path: Path) -> None:
     assert DAILY_KEY not in output and JWT_SECRET not in output
 
 
-async def test_serve_with_no_credentials_says_what_is_missing(tmp_path: Path) -> None:
-    """With no credentials it serves on loopback and /start explains the missing transport."""
+async def test_serve_with_no_credentials_runs_webrtc_sessions(tmp_path: Path) -> None:
+    """With no credentials it serves on loopback, webrtc sessions with local bots, the page."""
     sock = bind_loopback()
     port = sock.getsockname()[1]
     sock.close()
     url = f"http://127.0.0.1:{port}"
-    async with dispatcher_process({"DATABASE_URL": f"sqlite:///{tmp_path}/d.db"}, port) as proc:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/d.db", "LOCAL_BOT_DIR": str(TESTBOT_DIR)}
+    async with dispatcher_process(env, port) as proc:
         await wait_healthy(url)
         async with httpx.AsyncClient(base_url=url) as http:
-            response = await http.post("/start", json={})
-        assert response.status_code == 400
-        assert response.json()["code"] == "transport-unavailable"
-        assert "DAILY_API_KEY" in response.json()["detail"]
+            started = await http.post("/start", json={})
+            assert started.status_code == 200, started.text
+            assert set(started.json()) == {"sessionId", "iceConfig"}
+            sid = started.json()["sessionId"]
+            offer = await http.post(
+                f"/sessions/{sid}/api/offer", json={"sdp": "v=0", "type": "offer"}
+            )
+            assert offer.status_code == 200 and offer.json()["type"] == "answer"
+            daily = await http.post("/start", json={"transport": "daily"})
+            assert daily.status_code == 400
+            assert daily.json()["code"] == "transport-unavailable"
+            assert "DAILY_API_KEY" in daily.json()["detail"]
+            assert (await http.get("/")).headers["content-type"].startswith("text/html")
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 20)
         assert proc.stdout is not None
         output = (await proc.stdout.read()).decode()
-    assert "DAILY_API_KEY is not set" in output
+    assert f"open {url}/ in a browser" in output
     assert "authentication is off" in output
+    assert "transports=webrtc" in output
 
 
 async def test_serve_refuses_bad_config_naming_the_variable() -> None:
@@ -209,4 +220,4 @@ def test_settings_used_by_the_harness_are_valid() -> None:
         db="sqlite:///x.db",
     )
     settings = Settings.from_env(env)
-    assert settings.machine_backend == "fly" and settings.room_backend == "daily"
+    assert settings.machine_backend == "fly" and settings.transports == ("daily",)

@@ -86,8 +86,10 @@ async def test_machine_config_carries_the_bot_contract(tmp_path: Path) -> None:
         assert config["stop_config"] == {"signal": "SIGTERM", "timeout": "2s"}
         assert "services" not in config
         env = config["env"]
+        assert env["BOT_TRANSPORT"] == "daily"
         assert set(env) == {
             "SESSION_ID",
+            "BOT_TRANSPORT",
             "DAILY_ROOM_URL",
             "DAILY_TOKEN",
             "DISPATCHER_URL",

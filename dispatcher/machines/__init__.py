@@ -58,6 +58,9 @@ class MachineBackend(Protocol):
     async def destroy(self, ref: MachineRef) -> None:
         """Remove the machine for good, killing it if it still runs."""
 
+    def address(self, ref: MachineRef) -> str | None:
+        """`host:port` where this dispatcher reaches the bot's own HTTP server, if it can."""
+
     async def check(self) -> None:
         """Raise if the backend cannot be reached."""
 

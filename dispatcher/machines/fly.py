@@ -161,6 +161,10 @@ class FlyMachines:
         """Force-destroy the machine (404 counts as done)."""
         await self._api.destroy(ref.id)
 
+    def address(self, ref: MachineRef) -> str | None:
+        """None: bots on Fly are joined through Daily, never proxied to."""
+        return None
+
     async def check(self) -> None:
         """Raise if the bot app's machines cannot be listed."""
         await self._api.list_machines(metadata={"dispatcher": self._settings.dispatcher_name})

@@ -8,12 +8,16 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import Mapping
 
 from dispatcher.machines import BotSpec, MachineExit, MachineRef
 
 log = logging.getLogger(__name__)
+
+# Where a local bot serves its HTTP routes (SmallWebRTC offers), on a port chosen per launch.
+BOT_HOST = "127.0.0.1"
 
 # Never handed down to a bot: the dispatcher's own credentials.
 DISPATCHER_SECRETS = frozenset(
@@ -44,13 +48,15 @@ class LocalMachines:
         self._stopping: set[str] = set()
         self._by_session: dict[str, str] = {}
         self._killers: set[asyncio.Task[None]] = set()
+        self._addresses: dict[str, str] = {}
 
     async def launch(self, spec: BotSpec) -> MachineRef:
         """Start the bot command as a subprocess (`python` is this interpreter)."""
         cmd = list(spec.cmd)
         if cmd and cmd[0] in ("python", "python3"):
             cmd[0] = sys.executable
-        env = {**self._base_env, **spec.env}
+        port = free_port(BOT_HOST)
+        env = {**self._base_env, **spec.env, "BOT_HOST": BOT_HOST, "BOT_PORT": str(port)}
         if self._bot_dir:
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (self._bot_dir, env.get("PYTHONPATH")) if p
@@ -60,6 +66,7 @@ class LocalMachines:
         )
         machine_id = f"local-{secrets.token_hex(6)}"
         self._procs[machine_id] = proc
+        self._addresses[machine_id] = f"{BOT_HOST}:{port}"
         self._by_session[spec.session_id] = machine_id
         log.info(
             "bot process %s started (pid %s)",
@@ -114,6 +121,13 @@ class LocalMachines:
             _signal(proc, signal.SIGKILL)
             await proc.wait()
 
+    def address(self, ref: MachineRef) -> str | None:
+        """The loopback port the bot was told to listen on, while its process runs."""
+        proc = self._procs.get(ref.id)
+        if proc is None or proc.returncode is not None:
+            return None
+        return self._addresses.get(ref.id)
+
     async def check(self) -> None:
         """Always reachable."""
 
@@ -130,6 +144,13 @@ class LocalMachines:
         for task in list(self._killers):
             task.cancel()
         self._procs.clear()
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on `host` right now (the bot binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def _signal(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:

@@ -1,4 +1,4 @@
-"""Where users and bots meet: the room backend interface."""
+"""Where users and bots meet: the room (transport) backend interface."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class RoomPlan:
-    """A room decided before it exists: its name and URL, the two tokens, and its properties."""
+    """A room decided before it exists: its name and URL, the two tokens, and its properties.
+
+    A transport without rooms (webrtc) plans an empty name and URL: nothing to create.
+    """
 
     name: str
     url: str
@@ -18,10 +21,20 @@ class RoomPlan:
     properties: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class BotContract:
+    """What a transport adds to the bot's command line and env."""
+
+    args: tuple[str, ...]
+    env: dict[str, str] = field(repr=False)
+
+
 class RoomBackend(Protocol):
     """Creates and deletes the room of a session; minting tokens needs no I/O."""
 
     transport: str
+    # Whether the session's bot serves HTTP routes the dispatcher proxies (SmallWebRTC offers).
+    bot_routes: bool
 
     async def open(self) -> None:
         """Learn what the backend needs at start-up (for Daily, the domain)."""
@@ -35,6 +48,12 @@ class RoomBackend(Protocol):
         token_properties: dict[str, Any],
     ) -> RoomPlan:
         """Name, URL, tokens and properties of the session's room; no I/O."""
+
+    def answer(self, plan: RoomPlan) -> dict[str, Any]:
+        """What `POST /start` answers besides `sessionId` (how the client joins)."""
+
+    def bot_contract(self, plan: RoomPlan) -> BotContract:
+        """The bot's command-line arguments and env for this transport."""
 
     async def create(self, plan: RoomPlan) -> None:
         """Create the planned room (retried; safe against a create that succeeded silently)."""

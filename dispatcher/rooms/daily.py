@@ -11,7 +11,7 @@ import jwt
 from dispatcher.config import Secret
 from dispatcher.daily_api import DailyAPI, Domain
 from dispatcher.errors import BadRequest, UpstreamError
-from dispatcher.rooms import RoomPlan
+from dispatcher.rooms import BotContract, RoomPlan
 from dispatcher.upstream import RetryPolicy
 
 GEO_REGIONS = (
@@ -97,6 +97,7 @@ class DailyRooms:
     """The room backend on Daily's REST API."""
 
     transport = "daily"
+    bot_routes = False
 
     def __init__(self, api: DailyAPI, api_key: Secret, retry: RetryPolicy) -> None:
         self._api = api
@@ -143,6 +144,21 @@ class DailyRooms:
             bot_token=self._token(session_id, exp, bot_claims),
             expires_at=exp,
             properties=properties,
+        )
+
+    def answer(self, plan: RoomPlan) -> dict[str, Any]:
+        """The room URL and the user's token, as Pipecat Cloud answers."""
+        return {"dailyRoom": plan.url, "dailyToken": plan.user_token}
+
+    def bot_contract(self, plan: RoomPlan) -> BotContract:
+        """`--room-url`, and the room URL and the bot's own token in its env."""
+        return BotContract(
+            args=("--room-url", plan.url),
+            env={
+                "BOT_TRANSPORT": "daily",
+                "DAILY_ROOM_URL": plan.url,
+                "DAILY_TOKEN": plan.bot_token,
+            },
         )
 
     def _token(self, room: str, exp: int, claims: dict[str, Any]) -> str:

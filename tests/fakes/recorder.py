@@ -77,6 +77,7 @@ def contract_env(dispatcher_url: str, **overrides: str | None) -> dict[str, str]
     """The bot contract's environment for session s-test1 (an override of None removes it)."""
     env = {
         "SESSION_ID": "s-test1",
+        "BOT_TRANSPORT": "daily",
         "DAILY_ROOM_URL": ROOM_URL,
         "DAILY_TOKEN": DAILY_TOKEN,
         "DISPATCHER_URL": dispatcher_url,

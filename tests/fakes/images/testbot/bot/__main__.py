@@ -1,7 +1,10 @@
-"""A stand-in bot image that plays the bot contract offline: `python -m bot --room-url URL`.
+"""A stand-in bot image that plays the bot contract offline: `python -m bot --room-url URL`
+(daily) or `python -m bot --transport webrtc` (webrtc).
 
 Standard library only. It checks the contract (the command line and every environment
-variable), calls `ready`, waits for SIGTERM or its time limit, and calls `ended`; the
+variable), calls `ready`, waits for SIGTERM or its time limit, and calls `ended`. In webrtc
+mode it also serves `POST|PATCH /api/offer` on BOT_HOST:BOT_PORT for its own session only
+(`X-Session-Id`), answering a fake SDP answer that lists the request headers it saw. The
 `"testBot"` object of SESSION_BODY scripts misbehaviour:
 
     ready_delay_s      seconds before calling ready (default 0.05)
@@ -12,6 +15,8 @@ variable), calls `ready`, waits for SIGTERM or its time limit, and calls `ended`
     ignore_sigterm     keep running on SIGTERM (and SIGINT)
     ignore_max_duration  keep running past SESSION_MAX_DURATION_S (the dispatcher must end it)
     no_ended           never call ended
+    listen_delay_s     webrtc: seconds before it listens (a slow boot)
+    ready_on_offer     webrtc: call ready when the first offer arrives, not after ready_delay_s
 
 Exit codes: 0 clean, 3 a broken contract (ended "bad_contract" when it can be sent), else
 what the script says. One line per step on stdout, never a secret.
@@ -20,11 +25,13 @@ what the script says. One line per step on stdout, never a secret.
 from __future__ import annotations
 
 import argparse
+import http.server
 import json
 import os
 import re
 import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,13 +39,15 @@ from typing import Any
 
 REQUIRED = (
     "SESSION_ID",
-    "DAILY_ROOM_URL",
-    "DAILY_TOKEN",
     "DISPATCHER_URL",
     "BOT_CALLBACK_TOKEN",
     "SESSION_MAX_DURATION_S",
     "TRACEPARENT",
 )
+REQUIRED_BY_TRANSPORT = {
+    "daily": ("DAILY_ROOM_URL", "DAILY_TOKEN"),
+    "webrtc": ("BOT_HOST", "BOT_PORT", "ICE_SERVERS"),
+}
 TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 EXIT_BAD_CONTRACT = 3
 CALLBACK_TIMEOUT_S = 5.0
@@ -49,9 +58,13 @@ TICK_S = 0.02
 class TestBot:
     """One scripted session: contract check, ready, wait, ended."""
 
-    def __init__(self, room_url: str | None, environ: dict[str, str]) -> None:
+    def __init__(
+        self, room_url: str | None, transport: str | None, environ: dict[str, str]
+    ) -> None:
         self.room_url = room_url
+        self.transport = transport
         self.env = environ
+        self.offered = threading.Event()
         self.session_id = environ.get("SESSION_ID") or "-"
         self.stop_signal: str | None = None
         self.announced = False
@@ -74,7 +87,15 @@ class TestBot:
         max_duration_s = int(self.env["SESSION_MAX_DURATION_S"])
         if script.get("exit_before_ready") is not None:
             return self.finish("crashed", int(script["exit_before_ready"]), script)
-        stopped = self.wait(float(script.get("ready_delay_s", 0.05)), script, max_duration_s)
+        if self.transport == "webrtc":
+            stopped = self.wait(float(script.get("listen_delay_s", 0)), script, max_duration_s)
+            if stopped:
+                return self.finish(stopped, 0, script)
+            self.serve()
+        if script.get("ready_on_offer"):
+            stopped = self.wait(None, script, max_duration_s, until=self.offered)
+        else:
+            stopped = self.wait(float(script.get("ready_delay_s", 0.05)), script, max_duration_s)
         if stopped:
             return self.finish(stopped, 0, script)
         if script.get("skip_ready"):
@@ -93,11 +114,19 @@ class TestBot:
 
     def contract_problem(self) -> str | None:
         """What is wrong with the command line or the environment, if anything."""
-        missing = [name for name in REQUIRED if not self.env.get(name)]
+        transport = self.env.get("BOT_TRANSPORT")
+        if transport not in REQUIRED_BY_TRANSPORT:
+            return "bad=BOT_TRANSPORT"
+        wanted = REQUIRED + REQUIRED_BY_TRANSPORT[transport]
+        missing = [name for name in wanted if not self.env.get(name)]
         if missing:
             return "missing=" + ",".join(missing)
-        if self.room_url != self.env["DAILY_ROOM_URL"]:
+        if transport == "daily" and self.room_url != self.env["DAILY_ROOM_URL"]:
             return "room_url_mismatch"
+        if transport == "webrtc" and (
+            self.transport != "webrtc" or self.room_url or self.env.get("DAILY_TOKEN")
+        ):
+            return "webrtc_mismatch"
         if not self.env["SESSION_MAX_DURATION_S"].isdigit() or not int(
             self.env["SESSION_MAX_DURATION_S"]
         ):
@@ -117,12 +146,17 @@ class TestBot:
         return script if isinstance(script, dict) else {}
 
     def wait(
-        self, seconds: float | None, script: dict[str, Any], max_duration_s: int
+        self,
+        seconds: float | None,
+        script: dict[str, Any],
+        max_duration_s: int,
+        until: threading.Event | None = None,
     ) -> str | None:
-        """Sleep `seconds` (None: forever); the end reason if a signal or the limit cut it short."""
-        until = None if seconds is None else time.monotonic() + seconds
+        """Sleep `seconds` (None: forever, or `until` is set); the end reason if a signal or
+        the limit cut it short."""
+        end = None if seconds is None else time.monotonic() + seconds
         deadline = self.started + max_duration_s
-        while until is None or time.monotonic() < until:
+        while (end is None or time.monotonic() < end) and not (until and until.is_set()):
             if self.stop_signal and not self.announced:
                 self.announced = True
                 ignored = bool(script.get("ignore_sigterm"))
@@ -134,6 +168,55 @@ class TestBot:
                 return "max_duration"
             time.sleep(TICK_S)
         return None
+
+    def serve(self) -> None:
+        """Serve the offer routes on BOT_HOST:BOT_PORT in a background thread."""
+        bot = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.offer()
+
+            def do_PATCH(self) -> None:
+                self.offer()
+
+            def offer(self) -> None:
+                if self.headers.get("X-Session-Id") != bot.session_id:
+                    return self.answer(404, {"detail": "not my session", "code": "wrong-session"})
+                if self.path.split("?")[0] != "/api/offer":
+                    return self.answer(404, {"detail": "no such route", "code": "not-found"})
+                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    data = json.loads(self.rfile.read(length) or b"null")
+                except ValueError:
+                    return self.answer(400, {"detail": "bad json", "code": "invalid-json"})
+                seen = sorted(k.lower() for k in self.headers)
+                if self.command == "PATCH":
+                    count = len(data.get("candidates", [])) if isinstance(data, dict) else 0
+                    bot.say(f"patch candidates={count}")
+                    return self.answer(200, {"ok": True, "candidates": count, "seen": seen})
+                bot.say(f"offer path={self.path}")
+                bot.offered.set()
+                sdp = data.get("sdp", "") if isinstance(data, dict) else ""
+                answer = {"sdp": f"answer-to:{sdp}", "type": "answer", "pc_id": "testbot-pc"}
+                ice = json.loads(bot.env["ICE_SERVERS"])
+                return self.answer(200, {**answer, "seen": seen, "path": self.path, "ice": ice})
+
+            def answer(self, status: int, body: dict[str, Any]) -> None:
+                raw = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        address = (self.env["BOT_HOST"], int(self.env["BOT_PORT"]))
+        server = http.server.ThreadingHTTPServer(address, Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.say(f"listening port={address[1]}")
 
     def finish(self, reason: str, code: int, script: dict[str, Any]) -> int:
         """Send ended (unless scripted not to) and return the exit code."""
@@ -187,8 +270,9 @@ def main() -> int:
     """Parse the command line and play the session."""
     parser = argparse.ArgumentParser(prog="python -m bot")
     parser.add_argument("--room-url")
+    parser.add_argument("--transport")
     args = parser.parse_args()
-    return TestBot(args.room_url, dict(os.environ)).run()
+    return TestBot(args.room_url, args.transport, dict(os.environ)).run()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from dispatcher.daily_api import DailyAPI
 from dispatcher.errors import (
     BadRequest,
     DispatcherError,
+    NotFound,
     PayloadTooLarge,
     Unavailable,
     error_body,
@@ -177,7 +178,16 @@ def create_app(
         session = await services().service.end(principal, request.path_params["session_id"])
         return JSONResponse(session.public(), status_code=202)
 
+    def internal_only(request: Request) -> None:
+        """With INTERNAL_PORT set, bot callbacks answer only on that (private) listener."""
+        server = request.scope.get("server")
+        if settings.internal_port is not None and (
+            server is None or server[1] != settings.internal_port
+        ):
+            raise NotFound("not found", code="not-found")
+
     async def bot_ready(request: Request) -> Response:
+        internal_only(request)
         await read_body(request, MAX_CALLBACK_BYTES)
         await services().service.bot_ready(
             request.path_params["session_id"], bearer_token(request.headers)
@@ -185,6 +195,7 @@ def create_app(
         return JSONResponse({"ok": True})
 
     async def bot_ended(request: Request) -> Response:
+        internal_only(request)
         raw = await read_body(request, MAX_CALLBACK_BYTES)
         try:
             data = json.loads(raw or b"{}")

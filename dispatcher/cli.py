@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -27,6 +28,29 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (an IPv6 wildcard takes IPv4 too)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    try:
+        sock.bind((host.strip("[]"), port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _url_host(host: str) -> str:
+    """How a browser on this machine reaches a server bound to `host`."""
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; configuration errors exit 2 with a message naming the variable."""
     args = parser().parse_args(argv)
@@ -46,19 +70,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.host,
             args.port,
         )
+    try:
+        sockets = [listen(args.host, args.port)]
+        if settings.internal_port is not None:
+            sockets.append(listen(settings.internal_host, settings.internal_port))
+    except OSError as exc:
+        print(f"dispatcher: cannot listen: {exc}", file=sys.stderr)
+        return 2
     app = create_app(settings)
-    url = f"http://{args.host}:{args.port}"
+    url = f"http://{_url_host(args.host)}:{args.port}"
     print(f"dispatcher listening on {url}", flush=True)
+    if settings.internal_port is not None:
+        print(
+            f"bot callbacks on {settings.internal_host} port {settings.internal_port} only",
+            flush=True,
+        )
     if settings.machine_backend == "local":
-        page = settings.dispatcher_url or url
-        print(f"open {page}/ in a browser and press Connect to talk to a bot", flush=True)
-    uvicorn.run(
+        print(f"open {url}/ in a browser and press Connect to talk to a bot", flush=True)
+    config = uvicorn.Config(
         app,
-        host=args.host,
-        port=args.port,
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=30,
         lifespan="on",
     )
+    uvicorn.Server(config).run(sockets=sockets)
     return 0

@@ -69,6 +69,8 @@ class Settings:
     auth_explicit: bool = False
     local_bot_dir: str | None = None
     ice_servers: tuple[str, ...] = ()
+    internal_port: int | None = None
+    internal_host: str = "::"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -107,6 +109,8 @@ class Settings:
             auth_explicit="DISPATCHER_AUTH" in env,
             local_bot_dir=r.text("LOCAL_BOT_DIR"),
             ice_servers=r.ice_servers("ICE_SERVERS"),
+            internal_port=r.optional_integer("INTERNAL_PORT", 1, 65535),
+            internal_host=r.text("INTERNAL_HOST") or cls.internal_host,
         )
         settings._check()
         return settings
@@ -164,8 +168,12 @@ class Settings:
                 "dispatcher listens on loopback only (set JWT_SECRET, or DISPATCHER_AUTH=none "
                 "explicitly)"
             )
+        if self.internal_port is not None and self.internal_port == port:
+            raise ConfigError(f"INTERNAL_PORT must differ from the public port {port}")
         if self.dispatcher_url:
             return self
+        if self.internal_port is not None:
+            host, port = self.internal_host, self.internal_port
         local = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # noqa: S104
         if ":" in local:
             local = f"[{local}]"
@@ -218,6 +226,11 @@ class _Reader:
         if not low <= value <= high:
             raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
         return value
+
+    def optional_integer(self, name: str, low: int, high: int) -> int | None:
+        if self.text(name) is None:
+            return None
+        return self.integer(name, low, low, high)
 
     def number(self, name: str, default: float, low: float, high: float) -> float:
         value = self._parse(name, default, float, "a number")

@@ -138,3 +138,16 @@ def test_dispatcher_url_is_kept_when_set() -> None:
     """An explicit DISPATCHER_URL wins over the listening address."""
     s = Settings.from_env(FLY).listening_on("0.0.0.0", 7860)
     assert s.dispatcher_url == "http://my-dispatcher.internal:7860"
+
+
+def test_internal_port_is_where_bots_call_back() -> None:
+    """With INTERNAL_PORT set, the default DISPATCHER_URL points at the internal listener."""
+    s = Settings.from_env({"INTERNAL_PORT": "7861"}).listening_on("127.0.0.1", 7860)
+    assert s.internal_port == 7861 and s.internal_host == "::"
+    assert s.dispatcher_url == "http://127.0.0.1:7861"
+    named = Settings.from_env({"INTERNAL_PORT": "7861", "INTERNAL_HOST": "fdaa::3"})
+    assert named.listening_on("127.0.0.1", 7860).dispatcher_url == "http://[fdaa::3]:7861"
+    with pytest.raises(ConfigError, match="INTERNAL_PORT"):
+        Settings.from_env({"INTERNAL_PORT": "7860"}).listening_on("127.0.0.1", 7860)
+    with pytest.raises(ConfigError, match="INTERNAL_PORT"):
+        Settings.from_env({"INTERNAL_PORT": "seven"})

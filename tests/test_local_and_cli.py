@@ -194,6 +194,51 @@ async def test_serve_with_no_credentials_runs_webrtc_sessions(tmp_path: Path) ->
     assert "transports=webrtc" in output
 
 
+async def test_bot_callbacks_only_on_the_internal_listener(tmp_path: Path) -> None:
+    """With INTERNAL_PORT, bots call back there (DISPATCHER_URL's default) and the public port
+    answers 404 to the callback routes."""
+    ports = []
+    for _ in range(2):
+        sock = bind_loopback()
+        ports.append(sock.getsockname()[1])
+        sock.close()
+    public, internal = ports
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/d.db",
+        "LOCAL_BOT_DIR": str(TESTBOT_DIR),
+        "INTERNAL_PORT": str(internal),
+        "INTERNAL_HOST": "127.0.0.1",
+    }
+    url = f"http://127.0.0.1:{public}"
+    async with dispatcher_process(env, public) as proc:
+        await wait_healthy(url)
+        async with httpx.AsyncClient(base_url=url) as http:
+            started = await http.post("/start", json={})
+            sid = started.json()["sessionId"]
+
+            async def ready() -> bool:
+                return (await http.get(f"/sessions/{sid}")).json()["state"] == "ready"
+
+            await eventually(ready, timeout=15, what="ready through the internal port")
+            for op in ("ready", "ended"):
+                refused = await http.post(
+                    f"/internal/sessions/{sid}/{op}",
+                    json={"reason": "completed", "exit_code": 0},
+                    headers={"Authorization": "Bearer whatever"},
+                )
+                assert refused.status_code == 404, refused.text
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{internal}") as http:
+            wrong_token = await http.post(
+                f"/internal/sessions/{sid}/ready", headers={"Authorization": "Bearer whatever"}
+            )
+            assert wrong_token.status_code == 401
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 20)
+        assert proc.stdout is not None
+        output = (await proc.stdout.read()).decode()
+    assert f"bot callbacks on 127.0.0.1 port {internal} only" in output
+
+
 async def test_serve_refuses_bad_config_naming_the_variable() -> None:
     """A malformed setting stops start-up with exit code 2 and the variable's name."""
     async with dispatcher_process({"MAX_SESSIONS": "lots"}, 0) as proc:

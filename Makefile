@@ -8,7 +8,7 @@ endif
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: run test sync uv lint
+.PHONY: run test sync uv lint web
 
 uv:
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -26,3 +26,8 @@ lint: sync
 
 test: lint
 	$(UV) run pytest
+
+# Rebuilds the web page into dispatcher/web/ (committed, so `make run` needs no npm). Only for
+# changes under web/: tests/test_web_assets.py fails when the committed build is stale.
+web:
+	cd web && npm ci --no-audit --no-fund && npm run build

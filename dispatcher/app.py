@@ -126,8 +126,15 @@ def create_app(
                 if rooms is not None
                 else _room_backends(settings, retry, upstream_timeout_s, stack)
             )
-            for backend in transports.values():
-                await backend.open()
+            for name, backend in transports.items():
+                try:
+                    await backend.open()
+                except DispatcherError as exc:
+                    log.warning(
+                        "%s is not reachable at start-up (%s): tried again on the next start",
+                        name,
+                        exc.detail,
+                    )
             supervisor = Supervisor(db, bots, transports, settings, poll_s=poll_s)
             stack.push_async_callback(supervisor.aclose)
             checks: dict[str, Callable[[], Awaitable[None]]] = {

@@ -78,6 +78,7 @@ class SessionService:
 
     async def _start(self, principal: Principal, request: StartRequest) -> dict[str, Any]:
         rooms = self._room_backend(request.transport)
+        await rooms.open()
         now = time.time()
         session_id = new_session_id()
         expires_at = now + self._settings.session_max_duration_s

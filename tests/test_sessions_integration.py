@@ -274,7 +274,7 @@ async def test_machine_exit_is_noticed_after_a_restart(tmp_path: Path) -> None:
         async with run_dispatcher(tmp_path, upstream) as second:
             ended = await second.wait_state(sid, "ended")
             assert ended["endReason"] == "completed" and ended["exitCode"] == 0
-            assert sid not in upstream.daily.rooms
+            await eventually(lambda: sid not in upstream.daily.rooms, what="room deleted")
 
 
 async def test_start_finishes_when_the_client_goes_away(tmp_path: Path) -> None:
@@ -297,3 +297,20 @@ async def test_start_finishes_when_the_client_goes_away(tmp_path: Path) -> None:
         await eventually(adopted, what="machine recorded on the session")
         await stack.http.delete(f"/sessions/{sid}", headers=stack.headers())
         assert (await stack.wait_state(sid, "ended"))["endReason"] == "deleted"
+
+
+async def test_daily_down_at_start_up_does_not_stop_the_dispatcher(tmp_path: Path) -> None:
+    """A Daily outage while the dispatcher starts: it serves, /readyz says so, starts wait for
+    Daily and work once it answers."""
+    daily = daily_emulator()
+    daily.faults.add("domain", status=503, times=1000)
+    async with dispatcher_stack(tmp_path, daily=daily) as stack:
+        ready = await stack.http.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["rooms"] != "ok"
+        refused = await stack.start()
+        assert refused.status_code == 502 and refused.json()["code"] == "upstream-error"
+        daily.faults.clear()
+        started = await stack.start()
+        assert started.status_code == 200, started.text
+        assert started.json()["dailyRoom"].endswith("/" + started.json()["sessionId"])
+        await stack.wait_state(started.json()["sessionId"], "ready")

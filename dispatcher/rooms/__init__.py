@@ -37,7 +37,11 @@ class RoomBackend(Protocol):
     bot_routes: bool
 
     async def open(self) -> None:
-        """Learn what the backend needs at start-up (for Daily, the domain)."""
+        """Learn what the backend needs (for Daily, the domain); a no-op once it has.
+
+        Called at start-up, where a failure is only logged (an upstream outage must not stop
+        the dispatcher from starting), and again before each start until it succeeds.
+        """
 
     def plan(
         self,

@@ -106,8 +106,9 @@ class DailyRooms:
         self._domain: Domain | None = None
 
     async def open(self) -> None:
-        """Fetch the key's domain once (needed for room URLs and self-signed tokens)."""
-        self._domain = await self._api.domain()
+        """Fetch the key's domain (needed for room URLs and self-signed tokens) until known."""
+        if self._domain is None:
+            self._domain = await self._api.domain()
 
     @property
     def domain(self) -> Domain:
@@ -187,4 +188,4 @@ class DailyRooms:
 
     async def check(self) -> None:
         """Raise if Daily cannot be reached with our key."""
-        await self._api.domain()
+        self._domain = await self._api.domain()

@@ -33,8 +33,16 @@ BOT_CALLBACK_TOKEN = "BOT_CALLBACK_TOKEN"  # noqa: S105
 SESSION_BODY = "SESSION_BODY"
 SESSION_MAX_DURATION_S = "SESSION_MAX_DURATION_S"
 TRACEPARENT = "TRACEPARENT"
+BOT_TRANSPORT = "BOT_TRANSPORT"
+BOT_HOST = "BOT_HOST"
+BOT_PORT = "BOT_PORT"
+ICE_SERVERS = "ICE_SERVERS"
 
-SECRET_VARIABLES = (DAILY_TOKEN, BOT_CALLBACK_TOKEN)
+DAILY = "daily"
+WEBRTC = "webrtc"
+TRANSPORTS = (DAILY, WEBRTC)
+DEFAULT_BOT_HOST = "127.0.0.1"
+_ICE_SERVER_KEYS = frozenset({"urls", "username", "credential"})
 
 # Statuses that mean "this callback will never be accepted": retrying cannot help.
 FINAL_STATUSES = frozenset({401, 403, 404, 409, 410})
@@ -42,13 +50,21 @@ FINAL_STATUSES = frozenset({401, 403, 404, 409, 410})
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BotEnv:
-    """The bot contract's environment, read once at start-up; secrets stay out of `repr`."""
+    """The bot contract's environment, read once at start-up; secrets stay out of `repr`.
+
+    `transport` says which of the transport's fields are set: `room_url` and `daily_token`
+    for daily, `host`, `port` and `ice_servers` (RTCIceServer dicts) for webrtc.
+    """
 
     session_id: str
-    room_url: str
-    daily_token: str = field(repr=False)
+    transport: str = DAILY
+    room_url: str | None = None
+    daily_token: str | None = field(default=None, repr=False)
+    host: str = DEFAULT_BOT_HOST
+    port: int | None = None
+    ice_servers: tuple[dict[str, Any], ...] = field(default=(), repr=False)
     dispatcher_url: str
     callback_token: str = field(repr=False)
     max_duration_s: int
@@ -56,33 +72,80 @@ class BotEnv:
     traceparent: str | None = None
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str], argv_room_url: str | None = None) -> BotEnv:
+    def from_environ(
+        cls,
+        environ: Mapping[str, str],
+        argv_room_url: str | None = None,
+        argv_transport: str | None = None,
+    ) -> BotEnv:
         """Build it from `environ`; a missing or malformed variable raises ValueError naming it.
 
-        `argv_room_url` (the `--room-url` argument) should equal DAILY_ROOM_URL; when they
-        differ the command line wins, with a warning.
+        The command line mirrors two variables: `argv_transport` (`--transport`) BOT_TRANSPORT
+        and `argv_room_url` (`--room-url`) DAILY_ROOM_URL; when they differ the command line
+        wins, with a warning. Without either, the transport is daily.
         """
-        env_room_url = environ.get(DAILY_ROOM_URL) or None
-        if argv_room_url and env_room_url and argv_room_url != env_room_url:
-            logger.warning(
-                "--room-url %s differs from %s %s; using --room-url",
-                argv_room_url,
-                DAILY_ROOM_URL,
-                env_room_url,
+        transport = _mirrored(environ, BOT_TRANSPORT, "--transport", argv_transport) or DAILY
+        if transport not in TRANSPORTS:
+            raise ValueError(f"{BOT_TRANSPORT} must be one of {', '.join(TRANSPORTS)}")
+        common: dict[str, Any] = {
+            "session_id": _required(environ, SESSION_ID),
+            "transport": transport,
+            "dispatcher_url": _required(environ, DISPATCHER_URL).rstrip("/"),
+            "callback_token": _required(environ, BOT_CALLBACK_TOKEN),
+            "max_duration_s": _positive_int(environ, SESSION_MAX_DURATION_S),
+            "body": _json_body(environ),
+            "traceparent": _traceparent(environ),
+        }
+        if transport == WEBRTC:
+            return cls(
+                host=environ.get(BOT_HOST, "").strip() or DEFAULT_BOT_HOST,
+                port=_port(environ),
+                ice_servers=ice_servers(environ.get(ICE_SERVERS, "")),
+                **common,
             )
-        room_url = argv_room_url or env_room_url
+        room_url = _mirrored(environ, DAILY_ROOM_URL, "--room-url", argv_room_url)
         if not room_url:
             raise ValueError(f"missing environment variable {DAILY_ROOM_URL} (or --room-url)")
-        return cls(
-            session_id=_required(environ, SESSION_ID),
-            room_url=room_url,
-            daily_token=_required(environ, DAILY_TOKEN),
-            dispatcher_url=_required(environ, DISPATCHER_URL).rstrip("/"),
-            callback_token=_required(environ, BOT_CALLBACK_TOKEN),
-            max_duration_s=_positive_int(environ, SESSION_MAX_DURATION_S),
-            body=_json_body(environ),
-            traceparent=_traceparent(environ),
+        return cls(room_url=room_url, daily_token=_required(environ, DAILY_TOKEN), **common)
+
+
+def _mirrored(
+    environ: Mapping[str, str], name: str, option: str, argv_value: str | None
+) -> str | None:
+    env_value = environ.get(name, "").strip() or None
+    if argv_value and env_value and argv_value != env_value:
+        logger.warning(
+            "%s %s differs from %s %s; using %s", option, argv_value, name, env_value, option
         )
+    return argv_value or env_value
+
+
+def ice_servers(raw: str) -> tuple[dict[str, Any], ...]:
+    """ICE_SERVERS: a JSON list of RTCIceServer dicts (`urls`, `username`, `credential`)."""
+    if not raw.strip():
+        return ()
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{ICE_SERVERS} is not valid JSON: {exc.msg}") from None
+    if not isinstance(value, list):
+        raise ValueError(f"{ICE_SERVERS} must be a JSON list of ICE servers")
+    servers = []
+    for server in value:
+        if not isinstance(server, dict) or not set(server) <= _ICE_SERVER_KEYS:
+            raise ValueError(
+                f"{ICE_SERVERS} entries must be objects with {', '.join(sorted(_ICE_SERVER_KEYS))}"
+            )
+        urls = server.get("urls")
+        if isinstance(urls, str):
+            urls = [urls]
+        if not urls or not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise ValueError(f"{ICE_SERVERS} entries need `urls`: a string or a list of strings")
+        extra = {k: server[k] for k in ("username", "credential") if server.get(k) is not None}
+        if not all(isinstance(v, str) for v in extra.values()):
+            raise ValueError(f"{ICE_SERVERS} `username` and `credential` must be strings")
+        servers.append({"urls": urls, **extra})
+    return tuple(servers)
 
 
 def _required(environ: Mapping[str, str], name: str) -> str:
@@ -100,6 +163,17 @@ def _positive_int(environ: Mapping[str, str], name: str) -> int:
         raise ValueError(f"{name} must be a whole number of seconds, got {raw!r}") from None
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _port(environ: Mapping[str, str]) -> int:
+    raw = _required(environ, BOT_PORT)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{BOT_PORT} must be a TCP port number, got {raw!r}") from None
+    if not 0 < value < 65536:
+        raise ValueError(f"{BOT_PORT} must be between 1 and 65535, got {value}")
     return value
 
 

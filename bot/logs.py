@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TextIO
 
 from loguru import logger
@@ -20,6 +20,29 @@ if TYPE_CHECKING:
 
 MASK = "[redacted]"
 _MIN_SECRET_LENGTH = 8
+
+# The environment variables whose values never appear in a log line: the contract's tokens
+# and the providers' API keys (secrets of the bot app). TURN credentials in ICE_SERVERS too.
+SECRET_VARIABLES = (
+    "DAILY_TOKEN",
+    "BOT_CALLBACK_TOKEN",
+    "DEEPGRAM_API_KEY",
+    "OPENAI_API_KEY",
+    "CARTESIA_API_KEY",
+)
+
+
+def environ_secrets(environ: Mapping[str, str]) -> list[str]:
+    """Every secret value of `environ`, read leniently (a malformed value is masked whole)."""
+    secrets = [environ.get(name, "") for name in SECRET_VARIABLES]
+    raw = environ.get("ICE_SERVERS", "")
+    try:
+        servers = json.loads(raw) if raw.strip() else []
+    except json.JSONDecodeError:
+        servers = [{"credential": raw}]
+    if isinstance(servers, list):
+        secrets += [s["credential"] for s in servers if isinstance(s, dict) and "credential" in s]
+    return [s for s in secrets if isinstance(s, str) and s]
 
 
 class JsonLogSink:

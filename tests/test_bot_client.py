@@ -213,3 +213,72 @@ def test_bot_env_repr_hides_secrets() -> None:
         assert DAILY_TOKEN not in text
         assert CALLBACK_TOKEN not in text
         assert "s-abc123" in text
+
+
+WEBRTC_ENVIRON = {
+    **{k: v for k, v in ENVIRON.items() if k not in ("DAILY_ROOM_URL", "DAILY_TOKEN")},
+    "BOT_TRANSPORT": "webrtc",
+    "BOT_HOST": "127.0.0.1",
+    "BOT_PORT": "8765",
+    "ICE_SERVERS": json.dumps(
+        [
+            {"urls": "stun:stun.example.org:3478"},
+            {"urls": ["turn:turn.example.org"], "username": "u", "credential": "turn-secret-1"},
+        ]
+    ),
+}
+
+
+def test_bot_env_reads_the_webrtc_contract() -> None:
+    """BOT_TRANSPORT=webrtc needs no Daily variable: the address and ICE servers instead."""
+    env = BotEnv.from_environ(WEBRTC_ENVIRON)
+    assert env.transport == "webrtc"
+    assert (env.host, env.port) == ("127.0.0.1", 8765)
+    assert env.room_url is None and env.daily_token is None
+    assert env.ice_servers == (
+        {"urls": ["stun:stun.example.org:3478"]},
+        {"urls": ["turn:turn.example.org"], "username": "u", "credential": "turn-secret-1"},
+    )
+    assert "turn-secret-1" not in repr(env)
+
+
+def test_bot_env_webrtc_defaults() -> None:
+    """BOT_HOST defaults to loopback; ICE_SERVERS absent or "[]" means none."""
+    environ = {k: v for k, v in WEBRTC_ENVIRON.items() if k not in ("BOT_HOST", "ICE_SERVERS")}
+    env = BotEnv.from_environ(environ)
+    assert env.host == "127.0.0.1"
+    assert env.ice_servers == ()
+    assert BotEnv.from_environ({**WEBRTC_ENVIRON, "ICE_SERVERS": "[]"}).ice_servers == ()
+
+
+def test_bot_env_transport_defaults_to_daily_and_argv_wins(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without BOT_TRANSPORT the transport is daily; `--transport` wins (with a warning)."""
+    assert BotEnv.from_environ(ENVIRON).transport == "daily"
+    environ = {**WEBRTC_ENVIRON, "BOT_TRANSPORT": "daily"}
+    with caplog.at_level(logging.WARNING, logger="bot.dispatcher_client"):
+        assert BotEnv.from_environ(environ, argv_transport="webrtc").transport == "webrtc"
+    assert "differs" in caplog.text
+    environ = {k: v for k, v in WEBRTC_ENVIRON.items() if k != "BOT_TRANSPORT"}
+    assert BotEnv.from_environ(environ, argv_transport="webrtc").port == 8765
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BOT_TRANSPORT", "livekit"),
+        ("BOT_PORT", ""),
+        ("BOT_PORT", "eighty"),
+        ("BOT_PORT", "70000"),
+        ("ICE_SERVERS", "{"),
+        ("ICE_SERVERS", '{"urls": "stun:x"}'),
+        ("ICE_SERVERS", '[{"urls": []}]'),
+        ("ICE_SERVERS", '[{"urls": "stun:x", "credential": 1}]'),
+        ("ICE_SERVERS", '[{"url": "stun:x"}]'),
+    ],
+)
+def test_bot_env_malformed_webrtc_variable_is_named(name: str, value: str) -> None:
+    """A missing or malformed webrtc variable fails with an error naming it."""
+    with pytest.raises(ValueError, match=name):
+        BotEnv.from_environ({**WEBRTC_ENVIRON, name: value})

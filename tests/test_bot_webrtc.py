@@ -1,0 +1,340 @@
+"""The real bot process over SmallWebRTC: an aiortc peer talks to it, as a browser would."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fakes.recorder import CALLBACK_TOKEN, CallbackRecorder, contract_env
+from tests.fixtures.peer import (
+    Peer,
+    Speaker,
+    active_span,
+    best_correlation,
+    envelope,
+    heard_echo,
+    utterance,
+)
+
+ROOT = Path(__file__).parent.parent
+SESSION_ID = "s-test1"
+# Generous bounds for a loaded machine: a bot boots in ~2 s, a stop takes ~1 s.
+BOOT_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+FAKE_KEYS = {
+    "OPENAI_API_KEY": "sk-fake-openai-key-0123456789",
+    "DEEPGRAM_API_KEY": "fake-deepgram-key-0123456789",
+    "CARTESIA_API_KEY": "fake-cartesia-key-0123456789",
+}
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class BotProcess:
+    """`python -m bot --transport webrtc` with its logs in files."""
+
+    proc: asyncio.subprocess.Process
+    port: int
+    logs: Path
+    http: httpx.AsyncClient
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/offer"
+
+    def output(self) -> str:
+        """Everything the bot wrote on stdout and stderr so far."""
+        return "".join(p.read_text() for p in sorted(self.logs.glob("*.log")))
+
+    async def listening(self) -> bool:
+        """Wait until the bot's port accepts connections (True) or the bot exits (False)."""
+        async with asyncio.timeout(BOOT_TIMEOUT_S):
+            while self.proc.returncode is None:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                except OSError:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.proc.wait(), 0.05)
+                    continue
+                writer.close()
+                await writer.wait_closed()
+                return True
+        return False
+
+    async def post(self, body: Any, session: str | None = SESSION_ID, **kw: Any) -> httpx.Response:
+        headers = {} if session is None else {"X-Session-Id": session}
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return await self.http.request(
+            kw.pop("method", "POST"), self.url, content=content, headers=headers
+        )
+
+    async def exit_code(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        return await asyncio.wait_for(self.proc.wait(), timeout_s)
+
+
+async def start_bot(
+    recorder: CallbackRecorder,
+    tmp_path: Path,
+    argv: tuple[str, ...] = ("--transport", "webrtc"),
+    **overrides: str | None,
+) -> BotProcess:
+    """Start the real bot with the webrtc contract env (Daily's variables removed)."""
+    port = free_port()
+    env = contract_env(
+        recorder.url,
+        BOT_TRANSPORT="webrtc",
+        BOT_HOST="127.0.0.1",
+        BOT_PORT=str(port),
+        ICE_SERVERS="[]",
+        DAILY_ROOM_URL=None,
+        DAILY_TOKEN=None,
+    )
+    env.update({"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+    for name, value in overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    with (tmp_path / "stdout.log").open("w") as out, (tmp_path / "stderr.log").open("w") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bot",
+            *argv,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=err,
+        )
+    return BotProcess(proc, port, tmp_path, httpx.AsyncClient(timeout=30))
+
+
+@pytest.fixture
+async def bots(recorder: CallbackRecorder, tmp_path: Path) -> AsyncIterator[list[BotProcess]]:
+    """Bot processes started by a test; killed if a test leaves one running."""
+    started: list[BotProcess] = []
+    yield started
+    for bot in started:
+        await bot.http.aclose()
+        if bot.proc.returncode is None:
+            bot.proc.kill()
+            await bot.proc.wait()
+
+
+async def booted(
+    bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path, **overrides: str | None
+) -> BotProcess:
+    """A bot that listens for its offer."""
+    bot = await start_bot(recorder, tmp_path, **overrides)
+    bots.append(bot)
+    assert await bot.listening(), bot.output()
+    return bot
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[Peer]:
+    """A peer whose speaker will say the fixture's utterance."""
+    p = Peer(Speaker(utterance()))
+    yield p
+    await p.close()
+
+
+async def test_peer_hears_its_utterance_echoed_then_leaves(
+    bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path, peer: Peer
+) -> None:
+    """An aiortc peer connects (ready, with the callback token), gets RTVI's bot-ready, hears
+    its utterance back with the same envelope, and closing it ends the bot participant_left."""
+    bot = await booted(bots, recorder, tmp_path)
+    await peer.connect(bot)
+    ready = await recorder.wait_for("ready", timeout_s=30)
+    assert ready.authorization == f"Bearer {CALLBACK_TOKEN}"
+    assert ready.session_id == SESSION_ID
+
+    await peer.send(
+        {
+            "label": "rtvi-ai",
+            "type": "client-ready",
+            "id": "c1",
+            "data": {"version": "1.0.0", "about": {"library": "aiortc-test"}},
+        }
+    )
+    assert (await peer.message("bot-ready"))["label"] == "rtvi-ai"
+
+    peer.heard.clear()
+    peer.speaker.speak()
+    await asyncio.wait_for(peer.speaker.spoken.wait(), 30)
+    await asyncio.wait_for(heard_echo(peer), 30)
+
+    sent = envelope(utterance(), Speaker.RATE)
+    heard = envelope(peer.audio(), peer.heard_rate)
+    sent_span = active_span(sent, 0.1 * sent.max())
+    heard_span = active_span(heard, 0.1 * heard.max())
+    assert sent_span is not None and heard_span is not None
+    sent_s = (sent_span[1] - sent_span[0]) * 0.02
+    heard_s = (heard_span[1] - heard_span[0]) * 0.02
+    assert abs(heard_s - sent_s) < 0.3, (sent_s, heard_s)
+    segment = heard[heard_span[0] : heard_span[1]]
+    assert best_correlation(segment, sent[sent_span[0] : sent_span[1]]) > 0.7
+
+    await peer.close()
+    assert await bot.exit_code() == 0
+    ended = await recorder.wait_for("ended")
+    assert ended.body == {"reason": "participant_left", "exit_code": 0}
+    assert ended.authorization == f"Bearer {CALLBACK_TOKEN}"
+
+
+async def test_sigterm_says_goodbye_and_exits_0(
+    bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path, peer: Peer
+) -> None:
+    """SIGTERM with a peer connected plays a goodbye chime, then the bot exits 0 within the
+    stop timeout with ended "sigterm"."""
+    bot = await booted(bots, recorder, tmp_path)
+    await peer.connect(bot)
+    await recorder.wait_for("ready", timeout_s=30)
+    peer.heard.clear()
+    bot.proc.send_signal(signal.SIGTERM)
+    assert await bot.exit_code() == 0
+    ended = await recorder.wait_for("ended")
+    assert ended.body == {"reason": "sigterm", "exit_code": 0}
+    heard = envelope(peer.audio(), peer.heard_rate)
+    assert active_span(heard, 0.01) is not None, "no goodbye chime"
+
+
+async def test_sigterm_before_any_peer_exits_0(
+    bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path
+) -> None:
+    """SIGTERM while the bot waits for its offer ends it "sigterm", exit 0, without ready."""
+    bot = await booted(bots, recorder, tmp_path)
+    bot.proc.send_signal(signal.SIGTERM)
+    assert await bot.exit_code() == 0
+    assert [c.body for c in recorder.of("ended")] == [{"reason": "sigterm", "exit_code": 0}]
+    assert recorder.of("ready") == []
+
+
+async def test_sigterm_while_booting_exits_0(
+    bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path
+) -> None:
+    """SIGTERM during the bot's imports is remembered: the session ends "sigterm" as soon as
+    it can, exit 0 with its ended callback, rather than the process dying of the signal."""
+    bot = await start_bot(recorder, tmp_path)
+    bots.append(bot)
+    async with asyncio.timeout(BOOT_TIMEOUT_S):
+        while "Pipecat 1.14" not in bot.output():  # Logged while pipecat is being imported.
+            assert bot.proc.returncode is None, bot.output()
+            await asyncio.sleep(0.01)
+    bot.proc.send_signal(signal.SIGTERM)
+    assert await bot.exit_code() == 0
+    assert [c.body for c in recorder.of("ended")] == [{"reason": "sigterm", "exit_code": 0}]
+    assert recorder.of("ready") == []
+
+
+async def test_max_duration_ends_the_session(
+    bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path
+) -> None:
+    """SESSION_MAX_DURATION_S passing ends the bot by itself, reason max_duration, exit 0."""
+    bot = await start_bot(recorder, tmp_path, SESSION_MAX_DURATION_S="2")
+    bots.append(bot)
+    assert await bot.exit_code(BOOT_TIMEOUT_S) == 0
+    assert [c.body for c in recorder.of("ended")] == [{"reason": "max_duration", "exit_code": 0}]
+
+
+async def test_signalling_routes_answer_json(
+    bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path, peer: Peer
+) -> None:
+    """The offer routes serve their own session only, one peer only, with JSON errors."""
+    bot = await booted(bots, recorder, tmp_path)
+    offer = await peer.offer()
+
+    async def refused(response: httpx.Response, status: int, code: str) -> None:
+        assert response.status_code == status, response.text
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.json()["code"] == code
+
+    await refused(await bot.post(offer, session="s-other"), 404, "session-not-found")
+    await refused(await bot.post(offer, session=None), 404, "session-not-found")
+    await refused(await bot.post(b"{not json"), 400, "invalid-json")
+    await refused(await bot.post({"sdp": "v=0", "type": "offer"}), 400, "invalid-sdp")
+    await refused(await bot.post({"type": "offer"}), 400, "invalid-offer")
+    patch = {"pc_id": "nope", "candidates": []}
+    await refused(await bot.post(patch, method="PATCH"), 404, "peer-not-found")
+    await refused(await bot.post({}, method="GET"), 405, "method-not-allowed")
+
+    first = await bot.post(offer)
+    assert first.status_code == 200, first.text
+    answer = first.json()
+    assert answer["type"] == "answer" and "m=audio" in answer["sdp"]
+    await refused(await bot.post(offer), 409, "peer-exists")
+    await refused(await bot.post({**offer, "pc_id": "other"}), 409, "peer-exists")
+
+    renegotiated = await bot.post({**offer, "pc_id": answer["pc_id"], "requestData": {"a": 1}})
+    assert renegotiated.status_code == 200, renegotiated.text
+    assert renegotiated.json()["pc_id"] == answer["pc_id"]
+    end_of_candidates = {
+        "pc_id": answer["pc_id"],
+        "candidates": [{"candidate": "", "sdp_mid": "0", "sdp_mline_index": 0}],
+    }
+    added = await bot.post(end_of_candidates, method="PATCH")
+    assert added.status_code == 200, added.text
+    bad = {"pc_id": answer["pc_id"], "candidates": [{"candidate": "candidate:1 1 udp"}]}
+    await refused(await bot.post(bad, method="PATCH"), 400, "invalid-candidate")
+
+
+async def test_no_secret_in_the_output(
+    bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path
+) -> None:
+    """With DEBUG logs and every provider key set, neither the callback token nor a key shows
+    in the bot's stdout or stderr, whether the conversation starts or fails."""
+    bot = await start_bot(recorder, tmp_path, LOG_LEVEL="DEBUG", **FAKE_KEYS)
+    bots.append(bot)
+    if await bot.listening():
+        bot.proc.send_signal(signal.SIGTERM)
+    await bot.exit_code()
+    await recorder.wait_for("ended")
+    output = bot.output()
+    assert "conversation mode" in output
+    for secret in (CALLBACK_TOKEN, *FAKE_KEYS.values()):
+        assert secret not in output
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith('{"ts"')]
+    assert lines and all(line["session_id"] == SESSION_ID for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"BOT_PORT": None}, "BOT_PORT"),
+        ({"BOT_PORT": "http"}, "BOT_PORT"),
+        ({"ICE_SERVERS": '[{"url": "stun:x"}]'}, "ICE_SERVERS"),
+        ({"BOT_TRANSPORT": "carrier-pigeon"}, "BOT_TRANSPORT"),
+    ],
+)
+async def test_bad_webrtc_env_exits_2(
+    bots: list[BotProcess],
+    recorder: CallbackRecorder,
+    tmp_path: Path,
+    overrides: dict[str, str | None],
+    named: str,
+) -> None:
+    """A missing or malformed webrtc variable exits 2 naming it, and calls nothing back."""
+    bot = await start_bot(recorder, tmp_path, (), **overrides)
+    bots.append(bot)
+    assert await bot.exit_code(BOOT_TIMEOUT_S) == 2
+    assert named in bot.output()
+    assert recorder.calls == []

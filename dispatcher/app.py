@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -32,14 +33,17 @@ from dispatcher.errors import (
     http_status,
 )
 from dispatcher.fly_api import FlyAPI
+from dispatcher.janitor import RoomJanitor
 from dispatcher.machines import MachineBackend
 from dispatcher.machines.fly import FlyMachines
 from dispatcher.machines.local import LocalMachines
+from dispatcher.pacing import Pacer
 from dispatcher.proxy import MAX_PROXY_BODY_BYTES, METHODS, BotProxy, check_path
+from dispatcher.reconciler import Reconciler
 from dispatcher.rooms import RoomBackend
 from dispatcher.rooms.daily import DailyRooms
 from dispatcher.rooms.webrtc import WebRTCRooms
-from dispatcher.sessions import SessionService
+from dispatcher.sessions import Idempotency, SessionService
 from dispatcher.start import MAX_BODY_BYTES, parse_start
 from dispatcher.store import Store
 from dispatcher.supervisor import Supervisor
@@ -48,6 +52,7 @@ from dispatcher.upstream import RetryPolicy
 log = logging.getLogger(__name__)
 
 MAX_CALLBACK_BYTES = 4096
+MAX_IDEMPOTENCY_KEY = 255
 READINESS_TTL_S = 5.0
 READINESS_TIMEOUT_S = 5.0
 # How long an offer waits for a bot that is still booting (capped by READY_TIMEOUT_S).
@@ -64,6 +69,7 @@ class Services:
     service: SessionService
     readiness: Readiness
     proxy: BotProxy
+    reconciler: Reconciler
 
 
 class Readiness:
@@ -135,8 +141,21 @@ def create_app(
                         name,
                         exc.detail,
                     )
-            supervisor = Supervisor(db, bots, transports, settings, poll_s=poll_s)
+            janitor = RoomJanitor(db, transports)
+            supervisor = Supervisor(db, bots, janitor, settings, poll_s=poll_s)
             stack.push_async_callback(supervisor.aclose)
+            reconciler = Reconciler(db, bots, transports, supervisor, janitor, settings)
+            stack.push_async_callback(reconciler.aclose)
+            pacer = (
+                Pacer(
+                    settings.fly_create_rate,
+                    settings.fly_create_burst,
+                    max_wait_s=settings.create_queue_wait_s,
+                    what="machine creates",
+                )
+                if bots.name == "fly"
+                else None
+            )
             checks: dict[str, Callable[[], Awaitable[None]]] = {
                 "store": db.ping,
                 "machines": bots.check,
@@ -147,11 +166,13 @@ def create_app(
             stack.push_async_callback(http.aclose)
             holder["s"] = Services(
                 settings=settings,
-                service=SessionService(settings, db, bots, transports, supervisor),
+                service=SessionService(settings, db, bots, transports, supervisor, janitor, pacer),
                 readiness=Readiness(checks),
                 proxy=BotProxy(http, boot_wait_s=min(settings.ready_timeout_s, BOOT_WAIT_S)),
+                reconciler=reconciler,
             )
-            await supervisor.resume()
+            loop_task = asyncio.create_task(reconciler.run(), name="reconciler")
+            stack.push_async_callback(_cancel, loop_task)
             log.info(
                 "dispatcher ready: machines=%s transports=%s auth=%s store=%s",
                 bots.name,
@@ -173,7 +194,8 @@ def create_app(
         start_request = parse_start(
             raw, default_transport=settings.default_transport, regions=settings.fly_regions
         )
-        return JSONResponse(await s.service.start(principal, start_request))
+        idempotency = idempotency_of(request.headers.get("idempotency-key"), raw)
+        return JSONResponse(await s.service.start(principal, start_request, idempotency))
 
     async def get_session(request: Request) -> Response:
         principal = auth.authenticate(request.headers)
@@ -240,10 +262,22 @@ def create_app(
         return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        s = holder.get("s")
+        return JSONResponse(
+            {
+                "status": "ok",
+                "instance": settings.instance_id,
+                "draining": bool(s and s.service.draining),
+                "reconciler": "leader" if s and s.reconciler.leader else "standby",
+            }
+        )
 
     async def readyz(request: Request) -> Response:
-        checks = await services().readiness.status()
+        s = services()
+        if s.service.draining:
+            body = error_body(Unavailable("this dispatcher is draining", code="draining"))
+            return JSONResponse({**body, "checks": {}}, status_code=503)
+        checks = await s.readiness.status()
         if all(v == "ok" for v in checks.values()):
             return JSONResponse({"status": "ready", "checks": checks})
         body = error_body(Unavailable("a backend is unreachable", code="backend-unavailable"))
@@ -264,7 +298,23 @@ def create_app(
             Route("/", page, methods=["GET"]),
             Mount("/web", StaticFiles(directory=WEB_DIR, check_dir=False), name="web"),
         ]
-    return Starlette(
+
+    async def drain() -> bool:
+        """Stop taking starts and let those in flight finish, within DRAIN_TIMEOUT_S."""
+        s = holder.get("s")
+        if s is None:
+            return True
+        log.info(
+            "draining: %d starts in flight, up to %.0f s",
+            s.service.starts_in_flight,
+            settings.drain_timeout_s,
+        )
+        finished = await s.service.drain(settings.drain_timeout_s)
+        if not finished:
+            log.warning("drain time is up with starts in flight: the reconciler will finish them")
+        return finished
+
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
@@ -273,6 +323,27 @@ def create_app(
             Exception: _unexpected_error,
         },
     )
+    app.state.drain = drain
+    return app
+
+
+def idempotency_of(header: str | None, raw: bytes) -> Idempotency | None:
+    """The Idempotency-Key of a start (1-255 visible ASCII characters), with the body's hash."""
+    if header is None:
+        return None
+    key = header.strip()
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
+        raise BadRequest(
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters",
+            code="invalid-idempotency-key",
+        )
+    return Idempotency(key, hashlib.sha256(raw).hexdigest())
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from types import FrameType
 
 import uvicorn
 
@@ -91,8 +93,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         app,
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=5,
         lifespan="on",
     )
-    uvicorn.Server(config).run(sockets=sockets)
+    DrainingServer(config, app.state.drain).run(sockets=sockets)
     return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, draining on the first SIGTERM/SIGINT before it stops serving.
+
+    While it drains it still answers: `/readyz` is 503 (load balancers stop sending work) and
+    `/start` answers 503 `draining`, while the starts in flight finish. Then it shuts down as
+    uvicorn does. A second signal stops it at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[bool]]) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._draining: asyncio.Task[None] | None = None
+        self._drain_requested = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining is not None or self._drain_requested or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        self._drain_requested = True
+        # Re-raised once uvicorn has shut down, as it does for the signals it handles itself.
+        self._captured_signals.append(sig)
+        # A signal handler may run inside the loop's select(): wake the loop to start the drain.
+        asyncio.get_event_loop().call_soon_threadsafe(self._begin_drain)
+
+    def _begin_drain(self) -> None:
+        if self._draining is None:
+            self._draining = asyncio.create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self._drain()
+        finally:
+            self.should_exit = True

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
@@ -62,6 +64,14 @@ class Settings:
     session_max_duration_s: int = 3600
     ready_timeout_s: float = 90.0
     max_sessions: int = 50
+    max_sessions_per_user: int = 3
+    fly_create_rate: float = 1.0
+    fly_create_burst: int = 3
+    create_queue_wait_s: float = 10.0
+    drain_timeout_s: float = 30.0
+    reconcile_interval_s: float = 15.0
+    start_timeout_s: float = 120.0
+    instance_id: str = "local"
     jwt_secret: Secret | None = None
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
@@ -102,6 +112,18 @@ class Settings:
             ),
             ready_timeout_s=r.number("READY_TIMEOUT_S", cls.ready_timeout_s, 0.1, 3600),
             max_sessions=r.integer("MAX_SESSIONS", cls.max_sessions, 1, 1_000_000),
+            max_sessions_per_user=r.integer(
+                "MAX_SESSIONS_PER_USER", cls.max_sessions_per_user, 1, 1_000_000
+            ),
+            fly_create_rate=r.number("FLY_CREATE_RATE", cls.fly_create_rate, 0.01, 1000),
+            fly_create_burst=r.integer("FLY_CREATE_BURST", cls.fly_create_burst, 1, 1000),
+            create_queue_wait_s=r.number("CREATE_QUEUE_WAIT_S", cls.create_queue_wait_s, 0, 120),
+            drain_timeout_s=r.number("DRAIN_TIMEOUT_S", cls.drain_timeout_s, 0, 3600),
+            reconcile_interval_s=r.number(
+                "RECONCILE_INTERVAL_S", cls.reconcile_interval_s, 0.1, 3600
+            ),
+            start_timeout_s=r.number("START_TIMEOUT_S", cls.start_timeout_s, 1, 3600),
+            instance_id=r.text("FLY_MACHINE_ID") or f"{socket.gethostname()}-{os.getpid()}",
             jwt_secret=jwt_secret,
             jwt_audience=r.text("JWT_AUDIENCE"),
             jwt_issuer=r.text("JWT_ISSUER"),

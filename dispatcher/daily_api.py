@@ -109,6 +109,22 @@ class DailyAPI:
             if exc.status != 404:
                 raise
 
+    async def list_rooms(self, *, max_pages: int = 10) -> list[str]:
+        """Names of the domain's rooms, newest first, 100 a page, at most `max_pages` pages."""
+        names: list[str] = []
+        params: dict[str, str] = {"limit": "100"}
+        for _ in range(max_pages):
+            data = (await self._retried("list_rooms", "GET", "rooms", params=params)).json()
+            page = data.get("data") if isinstance(data, dict) else None
+            if not isinstance(page, list) or not page:
+                break
+            names += [str(r["name"]) for r in page if isinstance(r, dict) and "name" in r]
+            last = page[-1].get("id") if isinstance(page[-1], dict) else None
+            if len(page) < 100 or not isinstance(last, str):
+                break
+            params = {"limit": "100", "starting_after": last}
+        return names
+
     async def presence(self, name: str) -> list[dict[str, Any]]:
         """Who is in the room now."""
         data = (await self._retried("presence", "GET", f"rooms/{name}/presence")).json()

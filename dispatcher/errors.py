@@ -51,6 +51,19 @@ class Conflict(DispatcherError):
     code = "conflict"
 
 
+class InProgress(Conflict):
+    """The same request is being handled right now; retry after `retry_after` seconds."""
+
+    code = "in-progress"
+
+    def __init__(self, detail: str, *, code: str | None = None, retry_after: float = 1) -> None:
+        super().__init__(detail, code=code)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
 class Gone(DispatcherError):
     """The resource existed and is over (an ended session, a bot that has exited)."""
 
@@ -92,6 +105,23 @@ class Unavailable(DispatcherError):
     """The dispatcher cannot take the request now (draining, or a backend is down)."""
 
     code = "unavailable"
+
+    def __init__(
+        self, detail: str, *, code: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(detail, code=code)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+class Unprocessable(DispatcherError):
+    """The request is well-formed but cannot be honoured (an Idempotency-Key reused)."""
+
+    code = "unprocessable"
 
 
 class UpstreamError(DispatcherError):
@@ -156,6 +186,7 @@ _STATUS: dict[type[DispatcherError], int] = {
     Conflict: 409,
     Gone: 410,
     PayloadTooLarge: 413,
+    Unprocessable: 422,
     RetryLater: 429,
     UpstreamTimeout: 504,
     UpstreamError: 502,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -40,6 +41,7 @@ class Machine:
     instance_id: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
+    created_at: float | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Machine:
@@ -53,6 +55,7 @@ class Machine:
             instance_id=data.get("instance_id") or data.get("version"),
             metadata=dict(config.get("metadata") or {}),
             events=list(data.get("events") or []),
+            created_at=_timestamp(data.get("created_at")),
         )
 
 
@@ -215,6 +218,16 @@ class FlyAPI:
         except UpstreamError as exc:
             if exc.status != 404:
                 raise
+
+
+def _timestamp(value: Any) -> float | None:
+    """A unix time from an RFC 3339 string, or None."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _str_or_none(value: Any) -> str | None:

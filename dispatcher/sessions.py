@@ -8,6 +8,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from dispatcher.auth import Principal, new_callback_token, token_matches
@@ -17,11 +18,17 @@ from dispatcher.errors import (
     Conflict,
     DispatcherError,
     Gone,
+    InProgress,
     NotFound,
+    RetryLater,
     Unauthorized,
+    Unavailable,
+    Unprocessable,
     UpstreamError,
 )
+from dispatcher.janitor import RoomJanitor
 from dispatcher.machines import BOT_COMMAND, BotSpec, MachineBackend, MachineRef
+from dispatcher.pacing import Pacer
 from dispatcher.rooms import RoomBackend, RoomPlan
 from dispatcher.start import StartRequest
 from dispatcher.store import (
@@ -39,6 +46,17 @@ from dispatcher.supervisor import DELETED, Supervisor
 log = logging.getLogger(__name__)
 
 _REASON = re.compile(r"^[a-z0-9_]{1,64}$")
+# How long a retried start waits for the first start under the same Idempotency-Key.
+IDEMPOTENT_WAIT_S = 30.0
+IDEMPOTENT_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """An Idempotency-Key and the hash of the request body it came with."""
+
+    key: str
+    request_hash: str
 
 
 def new_session_id() -> str:
@@ -61,26 +79,113 @@ class SessionService:
         machines: MachineBackend,
         rooms: Mapping[str, RoomBackend],
         supervisor: Supervisor,
+        janitor: RoomJanitor,
+        pacer: Pacer | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._machines = machines
         self._rooms = rooms
         self._supervisor = supervisor
+        self._janitor = janitor
+        self._pacer = pacer
         self._starts: set[asyncio.Task[dict[str, Any]]] = set()
+        self.draining = False
 
-    async def start(self, principal: Principal, request: StartRequest) -> dict[str, Any]:
+    @property
+    def starts_in_flight(self) -> int:
+        """Starts begun and not finished (shielded from their clients)."""
+        return len(self._starts)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new starts and wait up to `timeout_s` for those in flight; whether they all
+        finished (one that did not is failed and cleaned up by the reconciler later)."""
+        self.draining = True
+        pending = set(self._starts)
+        if pending:
+            _, left = await asyncio.wait(pending, timeout=timeout_s)
+            return not left
+        return True
+
+    async def start(
+        self, principal: Principal, request: StartRequest, idempotency: Idempotency | None = None
+    ) -> dict[str, Any]:
         """Start a session, shielded: a client that goes away leaves nothing half made."""
-        task = asyncio.create_task(self._start(principal, request))
+        if self.draining:
+            raise Unavailable(
+                "this dispatcher is shutting down: retry", code="draining", retry_after=2
+            )
+        task = asyncio.create_task(self._start_once(principal, request, idempotency))
         self._starts.add(task)
         task.add_done_callback(self._starts.discard)
         return await asyncio.shield(task)
 
-    async def _start(self, principal: Principal, request: StartRequest) -> dict[str, Any]:
+    async def _start_once(
+        self, principal: Principal, request: StartRequest, idempotency: Idempotency | None
+    ) -> dict[str, Any]:
+        """A start under an Idempotency-Key answers what the first start with it answered."""
+        session_id = new_session_id()
+        if idempotency is None:
+            return await self._start(principal, request, session_id)
+        user, key = principal.user, idempotency.key
+        deadline = time.monotonic() + IDEMPOTENT_WAIT_S
+        while (
+            held := await self._store.claim_key(user, key, idempotency.request_hash, session_id)
+        ) is not None:
+            if held.request_hash != idempotency.request_hash:
+                raise Unprocessable(
+                    "this Idempotency-Key was used with a different request",
+                    code="idempotency-key-reused",
+                )
+            if held.answer is not None:
+                return held.answer
+            if await self._abandoned(held.session_id, held.created_at):
+                await self._store.release_key(user, key, held.session_id)
+                continue
+            if time.monotonic() > deadline:
+                raise InProgress(
+                    "a start with this Idempotency-Key is still in progress",
+                    code="idempotency-key-in-progress",
+                )
+            await asyncio.sleep(IDEMPOTENT_POLL_S)
+        try:
+            answer = await self._start(principal, request, session_id)
+        except BaseException:
+            await self._store.release_key(user, key, session_id)
+            raise
+        await self._store.settle_key(user, key, session_id, answer)
+        return answer
+
+    async def _abandoned(self, session_id: str, claimed_at: float) -> bool:
+        """Whether the start holding a key will never answer: its session failed without
+        an answer (e.g. its dispatcher died mid-start), or never got made."""
+        session = await self._store.get(session_id)
+        if session is None:
+            return time.time() - claimed_at > self._settings.start_timeout_s
+        return not session.active
+
+    async def _start(
+        self, principal: Principal, request: StartRequest, session_id: str
+    ) -> dict[str, Any]:
         rooms = self._room_backend(request.transport)
         await rooms.open()
+        delay = self._pacer.reserve() if self._pacer else 0.0
+        try:
+            return await self._create(principal, request, session_id, rooms, delay)
+        except RetryLater:
+            if self._pacer:
+                self._pacer.cancel()
+            raise
+
+    async def _create(
+        self,
+        principal: Principal,
+        request: StartRequest,
+        session_id: str,
+        rooms: RoomBackend,
+        delay: float,
+    ) -> dict[str, Any]:
         now = time.time()
-        session_id = new_session_id()
         expires_at = now + self._settings.session_max_duration_s
         plan = rooms.plan(
             session_id,
@@ -104,7 +209,11 @@ class SessionService:
             room_url=plan.url or None,
             callback_hash=callback_hash,
         )
-        await self._store.create_session(session, max_sessions=self._settings.max_sessions)
+        await self._store.create_session(
+            session,
+            max_sessions=self._settings.max_sessions,
+            max_per_user=self._settings.max_sessions_per_user,
+        )
         await self._store.record(
             session_id,
             "requested",
@@ -127,13 +236,13 @@ class SessionService:
             regions=self._regions(request.region),
         )
         room_done, launched = await asyncio.gather(
-            rooms.create(plan), self._machines.launch(spec), return_exceptions=True
+            rooms.create(plan), self._launch(spec, delay), return_exceptions=True
         )
         room_error = room_done if isinstance(room_done, BaseException) else None
         machine = launched if isinstance(launched, MachineRef) else None
         machine_error = launched if isinstance(launched, BaseException) else None
         if room_error or machine_error:
-            await self._undo(session, rooms, plan, room_error, machine, machine_error)
+            await self._undo(session, plan, room_error, machine, machine_error)
             error = room_error or machine_error
             assert error is not None
             raise error
@@ -160,6 +269,12 @@ class SessionService:
         self._supervisor.follow(dispatched)
         return {**rooms.answer(plan), "sessionId": session_id}
 
+    async def _launch(self, spec: BotSpec, delay: float) -> MachineRef:
+        """Create the machine once its turn under the create pacing comes."""
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return await self._machines.launch(spec)
+
     async def _after_race(self, session_id: str, machine: MachineRef) -> Session:
         """The session left `starting` while its machine was created: a fast bot, or a DELETE."""
         await self._store.update(
@@ -170,6 +285,11 @@ class SessionService:
         )
         current = await self._store.get(session_id)
         assert current is not None
+        if not current.active:
+            # Failed by the reconciler meanwhile: the start took longer than START_TIMEOUT_S.
+            await self._machines.destroy(machine)
+            await self._janitor.delete(current)
+            raise Unavailable("the start took too long: retry", code="start-interrupted")
         self._supervisor.follow(current)
         if current.end_reason == DELETED:
             await self._machines.stop(machine, self._settings.bot_stop_timeout_s)
@@ -179,7 +299,6 @@ class SessionService:
     async def _undo(
         self,
         session: Session,
-        rooms: RoomBackend,
         plan: RoomPlan,
         room_error: BaseException | None,
         machine: MachineRef | None,
@@ -192,7 +311,7 @@ class SessionService:
         elif _maybe_happened(machine_error):
             cleanups.append(("machine_cleanup", self._machines.cleanup(session.id)))
         if plan.name and (room_error is None or _maybe_happened(room_error)):
-            cleanups.append(("room_delete", rooms.delete(plan.name)))
+            cleanups.append(("room_delete", self._delete_room(session)))
         results = await asyncio.gather(*(c for _, c in cleanups), return_exceptions=True)
         for (what, _), result in zip(cleanups, results, strict=True):
             if isinstance(result, BaseException):
@@ -216,6 +335,10 @@ class SessionService:
         log.warning(
             "start failed on the %s: %s", failed_on, error, extra={"session_id": session.id}
         )
+
+    async def _delete_room(self, session: Session) -> None:
+        if not await self._janitor.delete(session):
+            raise UpstreamError("room delete failed", api="daily", operation="delete_room")
 
     def _room_backend(self, transport: str) -> RoomBackend:
         rooms = self._rooms.get(transport)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -12,6 +13,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from dispatcher.errors import RetryLater
@@ -49,6 +52,7 @@ sessions = sa.Table(
     sa.Column("ready_at", sa.Float),
     sa.Column("ended_at", sa.Float),
     sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("room_deleted_at", sa.Float),
     sa.Index("ix_sessions_state", "state"),
     sa.Index("ix_sessions_user_state", "user_id", "state"),
 )
@@ -63,6 +67,21 @@ events = sa.Table(
     sa.Column("state", sa.String(16)),
     sa.Column("details", sa.Text, nullable=False),
 )
+
+
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("user_id", sa.String(256), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("request_hash", sa.String(64), nullable=False),
+    sa.Column("session_id", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("answer", sa.Text),
+)
+
+# Columns added after the first release, with their DDL type: added on open when missing.
+_ADDED_COLUMNS = {"sessions": {"room_deleted_at": "FLOAT"}}
 
 
 @dataclass(frozen=True)
@@ -87,6 +106,7 @@ class Session:
     exit_code: int | None = None
     ready_at: float | None = None
     ended_at: float | None = None
+    room_deleted_at: float | None = None
 
     @property
     def active(self) -> bool:
@@ -110,6 +130,18 @@ class Session:
             "endedAt": iso(self.ended_at),
             "expiresAt": iso(self.expires_at),
         }
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    """A `/start` made under an Idempotency-Key: its session, and its answer once it has one."""
+
+    user_id: str
+    key: str
+    request_hash: str
+    session_id: str
+    created_at: float
+    answer: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -168,6 +200,7 @@ class Store:
             elif schema:
                 await conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
             await conn.run_sync(metadata.create_all)
+            await conn.run_sync(_add_missing_columns)
         return store
 
     @property
@@ -194,18 +227,34 @@ class Store:
             async with self._engine.begin() as conn:
                 yield conn
 
-    async def create_session(self, session: Session, *, max_sessions: int) -> None:
-        """Insert a new session unless `max_sessions` are active (then RetryLater), atomically."""
+    async def create_session(
+        self, session: Session, *, max_sessions: int, max_per_user: int | None = None
+    ) -> None:
+        """Insert a new session unless `max_sessions` are active, or `max_per_user` of its
+        user's (then RetryLater), atomically: on PostgreSQL under an advisory lock, so the caps
+        hold across every dispatcher instance sharing the database."""
         async with self._write() as conn:
             if not self._sqlite:
                 await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_CAPACITY_LOCK)))
-            active = await conn.scalar(
-                sa.select(sa.func.count())
-                .select_from(sessions)
-                .where(sessions.c.state.in_(ACTIVE_STATES))
+            active = sessions.c.state.in_(ACTIVE_STATES)
+            total = await conn.scalar(
+                sa.select(sa.func.count()).select_from(sessions).where(active)
             )
-            if (active or 0) >= max_sessions:
+            if (total or 0) >= max_sessions:
                 raise RetryLater(f"at capacity: {max_sessions} sessions are active", retry_after=5)
+            if max_per_user is not None:
+                mine = await conn.scalar(
+                    sa.select(sa.func.count())
+                    .select_from(sessions)
+                    .where(active, sessions.c.user_id == session.user_id)
+                )
+                if (mine or 0) >= max_per_user:
+                    raise RetryLater(
+                        f"this user already has {max_per_user} active sessions (the most "
+                        "allowed): end one first",
+                        retry_after=30,
+                        code="user-at-capacity",
+                    )
             await conn.execute(sessions.insert().values(**asdict(session)))
             await _add_event(conn, session.id, session.created_at, "state", session.state, {})
 
@@ -279,6 +328,136 @@ class Store:
             rows = (await conn.execute(query)).all()
         return [Event(r.session_id, r.at, r.kind, r.state, json.loads(r.details)) for r in rows]
 
+    async def active_sessions(self) -> list[Session]:
+        """Every session not in a terminal state, oldest first."""
+        query = (
+            sessions.select()
+            .where(sessions.c.state.in_(ACTIVE_STATES))
+            .order_by(sessions.c.created_at)
+        )
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [Session(**row._asdict()) for row in rows]
+
+    async def get_many(self, session_ids: Iterable[str]) -> dict[str, Session]:
+        """The sessions among `session_ids` that exist, by id."""
+        ids = list(dict.fromkeys(session_ids))
+        found: dict[str, Session] = {}
+        async with self._engine.connect() as conn:
+            for i in range(0, len(ids), 500):
+                query = sessions.select().where(sessions.c.id.in_(ids[i : i + 500]))
+                for row in (await conn.execute(query)).all():
+                    found[row.id] = Session(**row._asdict())
+        return found
+
+    async def rooms_to_delete(self, *, ended_before: float, limit: int = 100) -> list[Session]:
+        """Terminal sessions whose room is not known to be deleted, ended before a time."""
+        query = (
+            sessions.select()
+            .where(
+                sessions.c.state.in_(TERMINAL_STATES),
+                sessions.c.room_name.is_not(None),
+                sessions.c.room_deleted_at.is_(None),
+                sa.func.coalesce(sessions.c.ended_at, sessions.c.updated_at) < ended_before,
+            )
+            .order_by(sessions.c.updated_at)
+            .limit(limit)
+        )
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [Session(**row._asdict()) for row in rows]
+
+    # -- idempotency keys -------------------------------------------------------------------
+
+    async def claim_key(
+        self, user_id: str, key: str, request_hash: str, session_id: str
+    ) -> IdempotencyRecord | None:
+        """Claim an Idempotency-Key for a new start: None if this call claimed it, else the
+        record of the start that holds it."""
+        now = time.time()
+        async with self._write() as conn:
+            insert = _insert(self.dialect, idempotency_keys).values(
+                user_id=user_id,
+                key=key,
+                request_hash=request_hash,
+                session_id=session_id,
+                created_at=now,
+            )
+            result = await conn.execute(insert.on_conflict_do_nothing())
+            if result.rowcount == 1:
+                return None
+            row = (
+                await conn.execute(
+                    idempotency_keys.select().where(
+                        idempotency_keys.c.user_id == user_id, idempotency_keys.c.key == key
+                    )
+                )
+            ).first()
+        if row is None:  # released between the insert and the select: try again
+            return await self.claim_key(user_id, key, request_hash, session_id)
+        return IdempotencyRecord(
+            user_id=row.user_id,
+            key=row.key,
+            request_hash=row.request_hash,
+            session_id=row.session_id,
+            created_at=row.created_at,
+            answer=json.loads(row.answer) if row.answer else None,
+        )
+
+    async def settle_key(
+        self, user_id: str, key: str, session_id: str, answer: dict[str, Any]
+    ) -> None:
+        """Store the answer of the start that holds a key."""
+        async with self._write() as conn:
+            await conn.execute(
+                idempotency_keys.update()
+                .where(
+                    idempotency_keys.c.user_id == user_id,
+                    idempotency_keys.c.key == key,
+                    idempotency_keys.c.session_id == session_id,
+                )
+                .values(answer=json.dumps(answer, separators=(",", ":")))
+            )
+
+    async def release_key(self, user_id: str, key: str, session_id: str) -> None:
+        """Free a key whose start failed or was abandoned, so that a retry starts afresh."""
+        async with self._write() as conn:
+            await conn.execute(
+                idempotency_keys.delete().where(
+                    idempotency_keys.c.user_id == user_id,
+                    idempotency_keys.c.key == key,
+                    idempotency_keys.c.session_id == session_id,
+                )
+            )
+
+    async def purge_keys(self, *, created_before: float) -> int:
+        """Forget idempotency keys older than a time; how many were removed."""
+        async with self._write() as conn:
+            result = await conn.execute(
+                idempotency_keys.delete().where(idempotency_keys.c.created_at < created_before)
+            )
+        return int(result.rowcount or 0)
+
+    # -- leadership -------------------------------------------------------------------------
+
+    async def try_lock(self, name: str) -> HeldLock | None:
+        """Take the session-level lock `name` if no one holds it (PostgreSQL advisory lock, held
+        by a connection of its own until released or the connection dies). On SQLite, which
+        serves one instance, the lock is always granted."""
+        if self._sqlite:
+            return HeldLock(None)
+        conn = await self._engine.connect()
+        try:
+            got = await conn.scalar(sa.select(sa.func.pg_try_advisory_lock(lock_key(name))))
+            await conn.commit()
+        except BaseException:
+            await conn.close()
+            raise
+        if not got:
+            await conn.close()
+            return None
+        return HeldLock(conn)
+
     async def count_active(self) -> int:
         """How many sessions are not in a terminal state."""
         async with self._engine.connect() as conn:
@@ -288,6 +467,54 @@ class Store:
                 .where(sessions.c.state.in_(ACTIVE_STATES))
             )
         return int(count or 0)
+
+
+class HeldLock:
+    """A lock taken by `Store.try_lock`: held while its connection lives."""
+
+    def __init__(self, conn: AsyncConnection | None) -> None:
+        self._conn = conn
+
+    async def alive(self) -> bool:
+        """Whether the lock is still held (its connection still answers)."""
+        if self._conn is None:
+            return True
+        try:
+            await self._conn.execute(sa.text("SELECT 1"))
+            await self._conn.commit()
+        except Exception:
+            await self.release()
+            return False
+        return True
+
+    async def release(self) -> None:
+        """Give the lock up (closing its connection releases it on the server)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory lock key for a name."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+def _insert(dialect: str, table: sa.Table) -> Any:
+    if dialect == "postgresql":
+        return pg_insert(table)
+    return sqlite_insert(table)
+
+
+def _add_missing_columns(sync_conn: sa.Connection) -> None:
+    inspector = sa.inspect(sync_conn)
+    for table, columns in _ADDED_COLUMNS.items():
+        present = {c["name"] for c in inspector.get_columns(table)}
+        for name, ddl in columns.items():
+            if name not in present:
+                sync_conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}")
 
 
 async def _add_event(

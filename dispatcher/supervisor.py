@@ -6,12 +6,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any
 
 from dispatcher.config import Settings
+from dispatcher.janitor import RoomJanitor
 from dispatcher.machines import MachineBackend, MachineExit, MachineRef
-from dispatcher.rooms import RoomBackend
 from dispatcher.store import (
     ACTIVE_STATES,
     DISPATCHED,
@@ -41,14 +40,14 @@ class Supervisor:
         self,
         store: Store,
         machines: MachineBackend,
-        rooms: Mapping[str, RoomBackend],
+        janitor: RoomJanitor,
         settings: Settings,
         *,
         poll_s: float = 5.0,
     ) -> None:
         self._store = store
         self._machines = machines
-        self._rooms = rooms
+        self._janitor = janitor
         self._settings = settings
         self._poll_s = poll_s
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -69,13 +68,6 @@ class Supervisor:
     def watching(self) -> int:
         """How many sessions this instance follows."""
         return len(self._tasks)
-
-    async def resume(self) -> None:
-        """Follow again the active sessions of this dispatcher that have a machine."""
-        for state in (DISPATCHED, READY, ENDING):
-            for session in await self._store.list_sessions(state=state, limit=10_000):
-                if session.dispatcher == self._settings.dispatcher_name:
-                    self.follow(session)
 
     async def aclose(self) -> None:
         """Stop watching (the bots themselves are not touched)."""
@@ -102,7 +94,7 @@ class Supervisor:
         try:
             if session.ready_at is None and session.state in (STARTING, DISPATCHED):
                 outcome = await self._until_ready(session, exit_task)
-                if outcome == "timeout" and await self._ask_to_end(session.id, READY_TIMEOUT):
+                if outcome == "timeout" and await self.ask_to_end(session.id, READY_TIMEOUT):
                     log.warning(
                         "bot not ready after %.0f s",
                         self._settings.ready_timeout_s,
@@ -114,7 +106,7 @@ class Supervisor:
             remaining = session.expires_at - time.time()
             done, _ = await asyncio.wait({exit_task}, timeout=max(0.0, remaining))
             if not done:
-                await self._ask_to_end(session.id, MAX_DURATION)
+                await self.ask_to_end(session.id, MAX_DURATION)
                 await self._machines.stop(ref, self._settings.bot_stop_timeout_s)
             exit = await self._exit_within(exit_task, ref)
             await self.finish(session.id, ref, exit)
@@ -148,7 +140,7 @@ class Supervisor:
                 return "ending"
         return "timeout"
 
-    async def _ask_to_end(self, session_id: str, reason: str) -> bool:
+    async def ask_to_end(self, session_id: str, reason: str) -> bool:
         """Move a live session to `ending` with a reason of the dispatcher's."""
         return (
             await self._store.transition(
@@ -222,9 +214,7 @@ class Supervisor:
         """Delete the session's room and destroy its machine; failures are logged and recorded."""
         if ref is not None:
             await self._attempt(session.id, "machine_destroy", self._machines.destroy(ref))
-        rooms = self._rooms.get(session.transport)
-        if rooms is not None and session.room_name:
-            await self._attempt(session.id, "room_delete", rooms.delete(session.room_name))
+        await self._janitor.delete(session)
 
     async def _attempt(self, session_id: str, what: str, call: Any) -> bool:
         try:

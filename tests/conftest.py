@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import sqlalchemy as sa
@@ -42,12 +43,17 @@ async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[Store
         yield db
 
 
-async def _pg_store() -> AsyncIterator[Store]:
+async def _require_pg() -> None:
+    """Skip when PostgreSQL is unreachable; fail instead under CI."""
     problem = await _pg_reachable()
     if problem:
         if os.environ.get("CI"):
             pytest.fail(f"PostgreSQL at {PG_URL} is required in CI: {problem}")
         pytest.skip(f"PostgreSQL at {PG_URL} unreachable: {problem}")
+
+
+async def _pg_store() -> AsyncIterator[Store]:
+    await _require_pg()
     schema = "t_" + secrets.token_hex(6)
     db = await Store.open(PG_URL, schema=schema)
     try:
@@ -65,6 +71,25 @@ async def pg_store() -> AsyncIterator[Store]:
     """A fresh PostgreSQL store only."""
     async for db in _pg_store():
         yield db
+
+
+@pytest.fixture
+async def pg_database_url() -> AsyncIterator[str]:
+    """The DATABASE_URL of a freshly created PostgreSQL database (`t_<hex>`), dropped after."""
+    await _require_pg()
+    name = "t_" + secrets.token_hex(6)
+    # CREATE/DROP DATABASE cannot run inside a transaction
+    engine = create_async_engine(engine_url(PG_URL), isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            await conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        try:
+            yield urlunsplit(urlsplit(PG_URL)._replace(path=f"/{name}"))
+        finally:
+            async with engine.connect() as conn:
+                await conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await engine.dispose()
 
 
 @pytest.fixture

@@ -162,7 +162,9 @@ async def test_unknown_routes_and_methods_are_json(stack: Stack) -> None:
 
 async def test_health_and_readiness(stack: Stack) -> None:
     """/healthz answers while alive; /readyz is 200 with every backend reachable."""
-    assert (await stack.http.get("/healthz")).json() == {"status": "ok"}
+    health = (await stack.http.get("/healthz")).json()
+    assert health["status"] == "ok" and health["draining"] is False
+    assert health["reconciler"] == "leader" and health["instance"]
     ready = await stack.http.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"store": "ok", "machines": "ok", "rooms": "ok"}

@@ -38,6 +38,24 @@ class MachineExit:
     signal: int | None = None
 
 
+@dataclass(frozen=True)
+class MachineInfo:
+    """A machine as an inventory lists it: whose session it serves and whether it still runs."""
+
+    id: str
+    session_id: str | None
+    state: str
+    live: bool
+    region: str | None = None
+    version: str | None = None
+    created_at: float | None = None
+
+    @property
+    def ref(self) -> MachineRef:
+        """The reference the other calls take."""
+        return MachineRef(self.id, self.region, self.version)
+
+
 class MachineBackend(Protocol):
     """Launches one bot per session and follows it to its exit."""
 
@@ -51,6 +69,12 @@ class MachineBackend(Protocol):
 
     async def wait_exit(self, ref: MachineRef, timeout_s: float) -> MachineExit | None:
         """Wait up to `timeout_s` for the bot to exit; None if it still runs."""
+
+    async def inventory(self) -> list[MachineInfo]:
+        """Every machine this dispatcher made that is not destroyed (may lag behind reality)."""
+
+    async def exited(self, ref: MachineRef) -> MachineExit | None:
+        """None while the machine runs; how it ended once it stopped or is gone."""
 
     async def stop(self, ref: MachineRef, grace_s: int) -> None:
         """SIGTERM now, SIGKILL after `grace_s`; a machine already gone counts as stopped."""

@@ -10,7 +10,7 @@ from typing import Any
 from dispatcher.config import Settings
 from dispatcher.errors import UpstreamError
 from dispatcher.fly_api import MAX_WAIT_S, ExitEvent, FlyAPI, Machine
-from dispatcher.machines import BotSpec, MachineExit, MachineRef
+from dispatcher.machines import BotSpec, MachineExit, MachineInfo, MachineRef
 from dispatcher.upstream import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,32 @@ class FlyMachines:
             if machine is None or machine.state in GONE_STATES:
                 return await self._exit_of(ref)
         return None
+
+    async def inventory(self) -> list[MachineInfo]:
+        """The bot app's machines labelled with this dispatcher (one list call)."""
+        machines = await self._api.list_machines(
+            metadata={"dispatcher": self._settings.dispatcher_name}
+        )
+        return [
+            MachineInfo(
+                id=m.id,
+                session_id=m.metadata.get("session_id"),
+                state=m.state,
+                live=m.state not in GONE_STATES,
+                region=m.region,
+                version=m.instance_id,
+                created_at=m.created_at,
+            )
+            for m in machines
+            if m.state not in ("destroyed", "destroying")
+        ]
+
+    async def exited(self, ref: MachineRef) -> MachineExit | None:
+        """None while the machine runs; its exit (from its events) once it stopped or is gone."""
+        machine = await self._api.get(ref.id)
+        if machine is not None and machine.state not in GONE_STATES:
+            return None
+        return await self._exit_of(ref)
 
     async def _exit_of(self, ref: MachineRef) -> MachineExit:
         """How the machine exited, from its events (they may be gone with the machine)."""

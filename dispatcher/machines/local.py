@@ -12,7 +12,7 @@ import socket
 import sys
 from collections.abc import Mapping
 
-from dispatcher.machines import BotSpec, MachineExit, MachineRef
+from dispatcher.machines import BotSpec, MachineExit, MachineInfo, MachineRef
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,29 @@ class LocalMachines:
         except TimeoutError:
             return None
         return _exit(code, requested=ref.id in self._stopping)
+
+    async def inventory(self) -> list[MachineInfo]:
+        """The bot processes this dispatcher started (local bots do not outlive it)."""
+        sessions = {machine_id: sid for sid, machine_id in self._by_session.items()}
+        return [
+            MachineInfo(
+                id=machine_id,
+                session_id=sessions.get(machine_id),
+                state="started" if proc.returncode is None else "stopped",
+                live=proc.returncode is None,
+                region="local",
+            )
+            for machine_id, proc in self._procs.items()
+        ]
+
+    async def exited(self, ref: MachineRef) -> MachineExit | None:
+        """None while the process runs; its exit once it ended (unknown: ended)."""
+        proc = self._procs.get(ref.id)
+        if proc is None:
+            return MachineExit()
+        if proc.returncode is None:
+            return None
+        return _exit(proc.returncode, requested=ref.id in self._stopping)
 
     async def stop(self, ref: MachineRef, grace_s: int) -> None:
         """SIGTERM now, SIGKILL after `grace_s` (in the background)."""

@@ -65,5 +65,8 @@ class RoomBackend(Protocol):
     async def delete(self, name: str) -> None:
         """Delete the room; a room that is already gone counts as deleted."""
 
+    async def inventory(self) -> list[str]:
+        """Names of the rooms the backend holds now (bounded; may miss the oldest)."""
+
     async def check(self) -> None:
         """Raise if the backend cannot be reached."""

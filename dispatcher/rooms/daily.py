@@ -186,6 +186,10 @@ class DailyRooms:
         """Delete the room (404 counts as done)."""
         await self._api.delete_room(name)
 
+    async def inventory(self) -> list[str]:
+        """Names of the rooms Daily holds for our domain (the newest thousand)."""
+        return await self._api.list_rooms()
+
     async def check(self) -> None:
         """Raise if Daily cannot be reached with our key."""
         self._domain = await self._api.domain()

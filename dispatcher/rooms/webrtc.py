@@ -63,5 +63,9 @@ class WebRTCRooms:
     async def delete(self, name: str) -> None:
         """Nothing to delete."""
 
+    async def inventory(self) -> list[str]:
+        """No rooms to list."""
+        return []
+
     async def check(self) -> None:
         """Always available."""

@@ -1,0 +1,290 @@
+"""The reconciler: compares the store with the machines and rooms that exist, and repairs both.
+
+It is the safety net under the supervisor. A supervisor follows the sessions its own instance
+started, and dies with it (a deploy, a crash); the reconciler runs on exactly one instance at a
+time (the holder of a PostgreSQL advisory lock; another takes over when that one goes), looks
+at every live session and every machine the dispatcher made, and finishes whatever nobody else
+will:
+
+- a session stuck in `starting` (its dispatcher died mid-start) fails as `start_interrupted`;
+  any machine made for it is destroyed and its room deleted;
+- a session whose machine is gone ends, with the exit code from the machine's events;
+- a session past its max duration, or not ready in time, is asked to end and its bot stopped
+  (SIGTERM and the grace period); a machine still running after that grace is destroyed;
+- a machine that no live session owns (its session ended, is unknown, or has another machine)
+  is stopped, then destroyed on a later pass;
+- rooms of ended sessions still undeleted (in the store's record or in Daily's list) are
+  deleted through the janitor, paced under Daily's limit;
+- idempotency keys older than a day are forgotten.
+
+A pass makes one machine list call, one room list call per room backend, and then only calls
+for what needs repair, all through the clients' retry policy (which honours Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field
+
+from dispatcher.config import Settings
+from dispatcher.janitor import RoomJanitor
+from dispatcher.machines import MachineBackend, MachineInfo, MachineRef
+from dispatcher.rooms import RoomBackend
+from dispatcher.store import DISPATCHED, ENDING, FAILED, STARTING, HeldLock, Session, Store
+from dispatcher.supervisor import EXIT_MARGIN_S, MAX_DURATION, READY_TIMEOUT, Supervisor
+
+log = logging.getLogger(__name__)
+
+START_INTERRUPTED = "start_interrupted"
+# Room names that are session ids (see sessions.new_session_id); other rooms are not ours.
+SESSION_ROOM = re.compile(r"^s-[0-9a-f]{16}$")
+# Rooms of sessions that ended less than this ago are left to the supervisor that ended them.
+ROOM_GRACE_S = 10.0
+ROOMS_PER_PASS = 50
+IDEMPOTENCY_KEY_TTL_S = 24 * 3600.0
+
+
+@dataclass
+class Report:
+    """What one pass saw and did."""
+
+    sessions: int = 0
+    machines: int = 0
+    starts_failed: int = 0
+    sessions_ended: int = 0
+    stops: int = 0
+    destroyed: int = 0
+    rooms_deleted: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def repaired(self) -> int:
+        """How many repairs the pass made."""
+        return (
+            self.starts_failed + self.sessions_ended + self.stops + self.destroyed
+        ) + self.rooms_deleted
+
+
+class Reconciler:
+    """The loop, its leadership, and one pass (`reconcile`)."""
+
+    def __init__(
+        self,
+        store: Store,
+        machines: MachineBackend,
+        rooms: Mapping[str, RoomBackend],
+        supervisor: Supervisor,
+        janitor: RoomJanitor,
+        settings: Settings,
+    ) -> None:
+        self._store = store
+        self._machines = machines
+        self._rooms = rooms
+        self._supervisor = supervisor
+        self._janitor = janitor
+        self._settings = settings
+        self._lock: HeldLock | None = None
+        self._stopping: dict[str, float] = {}
+        self.passes = 0
+        self.last: Report | None = None
+
+    @property
+    def leader(self) -> bool:
+        """Whether this instance runs the reconciler now."""
+        return self._lock is not None
+
+    @property
+    def lock_name(self) -> str:
+        """The advisory lock that elects the leader among instances of one dispatcher."""
+        return f"reconciler:{self._settings.dispatcher_name}"
+
+    async def run(self) -> None:
+        """Lead (or wait to) and reconcile every interval, until cancelled."""
+        while True:
+            try:
+                if await self._lead():
+                    report = await self.reconcile()
+                    if report.repaired or report.errors:
+                        log.info(
+                            "reconciled: %d sessions, %d machines; %d starts failed, "
+                            "%d sessions ended, %d stops, %d destroyed, %d rooms deleted, "
+                            "%d errors",
+                            report.sessions,
+                            report.machines,
+                            report.starts_failed,
+                            report.sessions_ended,
+                            report.stops,
+                            report.destroyed,
+                            report.rooms_deleted,
+                            len(report.errors),
+                        )
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconciler pass failed")
+            await asyncio.sleep(self._settings.reconcile_interval_s)
+
+    async def _lead(self) -> bool:
+        if self._lock is not None:
+            if await self._lock.alive():
+                return True
+            log.warning("lost the reconciler lock")
+            self._lock = None
+        self._lock = await self._store.try_lock(self.lock_name)
+        if self._lock is not None:
+            log.info("this instance (%s) runs the reconciler", self._settings.instance_id)
+        return self._lock is not None
+
+    async def aclose(self) -> None:
+        """Give up leadership, so that another instance takes over at once."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            await lock.release()
+
+    async def reconcile(self) -> Report:
+        """One pass over every live session, every machine of ours and the rooms to delete."""
+        report = Report()
+        now = time.time()
+        inventory = await self._machines.inventory()
+        active = await self._store.active_sessions()
+        report.sessions, report.machines = len(active), len(inventory)
+        by_session: dict[str, list[MachineInfo]] = {}
+        for machine in inventory:
+            if machine.session_id:
+                by_session.setdefault(machine.session_id, []).append(machine)
+        for session in active:
+            await self._guard(report, self._session(session, by_session, now, report))
+        known = {s.id: s for s in active}
+        others = await self._store.get_many(sid for sid in by_session if sid not in known)
+        for machine in inventory:
+            if machine.session_id:
+                owner = known.get(machine.session_id) or others.get(machine.session_id)
+                await self._guard(report, self._machine(machine, owner, now, report))
+        listed = {m.id for m in inventory}
+        self._stopping = {k: v for k, v in self._stopping.items() if k in listed}
+        await self._guard(report, self._rooms_of_ended(now, report))
+        await self._guard(report, self._purge_keys(now))
+        self.passes += 1
+        self.last = report
+        return report
+
+    async def _guard(self, report: Report, step: Awaitable[None]) -> None:
+        try:
+            await step
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("reconciler step failed: %s", exc)
+            report.errors.append(str(exc))
+
+    async def _session(
+        self,
+        session: Session,
+        machines: Mapping[str, list[MachineInfo]],
+        now: float,
+        report: Report,
+    ) -> None:
+        """Repair one live session."""
+        if session.state == STARTING:
+            if now - session.created_at > self._settings.start_timeout_s:
+                await self._fail_stuck_start(session, now, report)
+            return
+        if not session.machine_id:
+            return
+        ref = MachineRef(session.machine_id, session.region, session.machine_version)
+        listed = next((m for m in machines.get(session.id, []) if m.id == ref.id), None)
+        if listed is None or not listed.live:
+            exit = await self._machines.exited(ref)  # the list lags: ask the machine itself
+            if exit is not None:
+                await self._supervisor.finish(session.id, ref, exit)
+                report.sessions_ended += 1
+            return
+        grace = self._settings.bot_stop_timeout_s + EXIT_MARGIN_S
+        if session.state == ENDING:
+            if now - session.updated_at > grace:
+                log.warning(
+                    "machine outlived its stop grace period: destroying it",
+                    extra={"session_id": session.id, "machine_id": ref.id},
+                )
+                await self._machines.destroy(ref)
+                report.destroyed += 1
+            return
+        reason = None
+        if now >= session.expires_at:
+            reason = MAX_DURATION
+        elif (
+            session.state == DISPATCHED
+            and session.ready_at is None
+            and now - session.created_at > self._settings.ready_timeout_s
+        ):
+            reason = READY_TIMEOUT
+        if reason and await self._supervisor.ask_to_end(session.id, reason):
+            log.info("ending the session: %s", reason, extra={"session_id": session.id})
+            await self._machines.stop(ref, self._settings.bot_stop_timeout_s)
+            report.stops += 1
+
+    async def _fail_stuck_start(self, session: Session, now: float, report: Report) -> None:
+        failed = await self._store.transition(
+            session.id,
+            FAILED,
+            from_states=(STARTING,),
+            end_reason=START_INTERRUPTED,
+            ended_at=now,
+            details={"reason": START_INTERRUPTED, "source": "reconciler"},
+        )
+        if failed is None:
+            return
+        log.warning("a start was interrupted: cleaning up", extra={"session_id": session.id})
+        report.starts_failed += 1
+        await self._machines.cleanup(session.id)
+        if await self._janitor.delete(failed):
+            report.rooms_deleted += bool(failed.room_name)
+
+    async def _machine(
+        self, machine: MachineInfo, owner: Session | None, now: float, report: Report
+    ) -> None:
+        """Stop, then destroy, a machine that no live session owns."""
+        if owner is not None and owner.active:
+            if owner.state == STARTING or owner.machine_id in (None, machine.id):
+                return
+        elif owner is None:
+            age = now - machine.created_at if machine.created_at is not None else 0.0
+            if age < self._settings.start_timeout_s:
+                return
+        ref = machine.ref
+        extra = {"session_id": machine.session_id, "machine_id": machine.id}
+        if not machine.live or now >= self._stopping.get(machine.id, float("inf")):
+            log.warning("destroying a machine no live session owns", extra=extra)
+            await self._machines.destroy(ref)
+            self._stopping.pop(machine.id, None)
+            report.destroyed += 1
+        elif machine.id not in self._stopping:
+            log.warning("stopping a machine no live session owns", extra=extra)
+            await self._machines.stop(ref, self._settings.bot_stop_timeout_s)
+            self._stopping[machine.id] = now + self._settings.bot_stop_timeout_s + EXIT_MARGIN_S
+            report.stops += 1
+
+    async def _rooms_of_ended(self, now: float, report: Report) -> None:
+        """Delete the rooms of ended sessions that still exist, as far as we can tell."""
+        due = {
+            s.id: s
+            for s in await self._store.rooms_to_delete(
+                ended_before=now - ROOM_GRACE_S, limit=ROOMS_PER_PASS
+            )
+        }
+        for rooms in self._rooms.values():
+            names = [n for n in await rooms.inventory() if SESSION_ROOM.match(n)]
+            for session in (await self._store.get_many(names)).values():
+                ended_at = session.ended_at or session.updated_at
+                if not session.active and ended_at < now - ROOM_GRACE_S:
+                    due.setdefault(session.id, session)
+        for session in list(due.values())[:ROOMS_PER_PASS]:
+            if await self._janitor.delete(session):
+                report.rooms_deleted += 1
+
+    async def _purge_keys(self, now: float) -> None:
+        await self._store.purge_keys(created_before=now - IDEMPOTENCY_KEY_TTL_S)

@@ -269,7 +269,7 @@ def test_dispatcher_port_and_signals_match_its_image(
     dispatcher_fly: dict[str, Any], dispatcher_image: Dockerfile
 ) -> None:
     """The service's internal port is the one `dispatcher serve` binds in the image, on `::`
-    (IPv4 and the IPv6 private network); SIGTERM stops it, with time for a graceful shutdown."""
+    (IPv4 and the IPv6 private network); SIGTERM stops it, with time to drain and shut down."""
     cmd = dispatcher_image.cmd()
     assert cmd[:2] == ["dispatcher", "serve"]
     scripts = load_toml(ROOT / "pyproject.toml")["project"]["scripts"]
@@ -279,7 +279,8 @@ def test_dispatcher_port_and_signals_match_its_image(
     assert dispatcher_image.final.all("EXPOSE") == [str(port)]
     assert cmd_option(cmd, "--host") == "::", "6PN is IPv6: bind :: so bots can reach it"
     assert dispatcher_fly["kill_signal"] == "SIGTERM"
-    assert seconds(dispatcher_fly["kill_timeout"]) >= graceful_shutdown_s() + 5
+    drain_s = float(dispatcher_fly["env"].get("DRAIN_TIMEOUT_S", Settings.drain_timeout_s))
+    assert seconds(dispatcher_fly["kill_timeout"]) >= drain_s + graceful_shutdown_s() + 5
     assert seconds(dispatcher_fly["kill_timeout"]) <= 300  # Fly's maximum
     assert dispatcher_fly["build"]["dockerfile"] == DISPATCHER_DOCKERFILE.name
 

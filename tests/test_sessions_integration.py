@@ -133,6 +133,28 @@ async def test_ready_timeout(tmp_path: Path) -> None:
         assert machine.exit_events()[0]["requested_stop"] is True
 
 
+@pytest.mark.parametrize("ignores_sigterm", [False, True])
+async def test_max_duration_stops_the_bot(tmp_path: Path, ignores_sigterm: bool) -> None:
+    """At SESSION_MAX_DURATION_S the bot gets SIGTERM through Fly's stop with the grace period,
+    then is stopped for good (Fly's SIGKILL after the grace); the session ends max_duration."""
+    script = {"ignore_max_duration": True, "ignore_sigterm": ignores_sigterm}
+    env = {"SESSION_MAX_DURATION_S": "2", "BOT_STOP_TIMEOUT_S": "1", "READY_TIMEOUT_S": "2"}
+    async with dispatcher_stack(tmp_path, env=env) as stack:
+        assert stack.fly is not None and stack.daily is not None
+        sid = (await stack.start({"testBot": script})).json()["sessionId"]
+        await stack.wait_state(sid, "ready")
+        session = await stack.wait_state(sid, "ended")
+        assert session["endReason"] == "max_duration"
+        (machine,) = stack.fly.machines.values()
+        stops = [r for r in stack.fly.requests if r.path.endswith(f"/{machine.id}/stop")]
+        assert stops and stops[0].body == {"signal": "SIGTERM", "timeout": "1s"}
+        (exit,) = machine.exit_events()
+        assert exit["requested_stop"] is True
+        assert session["exitCode"] == (137 if ignores_sigterm else 0)
+        await eventually(lambda: machine.state == "destroyed", what="machine destroyed")
+        await eventually(lambda: sid not in stack.daily.rooms, what="room deleted")
+
+
 async def test_fly_429_then_success(tmp_path: Path) -> None:
     """A 429 from Fly's create is retried after Retry-After and the start succeeds once."""
     fly = fly_emulator()

@@ -54,6 +54,8 @@ class RoomJanitor:
             await self._store.record(
                 session.id, "cleanup_failed", {"what": "room_delete", "error": str(exc)}
             )
+            # To the back of the reconciler's queue, so rooms that keep failing starve no other.
+            await self._store.update(session.id)
             return False
         await self._store.update(session.id, room_deleted_at=time.time())
         return True

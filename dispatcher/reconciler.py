@@ -11,8 +11,8 @@ will:
 - a session whose machine is gone ends, with the exit code from the machine's events;
 - a session past its max duration, or not ready in time, is asked to end and its bot stopped
   (SIGTERM and the grace period); a machine still running after that grace is destroyed;
-- a machine that no live session owns (its session ended, is unknown, or has another machine)
-  is stopped, then destroyed on a later pass;
+- a machine that no live session owns (its session ended or is unknown) is stopped, then
+  destroyed on a later pass; a second machine of a live session is destroyed at once;
 - rooms of ended sessions still undeleted (in the store's record or in Daily's list) are
   deleted through the janitor, paced under Daily's limit;
 - idempotency keys older than a day are forgotten.
@@ -150,7 +150,12 @@ class Reconciler:
         report = Report()
         now = time.time()
         inventory = await self._machines.inventory()
-        active = await self._store.active_sessions()
+        # Only this dispatcher's sessions: several dispatcher apps may share one database.
+        active = [
+            s
+            for s in await self._store.active_sessions()
+            if s.dispatcher == self._settings.dispatcher_name
+        ]
         report.sessions, report.machines = len(active), len(inventory)
         by_session: dict[str, list[MachineInfo]] = {}
         for machine in inventory:
@@ -189,11 +194,11 @@ class Reconciler:
         report: Report,
     ) -> None:
         """Repair one live session."""
-        if session.state == STARTING:
+        # No machine recorded: its start is still running, or died with its dispatcher (the
+        # session may have left `starting` meanwhile: its bot called back, or a DELETE came).
+        if session.state == STARTING or not session.machine_id:
             if now - session.created_at > self._settings.start_timeout_s:
                 await self._fail_stuck_start(session, now, report)
-            return
-        if not session.machine_id:
             return
         ref = MachineRef(session.machine_id, session.region, session.machine_version)
         listed = next((m for m in machines.get(session.id, []) if m.id == ref.id), None)
@@ -203,15 +208,10 @@ class Reconciler:
                 await self._supervisor.finish(session.id, ref, exit)
                 report.sessions_ended += 1
             return
-        grace = self._settings.bot_stop_timeout_s + EXIT_MARGIN_S
         if session.state == ENDING:
-            if now - session.updated_at > grace:
-                log.warning(
-                    "machine outlived its stop grace period: destroying it",
-                    extra={"session_id": session.id, "machine_id": ref.id},
-                )
-                await self._machines.destroy(ref)
-                report.destroyed += 1
+            # Its dispatcher may have died before the stop, or the stop failed: stop it (its
+            # goodbye), and destroy it if it outlives the grace period.
+            await self._stop_then_destroy(ref, session.id, now, report)
             return
         reason = None
         if now >= session.expires_at:
@@ -224,14 +224,30 @@ class Reconciler:
             reason = READY_TIMEOUT
         if reason and await self._supervisor.ask_to_end(session.id, reason):
             log.info("ending the session: %s", reason, extra={"session_id": session.id})
+            await self._stop_then_destroy(ref, session.id, now, report)
+
+    async def _stop_then_destroy(
+        self, ref: MachineRef, session_id: str | None, now: float, report: Report
+    ) -> None:
+        """First sighting: Fly's stop (SIGTERM, SIGKILL after the grace period). A pass after
+        the grace plus a margin: destroy it if it is still there."""
+        deadline = self._stopping.get(ref.id)
+        extra = {"session_id": session_id, "machine_id": ref.id}
+        if deadline is None:
             await self._machines.stop(ref, self._settings.bot_stop_timeout_s)
+            self._stopping[ref.id] = now + self._settings.bot_stop_timeout_s + EXIT_MARGIN_S
             report.stops += 1
+        elif now >= deadline:
+            log.warning("machine outlived its stop grace period: destroying it", extra=extra)
+            await self._machines.destroy(ref)
+            self._stopping.pop(ref.id, None)
+            report.destroyed += 1
 
     async def _fail_stuck_start(self, session: Session, now: float, report: Report) -> None:
         failed = await self._store.transition(
             session.id,
             FAILED,
-            from_states=(STARTING,),
+            from_states=(session.state,),
             end_reason=START_INTERRUPTED,
             ended_at=now,
             details={"reason": START_INTERRUPTED, "source": "reconciler"},
@@ -251,22 +267,27 @@ class Reconciler:
         if owner is not None and owner.active:
             if owner.state == STARTING or owner.machine_id in (None, machine.id):
                 return
-        elif owner is None:
-            age = now - machine.created_at if machine.created_at is not None else 0.0
-            if age < self._settings.start_timeout_s:
-                return
-        ref = machine.ref
+        elif (
+            owner is None
+            and machine.created_at is not None
+            and now - machine.created_at < self._settings.start_timeout_s
+        ):
+            # Sessions are stored before their machine is created, so an unknown session is
+            # not a start in flight; still, leave young machines alone (a lost database, clocks).
+            return
         extra = {"session_id": machine.session_id, "machine_id": machine.id}
-        if not machine.live or now >= self._stopping.get(machine.id, float("inf")):
+        # A second machine of a live session runs with that session's callback token: stopped
+        # gracefully, its bot would report `ended` for the session and end the live one.
+        duplicate = owner is not None and owner.active
+        if duplicate or not machine.live:
             log.warning("destroying a machine no live session owns", extra=extra)
-            await self._machines.destroy(ref)
+            await self._machines.destroy(machine.ref)
             self._stopping.pop(machine.id, None)
             report.destroyed += 1
-        elif machine.id not in self._stopping:
+            return
+        if machine.id not in self._stopping:
             log.warning("stopping a machine no live session owns", extra=extra)
-            await self._machines.stop(ref, self._settings.bot_stop_timeout_s)
-            self._stopping[machine.id] = now + self._settings.bot_stop_timeout_s + EXIT_MARGIN_S
-            report.stops += 1
+        await self._stop_then_destroy(machine.ref, machine.session_id, now, report)
 
     async def _rooms_of_ended(self, now: float, report: Report) -> None:
         """Delete the rooms of ended sessions that still exist, as far as we can tell."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import json
 import secrets
 import time
@@ -670,3 +671,35 @@ async def test_failed_room_delete_is_recorded_and_retried(tmp_path: Path) -> Non
         assert second.rooms_deleted == 1 and sid not in r.daily.rooms
         session = await r.store.get(sid)
         assert session is not None and session.room_deleted_at is not None
+
+
+async def test_sessions_of_another_dispatcher_are_left_alone(tmp_path: Path) -> None:
+    """Two dispatcher apps may share one database: a pass repairs its own sessions only, even
+    one whose machine it cannot find and whose time is up."""
+    async with rig(tmp_path, START_TIMEOUT_S="30") as r:
+        theirs, stuck = new_session_id(), new_session_id()
+        now = time.time()
+        other = Session(
+            id=theirs,
+            user_id="user-1",
+            state=READY,
+            transport="daily",
+            dispatcher="another-dispatcher",
+            created_at=now - 600,
+            updated_at=now - 600,
+            expires_at=now - 300,
+            machine_id="0000000000aaaa",
+            ready_at=now - 599,
+        )
+        await r.store.create_session(other, max_sessions=1000)
+        starting = dataclasses.replace(
+            other, id=stuck, state=STARTING, machine_id=None, ready_at=None
+        )
+        await r.store.create_session(starting, max_sessions=1000)
+
+        report = await r.reconciler.reconcile()
+        assert report.sessions == 0 and report.repaired == 0 and not report.errors
+        for sid, state in ((theirs, READY), (stuck, STARTING)):
+            kept = await r.store.get(sid)
+            assert kept is not None and kept.state == state
+        assert not [q for q in r.fly.requests if "0000000000aaaa" in q.path]

@@ -57,6 +57,11 @@ READINESS_TTL_S = 5.0
 READINESS_TIMEOUT_S = 5.0
 # How long an offer waits for a bot that is still booting (capped by READY_TIMEOUT_S).
 BOOT_WAIT_S = 30.0
+# Creates are spaced this fraction wider than 1/FLY_CREATE_RATE. A create reaches Fly some
+# time after its turn, and that time varies (store writes, a new connection): paced at Fly's
+# exact rate, a create that waited for its turn reaches Fly just before Fly's own bucket has
+# refilled whenever it travels faster than the one before it, and gets a 429.
+CREATE_PACING_SLACK = 0.1
 # The web page served at `/` in local mode (built from web/, committed).
 WEB_DIR = Path(__file__).parent / "web"
 
@@ -148,7 +153,7 @@ def create_app(
             stack.push_async_callback(reconciler.aclose)
             pacer = (
                 Pacer(
-                    settings.fly_create_rate,
+                    settings.fly_create_rate / (1 + CREATE_PACING_SLACK),
                     settings.fly_create_burst,
                     max_wait_s=settings.create_queue_wait_s,
                     what="machine creates",

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -182,6 +183,9 @@ class Store:
         self._engine = engine
         self._sqlite = engine.dialect.name == "sqlite"
         self._write_lock = asyncio.Lock()
+        # Locks from `try_lock` still held: their connections are checked out of the pool,
+        # which `dispose()` alone would leave open (and the lock held) after `close()`.
+        self._held: weakref.WeakSet[HeldLock] = weakref.WeakSet()
 
     @classmethod
     async def open(cls, database_url: str, *, schema: str | None = None) -> Store:
@@ -209,7 +213,9 @@ class Store:
         return str(self._engine.dialect.name)
 
     async def close(self) -> None:
-        """Release every connection."""
+        """Release every connection, those holding locks included (which frees the locks)."""
+        for lock in list(self._held):
+            await lock.release()
         await self._engine.dispose()
 
     async def ping(self) -> None:
@@ -456,7 +462,9 @@ class Store:
         if not got:
             await conn.close()
             return None
-        return HeldLock(conn)
+        lock = HeldLock(conn)
+        self._held.add(lock)
+        return lock
 
     async def count_active(self) -> int:
         """How many sessions are not in a terminal state."""
@@ -474,9 +482,12 @@ class HeldLock:
 
     def __init__(self, conn: AsyncConnection | None) -> None:
         self._conn = conn
+        self._released = False
 
     async def alive(self) -> bool:
-        """Whether the lock is still held (its connection still answers)."""
+        """Whether the lock is still held (its connection still answers; not released)."""
+        if self._released:
+            return False
         if self._conn is None:
             return True
         try:
@@ -490,6 +501,7 @@ class HeldLock:
     async def release(self) -> None:
         """Give the lock up (closing its connection releases it on the server)."""
         conn, self._conn = self._conn, None
+        self._released = True
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.invalidate()

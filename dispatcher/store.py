@@ -29,6 +29,7 @@ FAILED = "failed"
 ACTIVE_STATES = (STARTING, DISPATCHED, READY, ENDING)
 TERMINAL_STATES = (ENDED, FAILED)
 _CAPACITY_LOCK = 0x5E55_1011
+_SCHEMA_LOCK = 0x5E55_5C4E
 
 metadata = sa.MetaData()
 
@@ -201,8 +202,11 @@ class Store:
         async with engine.begin() as conn:
             if store._sqlite:
                 await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-            elif schema:
-                await conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            else:
+                # Instances starting together must not race on CREATE TABLE.
+                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
+                if schema:
+                    await conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
             await conn.run_sync(metadata.create_all)
             await conn.run_sync(_add_missing_columns)
         return store

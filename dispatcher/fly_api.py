@@ -96,11 +96,17 @@ class FlyAPI:
 
     @staticmethod
     def client(base_url: str, token: str, *, timeout_s: float = 15.0) -> httpx.AsyncClient:
-        """The httpx client the API wants: base URL, auth, timeouts."""
+        """The httpx client the API wants: base URL, auth, timeouts.
+
+        No cap on connections: every followed session holds one in a long-polling `wait`
+        (up to 60 s), so httpx's default of 100 would make creates, stops and destroys queue
+        behind the waits (and fail with a pool timeout) once 100 sessions live.
+        """
         return httpx.AsyncClient(
             base_url=base_url,
             headers={"Authorization": auth_header(token), "User-Agent": "pipecat-fly-dispatcher"},
             timeout=httpx.Timeout(timeout_s, connect=5.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
         )
 
     async def _call(

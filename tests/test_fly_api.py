@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -12,6 +13,8 @@ import respx
 from dispatcher.errors import UpstreamError, UpstreamTimeout
 from dispatcher.fly_api import ExitEvent, FlyAPI, auth_header
 from dispatcher.upstream import RetryPolicy, parse_retry_after
+from tests.fakes.common import serve
+from tests.harness import BOT_APP, BOT_IMAGE, FLY_TOKEN, fly_emulator
 
 BASE = "https://fly.test"
 APP = f"{BASE}/v1/apps/bots"
@@ -200,3 +203,21 @@ def test_retry_after_forms() -> None:
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
     assert 0 <= parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0  # type: ignore[operator]
+
+
+async def test_long_waits_do_not_block_other_calls() -> None:
+    """Every followed session holds a connection in a long `wait`: with 120 of them pending,
+    a `get` still goes through at once instead of queueing for a pooled connection."""
+    fly = fly_emulator(rate_limits=False)
+    async with serve(fly.app) as url, FlyAPI.client(url, FLY_TOKEN) as http:
+        api = FlyAPI(http, BOT_APP, FAST)
+        # Created, never launched: a wait for `started` runs to its timeout.
+        created = await api.create({"config": {"image": BOT_IMAGE}, "skip_launch": True})
+        waits = [
+            asyncio.create_task(api.wait(created.id, "started", timeout_s=3)) for _ in range(120)
+        ]
+        await asyncio.sleep(0.5)
+        assert await api.get(created.id) is not None
+        assert not any(w.done() for w in waits), "the get waited for the waits to end"
+        assert await asyncio.gather(*waits) == [False] * 120
+        await api.destroy(created.id)

@@ -327,7 +327,8 @@ class SessionService:
         await self._store.transition(
             session.id,
             FAILED,
-            from_states=(STARTING, ENDING),
+            # READY too: a machine made by an ambiguous create may have called back meanwhile.
+            from_states=(STARTING, READY, ENDING),
             end_reason=f"{failed_on}_create_failed",
             ended_at=time.time(),
             details=details,

@@ -96,16 +96,21 @@ class FlyMachines:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _find(self, session_id: str) -> Machine | None:
-        machines = await self._api.list_machines(metadata={"session_id": session_id})
-        live = [m for m in machines if m.state not in ("destroyed", "destroying")]
-        if live:
-            log.info(
-                "adopted machine %s after an ambiguous create",
-                live[0].id,
-                extra={"session_id": session_id},
-            )
-            return live[0]
-        return None
+        """The session's machine if a create already made it, a destroyed one included: a bot
+        that exited at once (auto_destroy) is adopted, as exited, rather than given a second."""
+        machines = await self._api.list_machines(
+            metadata={"session_id": session_id}, include_deleted=True
+        )
+        if not machines:
+            return None
+        found = min(machines, key=lambda m: m.state in ("destroyed", "destroying"))
+        log.info(
+            "adopted machine %s (%s) after an ambiguous create",
+            found.id,
+            found.state,
+            extra={"session_id": session_id},
+        )
+        return found
 
     async def cleanup(self, session_id: str) -> None:
         """Destroy any machine labelled with the session (after an ambiguous launch failure)."""
@@ -180,8 +185,17 @@ class FlyMachines:
         )
 
     async def stop(self, ref: MachineRef, grace_s: int) -> None:
-        """Fly's stop: SIGTERM, then SIGKILL after the grace period."""
-        await self._api.stop(ref.id, signal="SIGTERM", timeout_s=grace_s)
+        """Fly's stop: SIGTERM, then SIGKILL after the grace period; gone counts as stopped."""
+        try:
+            await self._api.stop(ref.id, signal="SIGTERM", timeout_s=grace_s)
+        except UpstreamError as exc:
+            # Fly refuses (412) to stop a destroyed machine: so it meets a retried stop whose
+            # first try took effect, once the bot has exited and its machine auto-destroyed.
+            if exc.status != 412:
+                raise
+            machine = await self._api.get(ref.id)
+            if machine is not None and machine.state not in GONE_STATES:
+                raise
 
     async def destroy(self, ref: MachineRef) -> None:
         """Force-destroy the machine (404 counts as done)."""

@@ -147,6 +147,7 @@ def create_app(
                         exc.detail,
                     )
             janitor = RoomJanitor(db, transports)
+            stack.push_async_callback(janitor.aclose)
             supervisor = Supervisor(db, bots, janitor, settings, poll_s=poll_s)
             stack.push_async_callback(supervisor.aclose)
             reconciler = Reconciler(db, bots, transports, supervisor, janitor, settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -18,10 +19,13 @@ ROOM_DELETE_BURST = 2
 
 
 class RoomJanitor:
-    """Every room delete goes through here: paced, and marked done on the session when it is.
+    """Every room delete goes through here: queued, paced, marked done on the session.
 
-    A delete that fails is recorded in the session's log and left for the reconciler, which
-    retries every terminal session whose room is not marked deleted.
+    `submit` never waits: a session's end, a failed start and the reconciler hand rooms over and
+    go on, so a backlog of deletes (sessions end faster than Daily lets rooms go) slows nothing
+    else. A delete that fails is recorded in the session's log and left for the reconciler,
+    which submits every terminal session whose room is not marked deleted. Deletes still queued
+    when the dispatcher stops are left to the reconciler the same way.
     """
 
     def __init__(
@@ -35,14 +39,37 @@ class RoomJanitor:
         self._store = store
         self._rooms = rooms
         self._pacer = Pacer(rate, burst, what="room deletes")
+        self._pending: dict[str, asyncio.Task[bool]] = {}
 
     @property
     def queued(self) -> int:
-        """Deletes waiting for their turn."""
-        return self._pacer.queued
+        """Deletes submitted and not done."""
+        return len(self._pending)
+
+    def submit(self, session: Session) -> bool:
+        """Queue the delete of the session's room (once: a room already queued is not queued
+        again); whether a delete was queued."""
+        if not session.room_name or session.id in self._pending:
+            return False
+        task = asyncio.create_task(self.delete(session), name=f"delete room {session.room_name}")
+        self._pending[session.id] = task
+        task.add_done_callback(lambda _: self._pending.pop(session.id, None))
+        return True
+
+    async def join(self) -> None:
+        """Wait until every queued delete is done (tests, benchmarks)."""
+        while self._pending:
+            await asyncio.gather(*self._pending.values(), return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Drop what is still queued: the reconciler deletes those rooms later."""
+        tasks = list(self._pending.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def delete(self, session: Session) -> bool:
-        """Delete the session's room (if it has one); whether it is gone now."""
+        """Delete the session's room now, in its turn; whether it is gone."""
         rooms = self._rooms.get(session.transport)
         if not session.room_name or rooms is None:
             return True

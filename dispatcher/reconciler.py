@@ -14,7 +14,8 @@ will:
 - a machine that no live session owns (its session ended or is unknown) is stopped, then
   destroyed on a later pass; a second machine of a live session is destroyed at once;
 - rooms of ended sessions still undeleted (in the store's record or in Daily's list) are
-  deleted through the janitor, paced under Daily's limit;
+  handed to the janitor, whose queue deletes them paced under Daily's limit (a pass never
+  waits for room deletes);
 - idempotency keys older than a day are forgotten.
 
 A pass makes one machine list call, one room list call per room backend, and then only calls
@@ -58,7 +59,7 @@ class Report:
     sessions_ended: int = 0
     stops: int = 0
     destroyed: int = 0
-    rooms_deleted: int = 0
+    rooms_queued: int = 0
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -66,7 +67,7 @@ class Report:
         """How many repairs the pass made."""
         return (
             self.starts_failed + self.sessions_ended + self.stops + self.destroyed
-        ) + self.rooms_deleted
+        ) + self.rooms_queued
 
 
 class Reconciler:
@@ -111,7 +112,7 @@ class Reconciler:
                     if report.repaired or report.errors:
                         log.info(
                             "reconciled: %d sessions, %d machines; %d starts failed, "
-                            "%d sessions ended, %d stops, %d destroyed, %d rooms deleted, "
+                            "%d sessions ended, %d stops, %d destroyed, %d room deletes queued, "
                             "%d errors",
                             report.sessions,
                             report.machines,
@@ -119,7 +120,7 @@ class Reconciler:
                             report.sessions_ended,
                             report.stops,
                             report.destroyed,
-                            report.rooms_deleted,
+                            report.rooms_queued,
                             len(report.errors),
                         )
             except asyncio.CancelledError:
@@ -249,7 +250,7 @@ class Reconciler:
             FAILED,
             from_states=(session.state,),
             end_reason=START_INTERRUPTED,
-            ended_at=now,
+            ended_at=time.time(),
             details={"reason": START_INTERRUPTED, "source": "reconciler"},
         )
         if failed is None:
@@ -257,8 +258,7 @@ class Reconciler:
         log.warning("a start was interrupted: cleaning up", extra={"session_id": session.id})
         report.starts_failed += 1
         await self._machines.cleanup(session.id)
-        if await self._janitor.delete(failed):
-            report.rooms_deleted += bool(failed.room_name)
+        report.rooms_queued += self._janitor.submit(failed)
 
     async def _machine(
         self, machine: MachineInfo, owner: Session | None, now: float, report: Report
@@ -304,8 +304,7 @@ class Reconciler:
                 if not session.active and ended_at < now - ROOM_GRACE_S:
                     due.setdefault(session.id, session)
         for session in list(due.values())[:ROOMS_PER_PASS]:
-            if await self._janitor.delete(session):
-                report.rooms_deleted += 1
+            report.rooms_queued += self._janitor.submit(session)
 
     async def _purge_keys(self, now: float) -> None:
         await self._store.purge_keys(created_before=now - IDEMPOTENCY_KEY_TTL_S)

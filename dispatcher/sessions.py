@@ -288,7 +288,7 @@ class SessionService:
         if not current.active:
             # Failed by the reconciler meanwhile: the start took longer than START_TIMEOUT_S.
             await self._machines.destroy(machine)
-            await self._janitor.delete(current)
+            self._janitor.submit(current)
             raise Unavailable("the start took too long: retry", code="start-interrupted")
         self._supervisor.follow(current)
         if current.end_reason == DELETED:
@@ -311,7 +311,7 @@ class SessionService:
         elif _maybe_happened(machine_error):
             cleanups.append(("machine_cleanup", self._machines.cleanup(session.id)))
         if plan.name and (room_error is None or _maybe_happened(room_error)):
-            cleanups.append(("room_delete", self._delete_room(session)))
+            self._janitor.submit(session)
         results = await asyncio.gather(*(c for _, c in cleanups), return_exceptions=True)
         for (what, _), result in zip(cleanups, results, strict=True):
             if isinstance(result, BaseException):
@@ -336,10 +336,6 @@ class SessionService:
         log.warning(
             "start failed on the %s: %s", failed_on, error, extra={"session_id": session.id}
         )
-
-    async def _delete_room(self, session: Session) -> None:
-        # A failure is recorded by the janitor; the reconciler deletes the room later.
-        await self._janitor.delete(session)
 
     def _room_backend(self, transport: str) -> RoomBackend:
         rooms = self._rooms.get(transport)

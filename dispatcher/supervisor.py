@@ -211,10 +211,10 @@ class Supervisor:
         return ended
 
     async def clean_up(self, session: Session, ref: MachineRef | None) -> None:
-        """Delete the session's room and destroy its machine; failures are logged and recorded."""
+        """Destroy the session's machine and queue its room's delete; failures are recorded."""
         if ref is not None:
             await self._attempt(session.id, "machine_destroy", self._machines.destroy(ref))
-        await self._janitor.delete(session)
+        self._janitor.submit(session)
 
     async def _attempt(self, session_id: str, what: str, call: Any) -> bool:
         try:

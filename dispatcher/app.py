@@ -130,7 +130,17 @@ def create_app(
             db = store or await Store.open(settings.database_url)
             if store is None:
                 stack.push_async_callback(db.close)
-            bots = machines or _machine_backend(settings, retry, upstream_timeout_s, stack)
+            pacer = (
+                Pacer(
+                    settings.fly_create_rate / (1 + CREATE_PACING_SLACK),
+                    settings.fly_create_burst,
+                    max_wait_s=settings.create_queue_wait_s,
+                    what="machine creates",
+                )
+                if settings.machine_backend == "fly"
+                else None
+            )
+            bots = machines or _machine_backend(settings, retry, upstream_timeout_s, stack, pacer)
             stack.push_async_callback(bots.aclose)
             transports = (
                 rooms
@@ -152,16 +162,6 @@ def create_app(
             stack.push_async_callback(supervisor.aclose)
             reconciler = Reconciler(db, bots, transports, supervisor, janitor, settings)
             stack.push_async_callback(reconciler.aclose)
-            pacer = (
-                Pacer(
-                    settings.fly_create_rate / (1 + CREATE_PACING_SLACK),
-                    settings.fly_create_burst,
-                    max_wait_s=settings.create_queue_wait_s,
-                    what="machine creates",
-                )
-                if bots.name == "fly"
-                else None
-            )
             checks: dict[str, Callable[[], Awaitable[None]]] = {
                 "store": db.ping,
                 "machines": bots.check,
@@ -391,7 +391,11 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
 
 
 def _machine_backend(
-    settings: Settings, retry: RetryPolicy, timeout_s: float, stack: contextlib.AsyncExitStack
+    settings: Settings,
+    retry: RetryPolicy,
+    timeout_s: float,
+    stack: contextlib.AsyncExitStack,
+    pacer: Pacer | None,
 ) -> MachineBackend:
     if settings.machine_backend == "local":
         return LocalMachines(
@@ -402,7 +406,7 @@ def _machine_backend(
         settings.fly_api_base_url, settings.fly_api_token.reveal(), timeout_s=timeout_s
     )
     stack.push_async_callback(http.aclose)
-    return FlyMachines(FlyAPI(http, settings.fly_bot_app, retry), settings, retry)
+    return FlyMachines(FlyAPI(http, settings.fly_bot_app, retry), settings, retry, pacer)
 
 
 def _room_backends(

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from dispatcher.errors import UpstreamError
+from dispatcher.pacing import Pace
 from dispatcher.upstream import RetryPolicy, json_or_none, status_error, transport_error
 
 API = "daily"
@@ -68,10 +69,18 @@ class DailyAPI:
         )
 
     async def _retried(
-        self, operation: str, method: str, path: str, **kwargs: Any
+        self,
+        operation: str,
+        method: str,
+        path: str,
+        *,
+        pace: Pace | None = None,
+        **kwargs: Any,
     ) -> httpx.Response:
         async for attempt in self._retry.retrying():
             with attempt:
+                if pace is not None:
+                    await pace()
                 return await self._call(operation, method, path, **kwargs)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -101,10 +110,11 @@ class DailyAPI:
             raise
         return _room(data)
 
-    async def delete_room(self, name: str) -> None:
-        """Delete a room; one Daily no longer has counts as deleted."""
+    async def delete_room(self, name: str, *, pace: Pace | None = None) -> None:
+        """Delete a room; one Daily no longer has counts as deleted. `pace` is awaited before
+        each attempt (retries included), to keep under Daily's delete limit."""
         try:
-            await self._retried("delete_room", "DELETE", f"rooms/{name}", mutating=True)
+            await self._retried("delete_room", "DELETE", f"rooms/{name}", mutating=True, pace=pace)
         except UpstreamError as exc:
             if exc.status != 404:
                 raise

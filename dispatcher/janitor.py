@@ -73,9 +73,8 @@ class RoomJanitor:
         rooms = self._rooms.get(session.transport)
         if not session.room_name or rooms is None:
             return True
-        await self._pacer.acquire()
         try:
-            await rooms.delete(session.room_name)
+            await rooms.delete(session.room_name, pace=self._pacer.acquire)
         except Exception as exc:
             log.warning("room delete failed: %s", exc, extra={"session_id": session.id})
             await self._store.record(

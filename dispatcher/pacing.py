@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from dispatcher.errors import RetryLater
+
+# Awaited before a rate-limited call is sent: a pacer's turn (e.g. `Pacer.acquire`).
+Pace = Callable[[], Awaitable[None]]
 
 
 class Pacer:
@@ -43,11 +46,12 @@ class Pacer:
         self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
 
-    def reserve(self) -> float:
-        """Take the next token: the seconds to wait for it, or RetryLater if that is too long."""
+    def reserve(self, *, bounded: bool = True) -> float:
+        """Take the next token: the seconds to wait for it, or RetryLater if that is longer
+        than `max_wait_s` (unless not `bounded`: a retry of a call already under way waits)."""
         self._refill()
         wait = max(0.0, (1.0 - self._tokens) / self.rate)
-        if wait > self.max_wait_s:
+        if bounded and wait > self.max_wait_s:
             raise RetryLater(
                 f"too many {self._what} queued: try again shortly",
                 retry_after=max(1.0, wait - self.max_wait_s),
@@ -61,9 +65,9 @@ class Pacer:
         self._refill()
         self._tokens = min(float(self.burst), self._tokens + 1.0)
 
-    async def acquire(self) -> None:
+    async def acquire(self, *, bounded: bool = True) -> None:
         """Reserve a token and wait for it."""
-        wait = self.reserve()
+        wait = self.reserve(bounded=bounded)
         if wait > 0:
             await asyncio.sleep(wait)
 

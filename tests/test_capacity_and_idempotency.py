@@ -190,6 +190,21 @@ async def test_queued_creates_reach_fly_after_their_turn(tmp_path: Path) -> None
         await end_all(stack, started)
 
 
+async def test_create_retries_wait_for_their_turn_too(tmp_path: Path) -> None:
+    """A create that failed (503, after using Fly's token) is retried in its own turn under the
+    pacing, not at once into Fly's empty bucket: Fly never answers 429."""
+    fly = fly_emulator(limits={"create": (1.0, 1)})
+    fly.faults.add("create", status=503, times=2)
+    env = {"FLY_CREATE_RATE": "1", "FLY_CREATE_BURST": "1", "CREATE_QUEUE_WAIT_S": "5"}
+    async with dispatcher_stack(tmp_path, env=env, fly=fly) as stack:
+        response = await stack.start()
+        assert response.status_code == 200, response.text
+        assert [op for op, _ in fly.faults.fired] == ["create", "create"]
+        assert fly.limiter.refused.get("create", 0) == 0
+        assert machine_creates(stack) == 3
+        await end_all(stack, {response.json()["sessionId"]: "user-1"})
+
+
 # -- Idempotency-Key ------------------------------------------------------------------------
 
 

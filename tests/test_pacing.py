@@ -168,3 +168,14 @@ async def test_acquire_refused_raises_and_does_not_sleep(monkeypatch: pytest.Mon
         await pacer.acquire()
     assert refused.value.code == "queue-full"
     assert slept == []
+
+
+def test_unbounded_reservation_waits_past_the_bound() -> None:
+    """A retry of a call already under way is not refused: it waits for its turn, however far."""
+    clock = FakeClock()
+    pacer = Pacer(1.0, 1, max_wait_s=0.5, clock=clock)
+    assert pacer.reserve() == 0.0
+    with pytest.raises(RetryLater):
+        pacer.reserve()
+    assert pacer.reserve(bounded=False) == pytest.approx(1.0)
+    assert pacer.reserve(bounded=False) == pytest.approx(2.0)

@@ -659,6 +659,23 @@ async def test_many_room_deletes_are_paced_under_dailys_limit(tmp_path: Path) ->
             assert session is not None and session.room_deleted_at is not None
 
 
+async def test_room_delete_retries_are_paced_too(tmp_path: Path) -> None:
+    """Deletes that fail once (503) are retried in their own turn: the retries never hit
+    Daily's delete limit either."""
+    async with rig(tmp_path) as r:
+        sids = [new_session_id() for _ in range(4)]
+        for sid in sids:
+            await r.room(sid)
+            await r.session(sid, ENDED, age_s=120, ended_ago_s=60)
+        r.daily.faults.add("delete_room", status=503, times=len(sids))
+
+        await r.reconciler.reconcile()
+        await r.janitor.join()
+        assert len(r.daily.faults.fired) == len(sids)
+        assert not set(sids) & set(r.daily.rooms)
+        assert r.daily.limiter.refused.get("delete_room", 0) == 0
+
+
 async def test_failed_room_delete_is_recorded_and_retried(tmp_path: Path) -> None:
     """A room delete that fails (Daily answers 500 throughout) is recorded in the session's log
     and left unmarked; a later pass deletes the room."""

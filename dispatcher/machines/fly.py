@@ -11,6 +11,7 @@ from dispatcher.config import Settings
 from dispatcher.errors import UpstreamError
 from dispatcher.fly_api import MAX_WAIT_S, ExitEvent, FlyAPI, Machine
 from dispatcher.machines import BotSpec, MachineExit, MachineInfo, MachineRef
+from dispatcher.pacing import Pacer
 from dispatcher.upstream import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -25,10 +26,15 @@ class FlyMachines:
 
     name = "fly"
 
-    def __init__(self, api: FlyAPI, settings: Settings, retry: RetryPolicy) -> None:
+    def __init__(
+        self, api: FlyAPI, settings: Settings, retry: RetryPolicy, pacer: Pacer | None = None
+    ) -> None:
         self._api = api
         self._settings = settings
         self._retry = retry
+        # Creates are paced: the caller takes the first attempt's turn (bounded, so that a
+        # full queue is refused before anything is made); retries here wait for theirs.
+        self._pacer = pacer
 
     def machine_config(self, spec: BotSpec) -> dict[str, Any]:
         """The machine config for a session: the bot contract, pinned image, no services."""
@@ -86,6 +92,8 @@ class FlyMachines:
             with attempt:
                 if maybe_created and (found := await self._find(session_id)):
                     return found
+                if attempt.retry_state.attempt_number > 1 and self._pacer is not None:
+                    await self._pacer.acquire(bounded=False)
                 try:
                     return await self._api.create(body)
                 except UpstreamError as exc:

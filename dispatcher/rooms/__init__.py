@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from dispatcher.pacing import Pace
+
 
 @dataclass(frozen=True)
 class RoomPlan:
@@ -62,8 +64,9 @@ class RoomBackend(Protocol):
     async def create(self, plan: RoomPlan) -> None:
         """Create the planned room (retried; safe against a create that succeeded silently)."""
 
-    async def delete(self, name: str) -> None:
-        """Delete the room; a room that is already gone counts as deleted."""
+    async def delete(self, name: str, *, pace: Pace | None = None) -> None:
+        """Delete the room; a room that is already gone counts as deleted. `pace`, when given,
+        is awaited before each attempt (a rate limiter's turn, retries included)."""
 
     async def inventory(self) -> list[str]:
         """Names of the rooms the backend holds now (bounded; may miss the oldest)."""

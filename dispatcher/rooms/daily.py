@@ -11,6 +11,7 @@ import jwt
 from dispatcher.config import Secret
 from dispatcher.daily_api import DailyAPI, Domain
 from dispatcher.errors import BadRequest, UpstreamError
+from dispatcher.pacing import Pace
 from dispatcher.rooms import BotContract, RoomPlan
 from dispatcher.upstream import RetryPolicy
 
@@ -182,9 +183,9 @@ class DailyRooms:
                     raise
                 return
 
-    async def delete(self, name: str) -> None:
-        """Delete the room (404 counts as done)."""
-        await self._api.delete_room(name)
+    async def delete(self, name: str, *, pace: Pace | None = None) -> None:
+        """Delete the room (404 counts as done), awaiting `pace` before each attempt."""
+        await self._api.delete_room(name, pace=pace)
 
     async def inventory(self) -> list[str]:
         """Names of the rooms Daily holds for our domain (the newest thousand)."""

@@ -11,6 +11,7 @@ import json
 import logging
 from typing import Any
 
+from dispatcher.pacing import Pace
 from dispatcher.rooms import BotContract, RoomPlan
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class WebRTCRooms:
     async def create(self, plan: RoomPlan) -> None:
         """Nothing to create."""
 
-    async def delete(self, name: str) -> None:
+    async def delete(self, name: str, *, pace: Pace | None = None) -> None:
         """Nothing to delete."""
 
     async def inventory(self) -> list[str]:

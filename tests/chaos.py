@@ -56,7 +56,8 @@ import httpx
 import jwt
 
 from dispatcher.app import create_app
-from dispatcher.store import Session, Store
+from dispatcher.store import Store
+from tests.chaos_report import ChaosReport, check, settle
 from tests.conftest import JWT_SECRET
 from tests.fakes.common import Fault
 from tests.fakes.daily import DailyEmulator
@@ -122,75 +123,6 @@ class Injected:
     @property
     def fired(self) -> int:
         return self.times - max(0, self.fault.times)
-
-
-@dataclass
-class ChaosReport:
-    """What a run did and what it left behind."""
-
-    sessions: int = 0
-    accepted: list[str] = field(default_factory=list)
-    refused: Counter[str] = field(default_factory=Counter)
-    retries: Counter[str] = field(default_factory=Counter)
-    played: Counter[str] = field(default_factory=Counter)
-    injected: Counter[str] = field(default_factory=Counter)
-    unfired: Counter[str] = field(default_factory=Counter)
-    natural_429: Counter[str] = field(default_factory=Counter)
-    end_states: Counter[str] = field(default_factory=Counter)
-    machines_created: int = 0
-    rooms_created: int = 0
-    lost: list[str] = field(default_factory=list)
-    stuck: list[str] = field(default_factory=list)
-    leaked_machines: list[str] = field(default_factory=list)
-    leaked_rooms: list[str] = field(default_factory=list)
-    duplicates: dict[str, int] = field(default_factory=dict)
-    client_errors: list[str] = field(default_factory=list)
-    details: list[str] = field(default_factory=list)
-    burst_s: float = 0.0
-    settle_s: float = 0.0
-    wall_s: float = 0.0
-    settled: bool = False
-
-    @property
-    def violations(self) -> int:
-        """How many invariant violations the run found."""
-        return (
-            len(self.lost)
-            + len(self.stuck)
-            + len(self.leaked_machines)
-            + len(self.leaked_rooms)
-            + len(self.duplicates)
-            + len(self.client_errors)
-        )
-
-    def table(self) -> str:
-        """The figures as a Markdown table."""
-        rows: list[tuple[str, Any]] = [
-            ("sessions (starts sent)", self.sessions),
-            ("accepted (200)", len(self.accepted)),
-        ]
-        rows += [(f"refused: {k}", v) for k, v in sorted(self.refused.items())]
-        rows += [(f"client: {k}", v) for k, v in sorted(self.retries.items())]
-        rows += [(f"bot played: {k}", v) for k, v in sorted(self.played.items())]
-        rows += [(f"injected: {k}", v) for k, v in sorted(self.injected.items())]
-        rows += [(f"queued, never fired: {k}", v) for k, v in sorted(self.unfired.items()) if v]
-        rows += [(f"emulator's own 429s: {k}", v) for k, v in sorted(self.natural_429.items())]
-        rows += [(f"ended as {k}", v) for k, v in sorted(self.end_states.items())]
-        rows += [
-            ("machines created", self.machines_created),
-            ("rooms created", self.rooms_created),
-            ("**lost sessions**", len(self.lost)),
-            ("**stuck unaccepted sessions**", len(self.stuck)),
-            ("**leaked machines**", len(self.leaked_machines)),
-            ("**leaked rooms**", len(self.leaked_rooms)),
-            ("**sessions with two machines**", len(self.duplicates)),
-            (
-                "burst / settle / wall time",
-                f"{self.burst_s:.0f} s / {self.settle_s:.0f} s / {self.wall_s:.0f} s",
-            ),
-        ]
-        lines = ["| figure | value |", "| --- | --- |"]
-        return "\n".join(lines + [f"| {k} | {v} |" for k, v in rows])
 
 
 @dataclass
@@ -269,9 +201,9 @@ async def run_chaos(
             store = await Store.open(f"sqlite:///{tmp_path}/chaos.db")
             try:
                 settle_start = time.monotonic()
-                report.settled = await _settle(store, fly, daily, settle_timeout_s)
+                report.settled = await settle(store, fly, daily, settle_timeout_s)
                 report.settle_s = time.monotonic() - settle_start
-                await _check(run, store)
+                await check(report, store, fly, daily)
             finally:
                 await store.close()
             report.natural_429 = Counter(
@@ -495,69 +427,3 @@ async def _oom_once_ready(run: _Run, sid: str) -> bool:
             return False
         await asyncio.sleep(0.1)
     return False
-
-
-# -- the invariants -----------------------------------------------------------------------------
-
-
-async def _sessions(store: Store) -> dict[str, Session]:
-    return {s.id: s for s in await store.list_sessions(limit=1_000_000)}
-
-
-async def _settle(store: Store, fly: FlyEmulator, daily: DailyEmulator, timeout_s: float) -> bool:
-    """Wait until every session is terminal, no machine is left and no room remains."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        sessions = await _sessions(store)
-        if (
-            not any(s.active for s in sessions.values())
-            and all(m.state == "destroyed" for m in fly.machines.values())
-            and not daily.rooms
-        ):
-            return True
-        await asyncio.sleep(0.25)
-    return False
-
-
-async def _check(run: _Run, store: Store) -> None:
-    """Compute the invariants from the store and the emulators' state."""
-    report, fly = run.report, run.fly
-    sessions = await _sessions(store)
-    machines = fly.machines
-    for sid in report.accepted:
-        s = sessions.get(sid)
-        if s is not None and not s.active:
-            continue
-        running = (
-            s is not None
-            and s.state in ("ready", "dispatched")
-            and s.machine_id in machines
-            and machines[s.machine_id].state == "started"
-        )
-        if not running:
-            report.lost.append(sid)
-    accepted = set(report.accepted)
-    report.stuck = [s.id for s in sessions.values() if s.active and s.id not in accepted]
-    for m in machines.values():
-        owner = sessions.get(m.metadata.get("session_id", ""))
-        if m.state != "destroyed" and not (owner and owner.active and owner.machine_id == m.id):
-            report.leaked_machines.append(f"{m.id} ({m.state}) of {owner.id if owner else '?'}")
-    for name in run.daily.rooms:
-        owner = sessions.get(name)
-        if owner is None or not owner.active:
-            report.leaked_rooms.append(name)
-    per_session = Counter(m.metadata.get("session_id") for m in machines.values())
-    report.duplicates = {sid: n for sid, n in per_session.items() if sid and n > 1}
-    report.machines_created = len(machines)
-    report.rooms_created = len(run.daily.rooms) + len(run.daily.deleted)
-    report.end_states = Counter(f"{s.state} ({s.end_reason})" for s in sessions.values())
-    suspects = {*report.lost, *report.stuck, *report.leaked_rooms, *report.duplicates}
-    suspects |= {entry.rsplit(" of ", 1)[1] for entry in report.leaked_machines}
-    suspects |= {entry.split()[1].rstrip(":") for entry in report.client_errors}
-    for sid in sorted(suspects - {"?"}):
-        s = sessions.get(sid)
-        timeline = [
-            f"{e.kind}:{e.state or ''} {e.details}" for e in await store.events(sid)
-        ] if s else []  # fmt: skip
-        state = f"{s.state} machine={s.machine_id} reason={s.end_reason}" if s else "unknown"
-        report.details.append(f"{sid}: {state}\n    " + "\n    ".join(timeline))

@@ -127,6 +127,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(auth.aclose)
             db = store or await Store.open(settings.database_url)
             if store is None:
                 stack.push_async_callback(db.close)
@@ -194,7 +195,7 @@ def create_app(
         return holder["s"]
 
     async def start(request: Request) -> Response:
-        principal = auth.authenticate(request.headers)
+        principal = await auth.authenticate(request.headers)
         s = services()
         raw = await read_body(request, MAX_BODY_BYTES)
         start_request = parse_start(
@@ -204,12 +205,12 @@ def create_app(
         return JSONResponse(await s.service.start(principal, start_request, idempotency))
 
     async def get_session(request: Request) -> Response:
-        principal = auth.authenticate(request.headers)
+        principal = await auth.authenticate(request.headers)
         session = await services().service.get(principal, request.path_params["session_id"])
         return JSONResponse(session.public())
 
     async def delete_session(request: Request) -> Response:
-        principal = auth.authenticate(request.headers)
+        principal = await auth.authenticate(request.headers)
         session = await services().service.end(principal, request.path_params["session_id"])
         return JSONResponse(session.public(), status_code=202)
 
@@ -247,7 +248,7 @@ def create_app(
         return JSONResponse({"ok": True})
 
     async def proxy(request: Request) -> Response:
-        principal = auth.authenticate(request.headers)
+        principal = await auth.authenticate(request.headers)
         path = check_path(request.path_params["path"])
         s = services()
         session_id = request.path_params["session_id"]

@@ -24,6 +24,9 @@ DEFAULT_PORT = 7860
 _REGION = re.compile(r"^[a-z]{3}$")
 _STUN = re.compile(r"^stuns?:[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
 _APP = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+# Signature algorithms a client token may use: HMAC with JWT_SECRET, or RSA/ECDSA keys from
+# JWT_JWKS_URL. Never `none`, and never an HMAC keyed with a public key.
+JWT_ALGORITHMS = ("HS256", "RS256", "ES256")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class Settings:
     start_timeout_s: float = 120.0
     instance_id: str = "local"
     jwt_secret: Secret | None = None
+    jwt_jwks_url: str | None = None
+    jwt_algorithms: tuple[str, ...] = ()
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     auth: AuthMode = "none"
@@ -89,7 +94,8 @@ class Settings:
         fly_token = r.secret("FLY_API_TOKEN")
         backend = r.choice("MACHINE_BACKEND", ("fly", "local"), "fly" if fly_token else "local")
         jwt_secret = r.secret("JWT_SECRET")
-        auth_default = "jwt" if backend == "fly" or jwt_secret else "none"
+        jwks_url = r.url("JWT_JWKS_URL", None)
+        auth_default = "jwt" if backend == "fly" or jwt_secret or jwks_url else "none"
         auth = r.choice("DISPATCHER_AUTH", ("jwt", "none"), auth_default)
         settings = cls(
             machine_backend=backend,  # type: ignore[arg-type]
@@ -125,6 +131,11 @@ class Settings:
             start_timeout_s=r.number("START_TIMEOUT_S", cls.start_timeout_s, 1, 3600),
             instance_id=r.text("FLY_MACHINE_ID") or f"{socket.gethostname()}-{os.getpid()}",
             jwt_secret=jwt_secret,
+            jwt_jwks_url=jwks_url,
+            jwt_algorithms=r.algorithms(
+                "JWT_ALGORITHMS",
+                (("HS256",) if jwt_secret else ()) + (("RS256", "ES256") if jwks_url else ()),
+            ),
             jwt_audience=r.text("JWT_AUDIENCE"),
             jwt_issuer=r.text("JWT_ISSUER"),
             auth=auth,  # type: ignore[arg-type]
@@ -140,11 +151,16 @@ class Settings:
     def _check(self) -> None:
         if self.bot_memory_mb % 256:
             raise ConfigError(f"BOT_MEMORY_MB must be a multiple of 256, got {self.bot_memory_mb}")
-        if self.auth == "jwt" and self.jwt_secret is None:
+        if self.auth == "jwt" and self.jwt_secret is None and self.jwt_jwks_url is None:
             raise ConfigError(
-                "JWT_SECRET is required when DISPATCHER_AUTH is jwt (the default in fly mode); "
-                "set DISPATCHER_AUTH=none explicitly to run without authentication"
+                "JWT_SECRET or JWT_JWKS_URL is required when DISPATCHER_AUTH is jwt (the default "
+                "in fly mode); set DISPATCHER_AUTH=none explicitly to run without authentication"
             )
+        if "HS256" in self.jwt_algorithms and self.jwt_secret is None:
+            raise ConfigError("JWT_ALGORITHMS has HS256, which needs JWT_SECRET")
+        asymmetric = [a for a in self.jwt_algorithms if a != "HS256"]
+        if asymmetric and self.jwt_jwks_url is None:
+            raise ConfigError(f"JWT_ALGORITHMS has {asymmetric[0]}, which needs JWT_JWKS_URL")
         if self.jwt_secret is not None and len(self.jwt_secret.reveal()) < 32:
             raise ConfigError("JWT_SECRET must be at least 32 characters")
         if self.machine_backend == "fly":
@@ -298,6 +314,17 @@ class _Reader:
         if not urls or not all(_STUN.match(u) for u in urls):
             raise ConfigError(f"{name} must be a comma list of stun: URLs, got {raw!r}")
         return urls
+
+    def algorithms(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        algorithms = tuple(dict.fromkeys(a.strip() for a in raw.split(",") if a.strip()))
+        bad = [a for a in algorithms if a not in JWT_ALGORITHMS]
+        if bad or not algorithms:
+            allowed = ", ".join(JWT_ALGORITHMS)
+            raise ConfigError(f"{name} must be a comma list of {allowed}, got {raw!r}")
+        return algorithms
 
     def database_url(self, name: str, default: str) -> str:
         value = self.text(name) or default

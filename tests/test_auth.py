@@ -28,9 +28,9 @@ def headers(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
 
-def test_valid_token_gives_sub() -> None:
+async def test_valid_token_gives_sub() -> None:
     """A valid token authenticates its `sub` as the user."""
-    assert auth().authenticate(headers(make_token())).user == "user-1"
+    assert (await auth().authenticate(headers(make_token()))).user == "user-1"
 
 
 @pytest.mark.parametrize(
@@ -42,10 +42,10 @@ def test_valid_token_gives_sub() -> None:
         ({"authorization": "Bearer not-a-jwt"}, "invalid-token"),
     ],
 )
-def test_missing_or_malformed_credentials(hdrs: dict[str, str], code: str) -> None:
+async def test_missing_or_malformed_credentials(hdrs: dict[str, str], code: str) -> None:
     """No bearer token, or one that is not a JWT, is refused with a stable code."""
     with pytest.raises(Unauthorized) as info:
-        auth().authenticate(hdrs)
+        await auth().authenticate(hdrs)
     assert info.value.code == code
 
 
@@ -62,30 +62,30 @@ def test_missing_or_malformed_credentials(hdrs: dict[str, str], code: str) -> No
     ],
     ids=["wrong-key", "expired", "no-exp", "no-sub", "empty-sub", "not-yet-valid", "alg-none"],
 )
-def test_bad_tokens_are_refused(token: str) -> None:
+async def test_bad_tokens_are_refused(token: str) -> None:
     """Tokens with a bad signature, expired, lacking exp or sub, or unsigned are refused."""
     with pytest.raises(Unauthorized):
-        auth().authenticate(headers(token))
+        await auth().authenticate(headers(token))
 
 
-def test_audience_and_issuer_checked_when_configured() -> None:
+async def test_audience_and_issuer_checked_when_configured() -> None:
     """With JWT_AUDIENCE and JWT_ISSUER set, tokens must carry both."""
     a = auth(JWT_AUDIENCE="dispatch", JWT_ISSUER="https://idp.example")
     good = make_token(aud="dispatch", iss="https://idp.example")
-    assert a.authenticate(headers(good)).user == "user-1"
+    assert (await a.authenticate(headers(good))).user == "user-1"
     for bad in (
         make_token(aud="other", iss="https://idp.example"),
         make_token(aud="dispatch", iss="https://evil.example"),
         make_token(),
     ):
         with pytest.raises(Unauthorized):
-            a.authenticate(headers(bad))
+            await a.authenticate(headers(bad))
 
 
-def test_auth_none_accepts_anyone_as_anonymous() -> None:
+async def test_auth_none_accepts_anyone_as_anonymous() -> None:
     """With DISPATCHER_AUTH=none every caller is `anonymous`."""
     a = Authenticator(Settings.from_env({}))
-    assert a.authenticate({}).user == "anonymous"
+    assert (await a.authenticate({})).user == "anonymous"
 
 
 def test_callback_token_is_stored_hashed_and_compared() -> None:

@@ -1,0 +1,262 @@
+"""Client tokens signed by the app's identity provider (JWT_JWKS_URL: RS256, ES256), and the
+attacks on them: `alg: none`, HMAC keyed with the public key, bad claims, unknown keys."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from dispatcher import auth as auth_module
+from dispatcher.auth import Authenticator
+from dispatcher.config import Settings
+from dispatcher.errors import ConfigError, Unauthorized, Unavailable
+from tests.conftest import JWT_SECRET
+from tests.fakes.common import serve
+
+AUDIENCE, ISSUER = "dispatcher", "https://idp.example"
+
+
+@dataclass
+class IdP:
+    """An identity provider: signing keys, and the JWKS document it serves."""
+
+    rsa_key: rsa.RSAPrivateKey = field(
+        default_factory=lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    )
+    ec_key: ec.EllipticCurvePrivateKey = field(
+        default_factory=lambda: ec.generate_private_key(ec.SECP256R1())
+    )
+    published: list[dict[str, Any]] = field(default_factory=list)
+    fetches: int = 0
+    down: bool = False
+    url: str = ""
+
+    def __post_init__(self) -> None:
+        self.publish("rsa-1", self.rsa_key)
+        self.publish("ec-1", self.ec_key)
+
+    def publish(self, kid: str, key: Any) -> None:
+        """Add a key's public half to the JWKS document."""
+        public = key.public_key()
+        algorithm = RSAAlgorithm if isinstance(public, rsa.RSAPublicKey) else ECAlgorithm
+        jwk = json.loads(algorithm.to_jwk(public))
+        alg = "RS256" if isinstance(public, rsa.RSAPublicKey) else "ES256"
+        self.published.append(jwk | {"kid": kid, "use": "sig", "alg": alg})
+
+    def token(
+        self, *, alg: str = "RS256", kid: str | None = "rsa-1", key: Any = None, **claims: Any
+    ) -> str:
+        """A token signed by this provider (override the key, kid or claims to attack)."""
+        now = int(time.time())
+        payload = {"sub": "user-1", "exp": now + 300, "aud": AUDIENCE, "iss": ISSUER} | claims
+        payload = {k: v for k, v in payload.items() if v is not None}
+        signing = key if key is not None else (self.rsa_key if alg == "RS256" else self.ec_key)
+        headers = {"kid": kid} if kid is not None else {}
+        return jwt.encode(payload, signing, algorithm=alg, headers=headers)
+
+    def app(self) -> Starlette:
+        async def jwks(request: Request) -> Response:
+            self.fetches += 1
+            if self.down:
+                return JSONResponse({"error": "down"}, status_code=503)
+            return JSONResponse({"keys": self.published})
+
+        return Starlette(routes=[Route("/.well-known/jwks.json", jwks)])
+
+
+@pytest.fixture
+async def idp() -> AsyncIterator[IdP]:
+    provider = IdP()
+    async with serve(provider.app()) as url:
+        provider.url = f"{url}/.well-known/jwks.json"
+        yield provider
+
+
+@pytest.fixture
+async def authn(idp: IdP) -> AsyncIterator[Authenticator]:
+    settings = Settings.from_env(
+        {"JWT_JWKS_URL": idp.url, "JWT_AUDIENCE": AUDIENCE, "JWT_ISSUER": ISSUER}
+    )
+    authenticator = Authenticator(settings)
+    yield authenticator
+    await authenticator.aclose()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+async def refused(authn: Authenticator, token: str) -> str:
+    with pytest.raises(Unauthorized) as caught:
+        await authn.authenticate(bearer(token))
+    return caught.value.code
+
+
+async def test_rs256_and_es256_tokens_of_the_provider(idp: IdP, authn: Authenticator) -> None:
+    """Tokens signed with the provider's RSA or EC key authenticate their `sub`; the key set is
+    fetched once and cached."""
+    assert (await authn.authenticate(bearer(idp.token()))).user == "user-1"
+    ec_token = idp.token(alg="ES256", kid="ec-1", sub="user-2")
+    assert (await authn.authenticate(bearer(ec_token))).user == "user-2"
+    assert idp.fetches == 1
+
+
+async def test_a_rotated_key_is_fetched_once(
+    idp: IdP, authn: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token with a key id the cached set lacks makes one fetch (a rotation); garbage key ids
+    after that are refused without fetching again within JWKS_MIN_REFRESH_S."""
+    await authn.authenticate(bearer(idp.token()))
+    assert await refused(authn, idp.token(kid="rsa-2")) == "invalid-token"
+    assert idp.fetches == 1  # the set was fetched less than JWKS_MIN_REFRESH_S ago
+    monkeypatch.setattr(auth_module, "JWKS_MIN_REFRESH_S", 0.0)
+    new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    idp.publish("rsa-2", new_key)
+    rotated = idp.token(kid="rsa-2", key=new_key)
+    assert (await authn.authenticate(bearer(rotated))).user == "user-1"
+    assert idp.fetches == 2
+    monkeypatch.setattr(auth_module, "JWKS_MIN_REFRESH_S", 60.0)
+    for n in range(5):
+        assert await refused(authn, idp.token(kid=f"made-up-{n}")) == "invalid-token"
+    assert idp.fetches == 2
+
+
+def public_pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "alg-none",
+        "hs256-with-public-key",
+        "expired",
+        "not-yet-valid",
+        "wrong-aud",
+        "wrong-iss",
+        "tampered",
+        "no-sub",
+        "unknown-kid",
+        "key-of-another-algorithm",
+        "foreign-key-same-kid",
+    ],
+)
+async def test_attacks_are_refused(idp: IdP, authn: Authenticator, attack: str) -> None:
+    """Every forged or unusable token is 401, whatever its trick."""
+    now = int(time.time())
+    token = {
+        "alg-none": lambda: jwt.encode(
+            {"sub": "user-1", "exp": now + 300, "aud": AUDIENCE, "iss": ISSUER},
+            key=None,
+            algorithm="none",
+        ),
+        # Algorithm confusion: HMAC keyed with the provider's (public) key.
+        "hs256-with-public-key": lambda: _hmac_token(public_pem(idp.rsa_key)),
+        "expired": lambda: idp.token(exp=now - 120),
+        "not-yet-valid": lambda: idp.token(nbf=now + 120),
+        "wrong-aud": lambda: idp.token(aud="another-service"),
+        "wrong-iss": lambda: idp.token(iss="https://evil.example"),
+        "tampered": lambda: _tampered(idp.token()),
+        "no-sub": lambda: idp.token(sub=None),
+        "unknown-kid": lambda: idp.token(kid="nobody"),
+        "key-of-another-algorithm": lambda: idp.token(alg="ES256", kid="rsa-1"),
+        "foreign-key-same-kid": lambda: idp.token(
+            key=rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        ),
+    }[attack]()
+    code = await refused(authn, token)
+    assert code == ("token-expired" if attack == "expired" else "invalid-token")
+
+
+def _hmac_token(secret: bytes) -> str:
+    payload = {"sub": "user-1", "exp": int(time.time()) + 300, "aud": AUDIENCE, "iss": ISSUER}
+    header = json.dumps({"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}).encode()
+    body = json.dumps(payload).encode()
+    signing_input = jwt.utils.base64url_encode(header) + b"." + jwt.utils.base64url_encode(body)
+    signature = hmac.new(secret, signing_input, hashlib.sha256).digest()
+    return (signing_input + b"." + jwt.utils.base64url_encode(signature)).decode()
+
+
+def _tampered(token: str) -> str:
+    header, payload, signature = token.split(".")
+    claims = json.loads(jwt.utils.base64url_decode(payload))
+    claims["sub"] = "admin"
+    forged = jwt.utils.base64url_encode(json.dumps(claims).encode()).decode()
+    return f"{header}.{forged}.{signature}"
+
+
+async def test_hs256_beside_jwks_still_refuses_the_public_key_as_secret(idp: IdP) -> None:
+    """With both JWT_SECRET and a JWKS, an HS256 token is checked with the secret only: one
+    keyed with the provider's public key fails."""
+    settings = Settings.from_env({"JWT_JWKS_URL": idp.url, "JWT_SECRET": JWT_SECRET})
+    assert settings.jwt_algorithms == ("HS256", "RS256", "ES256")
+    authenticator = Authenticator(settings)
+    try:
+        good = jwt.encode({"sub": "u", "exp": int(time.time()) + 60}, JWT_SECRET, "HS256")
+        assert (await authenticator.authenticate(bearer(good))).user == "u"
+        payload = {"sub": "user-1", "exp": int(time.time()) + 300}
+        header = {"alg": "HS256", "typ": "JWT"}
+        signing_input = ".".join(
+            jwt.utils.base64url_encode(json.dumps(part).encode()).decode()
+            for part in (header, payload)
+        )
+        signature = hmac.new(public_pem(idp.rsa_key), signing_input.encode(), hashlib.sha256)
+        forged = signing_input + "." + jwt.utils.base64url_encode(signature.digest()).decode()
+        assert await refused(authenticator, forged) == "invalid-token"
+    finally:
+        await authenticator.aclose()
+
+
+async def test_an_unreachable_provider(
+    idp: IdP, authn: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no keys cached and the provider down: 503 jwks-unavailable (not a 401 that would
+    log users out); once keys are cached, an outage keeps using them."""
+    idp.down = True
+    with pytest.raises(Unavailable) as caught:
+        await authn.authenticate(bearer(idp.token()))
+    assert caught.value.code == "jwks-unavailable"
+    monkeypatch.setattr(auth_module, "JWKS_MIN_REFRESH_S", 0.0)
+    idp.down = False
+    assert (await authn.authenticate(bearer(idp.token()))).user == "user-1"
+    idp.down = True
+    monkeypatch.setattr(auth_module, "JWKS_TTL_S", 0.0)
+    assert (await authn.authenticate(bearer(idp.token()))).user == "user-1"
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"JWT_JWKS_URL": "https://idp.example/jwks", "JWT_ALGORITHMS": "none"}, "JWT_ALGORITHMS"),
+        ({"JWT_JWKS_URL": "https://idp.example/jwks", "JWT_ALGORITHMS": "HS256"}, "JWT_SECRET"),
+        ({"JWT_SECRET": JWT_SECRET, "JWT_ALGORITHMS": "RS256"}, "JWT_JWKS_URL"),
+        ({"JWT_JWKS_URL": "ftp://idp.example/jwks"}, "JWT_JWKS_URL"),
+    ],
+)
+def test_algorithm_settings_are_checked(env: dict[str, str], named: str) -> None:
+    """An algorithm allowlist that cannot work, or `none`, stops start-up naming the variable."""
+    with pytest.raises(ConfigError, match=named):
+        Settings.from_env(env)
+
+
+def test_a_jwks_alone_turns_authentication_on() -> None:
+    """JWT_JWKS_URL alone makes `jwt` the auth mode, with RS256 and ES256 allowed."""
+    settings = Settings.from_env({"JWT_JWKS_URL": "https://idp.example/jwks"})
+    assert settings.auth == "jwt" and settings.jwt_algorithms == ("RS256", "ES256")

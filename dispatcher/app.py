@@ -45,13 +45,15 @@ from dispatcher.rooms.daily import DailyRooms
 from dispatcher.rooms.webrtc import WebRTCRooms
 from dispatcher.sessions import Idempotency, SessionService
 from dispatcher.start import MAX_BODY_BYTES, parse_start
-from dispatcher.store import Store
+from dispatcher.store import ACTIVE_STATES, TERMINAL_STATES, Store
 from dispatcher.supervisor import Supervisor
 from dispatcher.upstream import RetryPolicy
 
 log = logging.getLogger(__name__)
 
 MAX_CALLBACK_BYTES = 4096
+MAX_LIST_LIMIT = 1000
+SESSION_STATES = (*ACTIVE_STATES, *TERMINAL_STATES)
 MAX_IDEMPOTENCY_KEY = 255
 READINESS_TTL_S = 5.0
 READINESS_TIMEOUT_S = 5.0
@@ -204,6 +206,25 @@ def create_app(
         idempotency = idempotency_of(request.headers.get("idempotency-key"), raw)
         return JSONResponse(await s.service.start(principal, start_request, idempotency))
 
+    async def list_sessions(request: Request) -> Response:
+        principal = await auth.authenticate(request.headers)
+        query = request.query_params
+        state = query.get("state") or None
+        if state is not None and state not in SESSION_STATES:
+            raise BadRequest(
+                f"state must be one of {', '.join(SESSION_STATES)}", code="invalid-state"
+            )
+        raw_limit = query.get("limit", "100")
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
+            raise BadRequest(f"limit must be 1 to {MAX_LIST_LIMIT}", code="invalid-limit")
+        user = query.get("user") or None
+        if user is not None and len(user) > 256:
+            raise BadRequest("user is at most 256 characters", code="invalid-user")
+        found = await services().service.list_sessions(
+            principal, state=state, user=user, limit=int(raw_limit)
+        )
+        return JSONResponse({"sessions": [s.public() for s in found]})
+
     async def get_session(request: Request) -> Response:
         principal = await auth.authenticate(request.headers)
         session = await services().service.get(principal, request.path_params["session_id"])
@@ -292,6 +313,7 @@ def create_app(
 
     routes: list[BaseRoute] = [
         Route("/start", start, methods=["POST"]),
+        Route("/sessions", list_sessions, methods=["GET"]),
         Route("/sessions/{session_id}", get_session, methods=["GET"]),
         Route("/sessions/{session_id}", delete_session, methods=["DELETE"]),
         Route("/sessions/{session_id}/{path:path}", proxy, methods=list(METHODS)),

@@ -34,9 +34,11 @@ MAX_JWKS_BYTES = 256 * 1024
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the user id (`sub` of the JWT, or `anonymous` without auth)."""
+    """Who is calling: the user id (`sub` of the JWT, or `anonymous` without auth), and
+    whether its token carries the admin role (never without auth)."""
 
     user: str
+    admin: bool = False
 
 
 class JWKS:
@@ -134,6 +136,7 @@ class Authenticator:
         self._algorithms = settings.jwt_algorithms
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
+        self._admin_role = settings.jwt_admin_role
         self._http = http
         self._own_http = http is None and settings.jwt_jwks_url is not None
         if self._own_http:
@@ -192,7 +195,13 @@ class Authenticator:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 256:
             raise Unauthorized("invalid token: bad sub", code="invalid-token")
-        return Principal(sub)
+        return Principal(sub, admin=_has_role(claims, self._admin_role))
+
+
+def _has_role(claims: Mapping[str, Any], role: str) -> bool:
+    """Whether a token's `role` claim is `role`, or its `roles` claim (a list) holds it."""
+    roles = claims.get("roles")
+    return claims.get("role") == role or (isinstance(roles, list) and role in roles)
 
 
 def bearer_token(headers: Mapping[str, str]) -> str | None:

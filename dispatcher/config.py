@@ -78,6 +78,7 @@ class Settings:
     jwt_secret: Secret | None = None
     jwt_jwks_url: str | None = None
     jwt_algorithms: tuple[str, ...] = ()
+    jwt_admin_role: str = "admin"
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     auth: AuthMode = "none"
@@ -132,6 +133,7 @@ class Settings:
             instance_id=r.text("FLY_MACHINE_ID") or f"{socket.gethostname()}-{os.getpid()}",
             jwt_secret=jwt_secret,
             jwt_jwks_url=jwks_url,
+            jwt_admin_role=r.text("JWT_ADMIN_ROLE") or cls.jwt_admin_role,
             jwt_algorithms=r.algorithms(
                 "JWT_ALGORITHMS",
                 (("HS256",) if jwt_secret else ()) + (("RS256", "ES256") if jwks_url else ()),

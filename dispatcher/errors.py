@@ -39,6 +39,12 @@ class Unauthorized(DispatcherError):
     code = "unauthorized"
 
 
+class Forbidden(DispatcherError):
+    """Authenticated, but not allowed (an admin route without the admin role)."""
+
+    code = "forbidden"
+
+
 class NotFound(DispatcherError):
     """The resource does not exist, or the caller may not see it."""
 
@@ -182,6 +188,7 @@ class UpstreamTimeout(UpstreamError):
 _STATUS: dict[type[DispatcherError], int] = {
     BadRequest: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
     Gone: 410,

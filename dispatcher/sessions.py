@@ -17,6 +17,7 @@ from dispatcher.errors import (
     BadRequest,
     Conflict,
     DispatcherError,
+    Forbidden,
     Gone,
     InProgress,
     NotFound,
@@ -375,15 +376,37 @@ class SessionService:
         }
 
     async def get(self, principal: Principal, session_id: str) -> Session:
-        """The caller's session (someone else's is reported as not found)."""
+        """The caller's session, or any session for an admin (someone else's is reported as
+        not found)."""
         session = await self._store.get(session_id)
-        if session is None or session.user_id != principal.user:
+        if session is None or not (principal.admin or session.user_id == principal.user):
             raise NotFound(f"no session {session_id}", code="session-not-found")
         return session
 
+    async def list_sessions(
+        self,
+        principal: Principal,
+        *,
+        state: str | None = None,
+        user: str | None = None,
+        limit: int = 100,
+    ) -> list[Session]:
+        """Sessions for an admin, newest first: the active ones, or those in `state`."""
+        if not principal.admin:
+            raise Forbidden("listing sessions needs the admin role", code="admin-required")
+        return await self._store.list_sessions(
+            state=state,
+            states=None if state else ACTIVE_STATES,
+            user=user,
+            limit=limit,
+        )
+
     async def bot_address(self, principal: Principal, session_id: str) -> Callable[[], str | None]:
-        """Where the caller's live session's bot listens, asked afresh on each attempt."""
+        """Where the caller's live session's bot listens, asked afresh on each attempt (the
+        owner's only: an admin reads and ends sessions, it does not talk to their bots)."""
         session = await self.get(principal, session_id)
+        if session.user_id != principal.user:
+            raise NotFound(f"no session {session_id}", code="session-not-found")
         rooms = self._rooms.get(session.transport)
         if rooms is None or not rooms.bot_routes:
             raise NotFound(f"{session.transport} sessions have no bot routes", code="no-bot-routes")
@@ -396,7 +419,8 @@ class SessionService:
         return lambda: self._machines.address(ref)
 
     async def end(self, principal: Principal, session_id: str) -> Session:
-        """End the caller's session: SIGTERM to the bot with a grace period; idempotent."""
+        """End the caller's session (an admin: any session): SIGTERM to the bot with a grace
+        period; idempotent."""
         await self.get(principal, session_id)
         ending = await self._store.transition(
             session_id,

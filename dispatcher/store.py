@@ -313,12 +313,19 @@ class Store:
         return Session(**row._asdict()) if row else None
 
     async def list_sessions(
-        self, *, state: str | None = None, user: str | None = None, limit: int = 100
+        self,
+        *,
+        state: str | None = None,
+        user: str | None = None,
+        limit: int = 100,
+        states: Iterable[str] | None = None,
     ) -> list[Session]:
-        """Sessions, newest first, filtered by state and user."""
+        """Sessions, newest first, filtered by state (or any of `states`) and user."""
         query = sessions.select().order_by(sessions.c.created_at.desc()).limit(limit)
         if state:
             query = query.where(sessions.c.state == state)
+        if states is not None:
+            query = query.where(sessions.c.state.in_(tuple(states)))
         if user:
             query = query.where(sessions.c.user_id == user)
         async with self._engine.connect() as conn:

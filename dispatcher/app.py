@@ -198,6 +198,9 @@ def create_app(
 
     async def start(request: Request) -> Response:
         principal = await auth.authenticate(request.headers)
+        if settings.auth == "none" and settings.machine_backend == "fly":
+            # Every unauthenticated start boots a paid VM: say so each time, not only once.
+            log.warning("unauthenticated start (DISPATCHER_AUTH=none): anyone can boot VMs")
         s = services()
         raw = await read_body(request, MAX_BODY_BYTES)
         start_request = parse_start(

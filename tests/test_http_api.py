@@ -38,6 +38,12 @@ async def stack(tmp_path: Path):  # type: ignore[no-untyped-def]
         (b'{"dailyRoomProperties": {"enable_recording": "cloud"}}', "property-not-allowed"),
         (b'{"dailyMeetingTokenProperties": {"is_owner": true}}', "property-not-allowed"),
         (b'{"region": "syd"}', "region-not-allowed"),
+        (b'{"dailyRoomProperties": {"privacy": "public"}}', "property-not-allowed"),
+        (b'{"dailyRoomProperties": {"max_participants": 200}}', "property-not-allowed"),
+        (b'{"dailyMeetingTokenProperties": {"exp": 99999999999}}', "property-not-allowed"),
+        (b'{"dailyMeetingTokenProperties": {"user_id": "someone-else"}}', "property-not-allowed"),
+        (b'{"body": ' + b"[" * 40 + b"]" * 40 + b"}", "json-too-deep"),
+        (b'{"body": "' + b"x" * 17_000 + b'"}', "body-too-large"),
     ],
 )
 async def test_bad_input_is_400_json(stack: Stack, content: bytes, code: str) -> None:
@@ -66,6 +72,17 @@ def expired_token() -> str:
     return jwt.encode({"sub": "u", "exp": int(time.time()) - 600}, JWT_SECRET, algorithm="HS256")
 
 
+def signed(**claims: object) -> str:
+    payload = {"sub": "u", "exp": int(time.time()) + 600} | claims
+    return jwt.encode({k: v for k, v in payload.items() if v is not None}, JWT_SECRET, "HS256")
+
+
+def tampered() -> str:
+    header, _, signature = signed(sub="alice").split(".")
+    forged = jwt.utils.base64url_encode(b'{"sub":"admin","role":"admin","exp":9999999999}')
+    return f"{header}.{forged.decode()}.{signature}"
+
+
 @pytest.mark.parametrize(
     ("headers", "code"),
     [
@@ -83,8 +100,18 @@ def expired_token() -> str:
             "invalid-token",
         ),
         ({"Authorization": "Bearer " + expired_token()}, "token-expired"),
+        (
+            {
+                "Authorization": "Bearer "
+                + jwt.encode({"sub": "u", "exp": int(time.time()) + 600}, None, algorithm="none")
+            },
+            "invalid-token",
+        ),
+        ({"Authorization": "Bearer " + tampered()}, "invalid-token"),
+        ({"Authorization": "Bearer " + signed(sub=None)}, "invalid-token"),
+        ({"Authorization": "Bearer " + signed(nbf=int(time.time()) + 600)}, "invalid-token"),
     ],
-    ids=["none", "garbage", "wrong-key", "expired"],
+    ids=["none", "garbage", "wrong-key", "expired", "alg-none", "tampered", "no-sub", "nbf"],
 )
 async def test_no_or_bad_jwt_is_401_json(stack: Stack, headers: dict[str, str], code: str) -> None:
     """Missing or bad credentials answer 401 JSON on /start and /sessions; nothing is made."""

@@ -22,6 +22,7 @@ from starlette.staticfiles import StaticFiles
 
 from dispatcher.auth import Authenticator, bearer_token
 from dispatcher.config import Settings
+from dispatcher.cors import cors_middleware
 from dispatcher.daily_api import DailyAPI
 from dispatcher.errors import (
     BadRequest,
@@ -37,8 +38,10 @@ from dispatcher.janitor import RoomJanitor
 from dispatcher.machines import MachineBackend
 from dispatcher.machines.fly import FlyMachines
 from dispatcher.machines.local import LocalMachines
+from dispatcher.openapi import openapi_document
 from dispatcher.pacing import Pacer
 from dispatcher.proxy import MAX_PROXY_BODY_BYTES, METHODS, BotProxy, check_path
+from dispatcher.ratelimit import StartLimiter, client_address
 from dispatcher.reconciler import Reconciler
 from dispatcher.rooms import RoomBackend
 from dispatcher.rooms.daily import DailyRooms
@@ -48,6 +51,7 @@ from dispatcher.start import MAX_BODY_BYTES, parse_start
 from dispatcher.store import ACTIVE_STATES, TERMINAL_STATES, Store
 from dispatcher.supervisor import Supervisor
 from dispatcher.upstream import RetryPolicy
+from dispatcher.webhooks import MAX_WEBHOOK_BYTES, DailyWebhooks
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,8 @@ class Services:
     readiness: Readiness
     proxy: BotProxy
     reconciler: Reconciler
+    limiter: StartLimiter
+    webhooks: DailyWebhooks | None = None
 
 
 class Readiness:
@@ -179,6 +185,12 @@ def create_app(
                 readiness=Readiness(checks),
                 proxy=BotProxy(http, boot_wait_s=min(settings.ready_timeout_s, BOOT_WAIT_S)),
                 reconciler=reconciler,
+                limiter=StartLimiter(db, settings),
+                webhooks=(
+                    DailyWebhooks(settings, db, bots, supervisor)
+                    if settings.daily_webhook_secret is not None
+                    else None
+                ),
             )
             loop_task = asyncio.create_task(reconciler.run(), name="reconciler")
             stack.push_async_callback(_cancel, loop_task)
@@ -207,6 +219,9 @@ def create_app(
             raw, default_transport=settings.default_transport, regions=settings.fly_regions
         )
         idempotency = idempotency_of(request.headers.get("idempotency-key"), raw)
+        peer = request.client.host if request.client else None
+        address = client_address(peer, request.headers, trust_proxy=settings.trust_proxy_headers)
+        await s.limiter.check(principal.user, address)
         return JSONResponse(await s.service.start(principal, start_request, idempotency))
 
     async def list_sessions(request: Request) -> Response:
@@ -218,7 +233,10 @@ def create_app(
                 f"state must be one of {', '.join(SESSION_STATES)}", code="invalid-state"
             )
         raw_limit = query.get("limit", "100")
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
+        # ASCII digits only: "²" is a digit to isdigit() but not to int().
+        if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 9) or not (
+            1 <= int(raw_limit) <= MAX_LIST_LIMIT
+        ):
             raise BadRequest(f"limit must be 1 to {MAX_LIST_LIMIT}", code="invalid-limit")
         user = query.get("user") or None
         if user is not None and len(user) > 256:
@@ -314,6 +332,15 @@ def create_app(
         body = error_body(Unavailable("a backend is unreachable", code="backend-unavailable"))
         return JSONResponse({**body, "checks": checks}, status_code=503)
 
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document(settings))
+
+    async def daily_webhook(request: Request) -> Response:
+        webhooks = services().webhooks
+        assert webhooks is not None
+        raw = await read_body(request, MAX_WEBHOOK_BYTES)
+        return JSONResponse(await webhooks.receive(request.headers, raw))
+
     routes: list[BaseRoute] = [
         Route("/start", start, methods=["POST"]),
         Route("/sessions", list_sessions, methods=["GET"]),
@@ -324,12 +351,16 @@ def create_app(
         Route("/internal/sessions/{session_id}/ended", bot_ended, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
     if settings.machine_backend == "local":
         routes += [
             Route("/", page, methods=["GET"]),
             Mount("/web", StaticFiles(directory=WEB_DIR, check_dir=False), name="web"),
         ]
+    if settings.daily_webhook_secret is not None:
+        # Daily's public listener, verified by HMAC; without the secret webhooks are off (404).
+        routes.append(Route("/webhooks/daily", daily_webhook, methods=["POST"]))
 
     async def drain() -> bool:
         """Stop taking starts and let those in flight finish, within DRAIN_TIMEOUT_S."""
@@ -349,6 +380,7 @@ def create_app(
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=cors_middleware(settings.cors_origins, routes),
         exception_handlers={
             DispatcherError: _dispatcher_error,
             HTTPException: _http_error,

@@ -99,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         access_log=False,
         timeout_graceful_shutdown=5,
         lifespan="on",
+        # The client address is the peer's; proxy headers count only with TRUST_PROXY_HEADERS
+        # (dispatcher/ratelimit.py), never through uvicorn's own X-Forwarded-For rewriting.
+        proxy_headers=False,
     )
     DrainingServer(config, app.state.drain).run(sockets=sockets)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import ipaddress
 import os
@@ -27,6 +28,13 @@ _APP = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 # Signature algorithms a client token may use: HMAC with JWT_SECRET, or RSA/ECDSA keys from
 # JWT_JWKS_URL. Never `none`, and never an HMAC keyed with a public key.
 JWT_ALGORITHMS = ("HS256", "RS256", "ES256")
+# A rate: `<count>` (a minute), or `<count>/<window>` with the window in s, m or h ("10/60s").
+_RATE = re.compile(r"^(\d+)(?:/(\d+(?:\.\d+)?)?([smh]))?$")
+_WINDOW_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+# An origin as browsers send it: scheme://host[:port], nothing after.
+_ORIGIN = re.compile(r"^https?://([a-z0-9.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?$")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,15 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class Rate:
+    """At most `count` starts per `window_s` seconds: a token bucket of `count` tokens that
+    refills at `count / window_s` a second."""
+
+    count: int
+    window_s: float
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every setting of the dispatcher; see the README's configuration table."""
 
@@ -61,6 +78,7 @@ class Settings:
     bot_stop_timeout_s: int = 10
     daily_api_key: Secret | None = None
     daily_api_url: str = "https://api.daily.co/v1"
+    daily_webhook_secret: Secret | None = None
     database_url: str = "sqlite:///dispatcher.db"
     dispatcher_url: str | None = None
     dispatcher_name: str = "dispatcher"
@@ -87,6 +105,10 @@ class Settings:
     ice_servers: tuple[str, ...] = ()
     internal_port: int | None = None
     internal_host: str = "::"
+    start_rate_per_user: Rate | None = Rate(10, 60.0)
+    start_rate_per_ip: Rate | None = Rate(30, 60.0)
+    trust_proxy_headers: bool = False
+    cors_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -111,6 +133,7 @@ class Settings:
             bot_stop_timeout_s=r.integer("BOT_STOP_TIMEOUT_S", cls.bot_stop_timeout_s, 1, 300),
             daily_api_key=r.secret("DAILY_API_KEY"),
             daily_api_url=r.url("DAILY_API_URL", cls.daily_api_url),
+            daily_webhook_secret=r.base64_secret("DAILY_WEBHOOK_SECRET", min_bytes=16),
             database_url=r.database_url("DATABASE_URL", cls.database_url),
             dispatcher_url=r.url("DISPATCHER_URL", None),
             dispatcher_name=r.text("DISPATCHER_NAME") or r.text("FLY_APP_NAME") or "dispatcher",
@@ -146,6 +169,10 @@ class Settings:
             ice_servers=r.ice_servers("ICE_SERVERS"),
             internal_port=r.optional_integer("INTERNAL_PORT", 1, 65535),
             internal_host=r.text("INTERNAL_HOST") or cls.internal_host,
+            start_rate_per_user=r.rate("START_RATE_PER_USER", cls.start_rate_per_user),
+            start_rate_per_ip=r.rate("START_RATE_PER_IP", cls.start_rate_per_ip),
+            trust_proxy_headers=r.boolean("TRUST_PROXY_HEADERS", backend == "fly"),
+            cors_origins=r.origins("CORS_ORIGINS"),
         )
         settings._check()
         return settings
@@ -166,6 +193,10 @@ class Settings:
         if self.jwt_secret is not None and len(self.jwt_secret.reveal()) < 32:
             raise ConfigError("JWT_SECRET must be at least 32 characters")
         if self.machine_backend == "fly":
+            if "*" in self.cors_origins:
+                raise ConfigError(
+                    "CORS_ORIGINS must list exact origins in fly mode: '*' is for local mode only"
+                )
             if self.fly_api_token is None:
                 raise ConfigError("FLY_API_TOKEN is required when MACHINE_BACKEND is fly")
             if not self.fly_bot_app:
@@ -252,6 +283,21 @@ class _Reader:
         value = self.text(name)
         return Secret(value) if value else None
 
+    def base64_secret(self, name: str, *, min_bytes: int) -> Secret | None:
+        """A secret given in base64 (missing padding tolerated), of at least `min_bytes`."""
+        value = self.text(name)
+        if value is None:
+            return None
+        try:
+            key = base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
+        except ValueError:
+            raise ConfigError(f"{name} must be base64 (as Daily gives it)") from None
+        if len(key) < min_bytes:
+            raise ConfigError(
+                f"{name} must decode to at least {min_bytes} bytes (openssl rand -base64 32)"
+            )
+        return Secret(value)
+
     def _parse(self, name: str, default: T, parse: Callable[[str], T], what: str) -> T:
         raw = self.text(name)
         if raw is None:
@@ -316,6 +362,47 @@ class _Reader:
         if not urls or not all(_STUN.match(u) for u in urls):
             raise ConfigError(f"{name} must be a comma list of stun: URLs, got {raw!r}")
         return urls
+
+    def rate(self, name: str, default: Rate | None) -> Rate | None:
+        """`<count>[/<window>]`, a window of 1 s to 24 h; 0 turns the limit off."""
+        raw = self.text(name)
+        if raw is None:
+            return default
+        match = _RATE.match(raw.replace(" ", "").lower())
+        if not match:
+            raise ConfigError(
+                f"{name} must be <count> (a minute) or <count>/<window> such as 10/60s, 10/1m "
+                f"or 100/1h (0 turns it off), got {raw!r}"
+            )
+        count = int(match[1])
+        window = float(match[2] or 1) * _WINDOW_UNITS[match[3] or "m"]
+        if not 0 <= count <= 1_000_000 or not 1 <= window <= 86400:
+            raise ConfigError(
+                f"{name} must count 0 to 1000000 starts in a window of 1 s to 24 h, got {raw!r}"
+            )
+        return Rate(count, window) if count else None
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        if raw.lower() not in _TRUE + _FALSE:
+            raise ConfigError(f"{name} must be true or false, got {raw!r}")
+        return raw.lower() in _TRUE
+
+    def origins(self, name: str) -> tuple[str, ...]:
+        raw = self.text(name)
+        if raw is None:
+            return ()
+        origins = tuple(dict.fromkeys(o.strip().lower() for o in raw.split(",") if o.strip()))
+        if origins == ("*",):
+            return origins
+        if not origins or not all(_ORIGIN.match(o) for o in origins):
+            raise ConfigError(
+                f"{name} must be * or a comma list of origins (scheme://host[:port], no path or "
+                f"trailing slash), got {raw!r}"
+            )
+        return origins
 
     def algorithms(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         raw = self.text(name)

@@ -16,7 +16,8 @@ will:
 - rooms of ended sessions still undeleted (in the store's record or in Daily's list) are
   handed to the janitor, whose queue deletes them paced under Daily's limit (a pass never
   waits for room deletes);
-- idempotency keys older than a day are forgotten.
+- the ids of handled Daily webhook events are forgotten after a day;
+- idempotency keys older than a day are forgotten, and rate-limit buckets full again.
 
 A pass makes one machine list call, one room list call per room backend, and then only calls
 for what needs repair, all through the clients' retry policy (which honours Retry-After).
@@ -47,6 +48,8 @@ SESSION_ROOM = re.compile(r"^s-[0-9a-f]{16}$")
 ROOM_GRACE_S = 10.0
 ROOMS_PER_PASS = 50
 IDEMPOTENCY_KEY_TTL_S = 24 * 3600.0
+# Ids of handled Daily webhook events are kept this long (replays within it are ignored).
+WEBHOOK_ID_TTL_S = 24 * 3600.0
 
 
 @dataclass
@@ -174,6 +177,8 @@ class Reconciler:
         self._stopping = {k: v for k, v in self._stopping.items() if k in listed}
         await self._guard(report, self._rooms_of_ended(now, report))
         await self._guard(report, self._purge_keys(now))
+        await self._guard(report, self._purge_webhook_ids(now))
+        await self._guard(report, self._purge_rate_buckets(now))
         self.passes += 1
         self.last = report
         return report
@@ -308,3 +313,9 @@ class Reconciler:
 
     async def _purge_keys(self, now: float) -> None:
         await self._store.purge_keys(created_before=now - IDEMPOTENCY_KEY_TTL_S)
+
+    async def _purge_webhook_ids(self, now: float) -> None:
+        await self._store.purge_webhooks(received_before=now - WEBHOOK_ID_TTL_S)
+
+    async def _purge_rate_buckets(self, now: float) -> None:
+        await self._store.purge_tokens(now=now)

@@ -82,6 +82,27 @@ idempotency_keys = sa.Table(
     sa.Column("answer", sa.Text),
 )
 
+# Rate limits as token buckets (GCRA): a bucket is full again at `full_at`; each token taken
+# moves that `interval` later, and a bucket whose `full_at` would pass `now + window` is empty.
+# No row is a full bucket, so rows whose `full_at` is past are deleted freely.
+# `_RATE_SLACK_S` absorbs float rounding: `count` tokens of `window / count` fill the window.
+_RATE_SLACK_S = 0.001
+rate_buckets = sa.Table(
+    "rate_buckets",
+    metadata,
+    sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("full_at", sa.Float, nullable=False),
+)
+
+# Ids of the Daily webhook events handled (dispatcher/webhooks.py), so that a replayed or
+# re-delivered event has no second effect; the reconciler forgets them after a day.
+webhook_events = sa.Table(
+    "webhook_events",
+    metadata,
+    sa.Column("id", sa.String(160), primary_key=True),
+    sa.Column("received_at", sa.Float, nullable=False, index=True),
+)
+
 # Columns added after the first release, with their DDL type: added on open when missing.
 _ADDED_COLUMNS = {"sessions": {"room_deleted_at": "FLOAT"}}
 
@@ -455,6 +476,72 @@ class Store:
             )
         return int(result.rowcount or 0)
 
+    # -- rate limits ------------------------------------------------------------------------
+
+    async def take_tokens(
+        self, buckets: Iterable[tuple[str, float, float]], now: float
+    ) -> dict[str, float]:
+        """Take a token from each bucket `(key, interval_s, window_s)`, all or none: {} when
+        each had one, else the seconds until each empty bucket has one. Each bucket is one
+        UPSERT ... RETURNING (refused by its WHERE when empty), all in one transaction, keys in
+        order; on PostgreSQL the row lock makes each atomic across instances."""
+        waits: dict[str, float] = {}
+        try:
+            async with self._write() as conn:
+                for key, interval, window in sorted(buckets):
+                    full_at = rate_buckets.c.full_at
+                    taken = sa.case((full_at > now, full_at), else_=now) + interval
+                    upsert = (
+                        _insert(self.dialect, rate_buckets)
+                        .values(key=key, full_at=now + interval)
+                        .on_conflict_do_update(
+                            index_elements=[rate_buckets.c.key],
+                            set_={"full_at": taken},
+                            where=taken <= now + window + _RATE_SLACK_S,
+                        )
+                        .returning(full_at)
+                    )
+                    if (await conn.execute(upsert)).first() is None:
+                        held = await conn.scalar(
+                            sa.select(full_at).where(rate_buckets.c.key == key)
+                        )
+                        waits[key] = max(0.001, float(held or now) + interval - window - now)
+                if waits:
+                    raise _Refused
+        except _Refused:
+            pass
+        return waits
+
+    async def purge_tokens(self, *, now: float) -> int:
+        """Forget buckets that are full again (as good as no row); how many were removed."""
+        async with self._write() as conn:
+            result = await conn.execute(rate_buckets.delete().where(rate_buckets.c.full_at <= now))
+        return int(result.rowcount or 0)
+
+    # -- webhook events ---------------------------------------------------------------------
+
+    async def claim_webhook(self, event_id: str, *, at: float | None = None) -> bool:
+        """Record a webhook event id as handled: False if it already was (a replay)."""
+        async with self._write() as conn:
+            insert = _insert(self.dialect, webhook_events).values(
+                id=event_id, received_at=time.time() if at is None else at
+            )
+            result = await conn.execute(insert.on_conflict_do_nothing())
+        return result.rowcount == 1
+
+    async def release_webhook(self, event_id: str) -> None:
+        """Forget an event id whose handling failed, so that its re-delivery is handled."""
+        async with self._write() as conn:
+            await conn.execute(webhook_events.delete().where(webhook_events.c.id == event_id))
+
+    async def purge_webhooks(self, *, received_before: float) -> int:
+        """Forget webhook event ids older than a time; how many were removed."""
+        async with self._write() as conn:
+            result = await conn.execute(
+                webhook_events.delete().where(webhook_events.c.received_at < received_before)
+            )
+        return int(result.rowcount or 0)
+
     # -- leadership -------------------------------------------------------------------------
 
     async def try_lock(self, name: str) -> HeldLock | None:
@@ -518,6 +605,10 @@ class HeldLock:
                 await conn.invalidate()
             with contextlib.suppress(Exception):
                 await conn.close()
+
+
+class _Refused(Exception):
+    """Rolls back the tokens taken when one bucket was empty."""
 
 
 def lock_key(name: str) -> int:

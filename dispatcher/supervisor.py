@@ -30,6 +30,11 @@ DELETED = "deleted"
 MAX_DURATION = "max_duration"
 READY_TIMEOUT = "ready_timeout"
 DISPATCHER_REASONS = frozenset({DELETED, MAX_DURATION, READY_TIMEOUT})
+# End reasons from Daily's webhooks (dispatcher/webhooks.py): the user left or the meeting is
+# over. Like a DELETE, such an end before the bot was ready is the user's doing, not a failure.
+MEETING_ENDED = "meeting_ended"
+PARTICIPANT_LEFT = "participant_left"
+USER_ENDED = frozenset({DELETED, MEETING_ENDED, PARTICIPANT_LEFT})
 EXIT_MARGIN_S = 15
 
 
@@ -174,7 +179,7 @@ class Supervisor:
         session = await self._store.get(session_id)
         if session is None or not session.active:
             return session
-        reached_ready = session.ready_at is not None or session.end_reason == DELETED
+        reached_ready = session.ready_at is not None or session.end_reason in USER_ENDED
         reason = session.end_reason
         if exit.oom_killed and reason not in DISPATCHER_REASONS:
             reason = "oom_killed"

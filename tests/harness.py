@@ -106,6 +106,10 @@ def dispatcher_env(
         "SESSION_MAX_DURATION_S": "300",
         "BOT_STOP_TIMEOUT_S": "2",
         "DISPATCHER_NAME": "test-dispatcher",
+        # Every test client is 127.0.0.1, and many tests start more than a minute's worth:
+        # the rate limits are off here, and tests/test_rate_limits.py turns them on.
+        "START_RATE_PER_USER": "0",
+        "START_RATE_PER_IP": "0",
     }
     if fly_url:
         env |= {

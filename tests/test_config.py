@@ -99,6 +99,15 @@ def test_explicit_auth_none_is_allowed_in_fly_mode() -> None:
         ("DISPATCHER_AUTH", "maybe"),
         ("FLY_BOT_APP", "Bad_App"),
         ("JWT_SECRET", "short"),
+        ("START_RATE_PER_USER", "ten"),
+        ("START_RATE_PER_USER", "10/60"),
+        ("START_RATE_PER_USER", "-1"),
+        ("START_RATE_PER_IP", "5/0s"),
+        ("START_RATE_PER_IP", "30/2d"),
+        ("TRUST_PROXY_HEADERS", "maybe"),
+        ("CORS_ORIGINS", "https://app.example.com/"),
+        ("CORS_ORIGINS", "app.example.com"),
+        ("CORS_ORIGINS", "*, https://app.example.com"),
     ],
 )
 def test_malformed_value_names_variable(name: str, value: str) -> None:

@@ -47,6 +47,8 @@ TOKEN_PROPERTIES: dict[str, tuple[type, str]] = {
     "enable_screenshare": (bool, "ss"),
     "lang": (str, "uil"),
 }
+# The longest string a client may give as a room or token property.
+MAX_PROPERTY_LENGTH = 64
 MAX_PARTICIPANTS = 2
 ROOM_EXP_MARGIN_S = 300
 MAX_USER_ID = 36
@@ -62,7 +64,7 @@ def check_room_properties(props: dict[str, Any]) -> dict[str, Any]:
             )
         rule = ROOM_PROPERTIES[key]
         ok = value in rule if isinstance(rule, tuple) else _is(value, rule)
-        if not ok or (isinstance(value, str) and len(value) > 64):
+        if not ok or (isinstance(value, str) and len(value) > MAX_PROPERTY_LENGTH):
             raise BadRequest(f"dailyRoomProperties.{key} has a bad value", code="invalid-property")
     return props
 
@@ -76,7 +78,7 @@ def check_token_properties(props: dict[str, Any]) -> dict[str, Any]:
                 code="property-not-allowed",
             )
         kind, _ = TOKEN_PROPERTIES[key]
-        if not _is(value, kind) or (isinstance(value, str) and len(value) > 64):
+        if not _is(value, kind) or (isinstance(value, str) and len(value) > MAX_PROPERTY_LENGTH):
             raise BadRequest(
                 f"dailyMeetingTokenProperties.{key} has a bad value", code="invalid-property"
             )

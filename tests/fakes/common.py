@@ -230,7 +230,9 @@ async def serve(
     """Run `app` under uvicorn on loopback (or on `sock`) in this event loop; yields its URL."""
     sock = sock or bind_loopback(port, host)
     host = sock.getsockname()[0]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
+    config = uvicorn.Config(
+        app, log_level="warning", lifespan="on", access_log=False, proxy_headers=False
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:

@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -27,6 +28,7 @@ from dispatcher.config import Settings
 from dispatcher.errors import ConfigError, Unauthorized, Unavailable
 from tests.conftest import JWT_SECRET
 from tests.fakes.common import serve
+from tests.harness import dispatcher_stack, eventually
 
 AUDIENCE, ISSUER = "dispatcher", "https://idp.example"
 
@@ -260,3 +262,46 @@ def test_a_jwks_alone_turns_authentication_on() -> None:
     """JWT_JWKS_URL alone makes `jwt` the auth mode, with RS256 and ES256 allowed."""
     settings = Settings.from_env({"JWT_JWKS_URL": "https://idp.example/jwks"})
     assert settings.auth == "jwt" and settings.jwt_algorithms == ("RS256", "ES256")
+
+
+@pytest.mark.parametrize(
+    "attack",
+    ["alg-none", "hs256-with-public-key", "wrong-aud", "wrong-iss", "unknown-kid", "tampered"],
+)
+async def test_forged_tokens_make_nothing(idp: IdP, tmp_path: Path, attack: str) -> None:
+    """Through the whole dispatcher, with the provider's keys: each forged token is 401 on
+    /start, and no session row, machine or room is made. The genuine token starts one."""
+    env = {"JWT_JWKS_URL": idp.url, "JWT_AUDIENCE": AUDIENCE, "JWT_ISSUER": ISSUER}
+    async with dispatcher_stack(tmp_path, env=env) as stack:
+        assert stack.fly is not None and stack.daily is not None
+        now = int(time.time())
+        token = {
+            "alg-none": lambda: jwt.encode(
+                {"sub": "user-1", "exp": now + 300, "aud": AUDIENCE, "iss": ISSUER},
+                key=None,
+                algorithm="none",
+            ),
+            "hs256-with-public-key": lambda: _hmac_token(public_pem(idp.rsa_key)),
+            "wrong-aud": lambda: idp.token(aud="another-service"),
+            "wrong-iss": lambda: idp.token(iss="https://evil.example"),
+            "unknown-kid": lambda: idp.token(kid="nobody"),
+            "tampered": lambda: _tampered(idp.token()),
+        }[attack]()
+        refused = await stack.http.post("/start", json={}, headers=bearer(token))
+        assert refused.status_code == 401 and refused.json()["code"] == "invalid-token"
+        assert not stack.fly.machines and not stack.daily.rooms
+        assert [r for r in stack.daily.requests if r.path != "/"] == []
+
+        genuine = await stack.http.post("/start", json={}, headers=bearer(idp.token()))
+        assert genuine.status_code == 200, genuine.text
+        sid = genuine.json()["sessionId"]
+        await stack.http.delete(f"/sessions/{sid}", headers=bearer(idp.token()))
+        session: dict[str, Any] = {}
+
+        async def ended() -> bool:
+            nonlocal session
+            answer = await stack.http.get(f"/sessions/{sid}", headers=bearer(idp.token()))
+            session = answer.json()
+            return session["state"] == "ended"
+
+        await eventually(ended, what=f"{sid} ended")

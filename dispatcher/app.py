@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -11,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 from starlette.applications import Starlette
@@ -38,6 +40,7 @@ from dispatcher.janitor import RoomJanitor
 from dispatcher.machines import MachineBackend
 from dispatcher.machines.fly import FlyMachines
 from dispatcher.machines.local import LocalMachines
+from dispatcher.metrics import CONTENT_TYPE, Metrics
 from dispatcher.openapi import openapi_document
 from dispatcher.pacing import Pacer
 from dispatcher.proxy import MAX_PROXY_BODY_BYTES, METHODS, BotProxy, check_path
@@ -128,7 +131,9 @@ def create_app(
     upstream_timeout_s: float = 15.0,
 ) -> Starlette:
     """Build the dispatcher; backends not passed in are built from the settings in the lifespan."""
-    retry = retry or RetryPolicy()
+    metrics = Metrics()
+    # The app's own copy of the policy, telling this app's metrics of retries.
+    retry = dataclasses.replace(retry or RetryPolicy(), on_retry=metrics.upstream_retry)
     auth = Authenticator(settings)
     holder: dict[str, Services] = {}
 
@@ -149,12 +154,14 @@ def create_app(
                 if settings.machine_backend == "fly"
                 else None
             )
-            bots = machines or _machine_backend(settings, retry, upstream_timeout_s, stack, pacer)
+            bots = machines or _machine_backend(
+                settings, retry, upstream_timeout_s, stack, pacer, metrics
+            )
             stack.push_async_callback(bots.aclose)
             transports = (
                 rooms
                 if rooms is not None
-                else _room_backends(settings, retry, upstream_timeout_s, stack)
+                else _room_backends(settings, retry, upstream_timeout_s, stack, metrics)
             )
             for name, backend in transports.items():
                 try:
@@ -167,9 +174,9 @@ def create_app(
                     )
             janitor = RoomJanitor(db, transports)
             stack.push_async_callback(janitor.aclose)
-            supervisor = Supervisor(db, bots, janitor, settings, poll_s=poll_s)
+            supervisor = Supervisor(db, bots, janitor, settings, poll_s=poll_s, metrics=metrics)
             stack.push_async_callback(supervisor.aclose)
-            reconciler = Reconciler(db, bots, transports, supervisor, janitor, settings)
+            reconciler = Reconciler(db, bots, transports, supervisor, janitor, settings, metrics)
             stack.push_async_callback(reconciler.aclose)
             checks: dict[str, Callable[[], Awaitable[None]]] = {
                 "store": db.ping,
@@ -181,7 +188,9 @@ def create_app(
             stack.push_async_callback(http.aclose)
             holder["s"] = Services(
                 settings=settings,
-                service=SessionService(settings, db, bots, transports, supervisor, janitor, pacer),
+                service=SessionService(
+                    settings, db, bots, transports, supervisor, janitor, pacer, metrics
+                ),
                 readiness=Readiness(checks),
                 proxy=BotProxy(http, boot_wait_s=min(settings.ready_timeout_s, BOOT_WAIT_S)),
                 reconciler=reconciler,
@@ -191,6 +200,13 @@ def create_app(
                     if settings.daily_webhook_secret is not None
                     else None
                 ),
+            )
+            metrics.watch(
+                db,
+                settings.dispatcher_name,
+                create_queue=lambda: pacer.queued if pacer else 0,
+                room_delete_queue=lambda: janitor.queued,
+                leader=lambda: reconciler.leader,
             )
             loop_task = asyncio.create_task(reconciler.run(), name="reconciler")
             stack.push_async_callback(_cancel, loop_task)
@@ -209,6 +225,19 @@ def create_app(
         return holder["s"]
 
     async def start(request: Request) -> Response:
+        began = time.monotonic()
+        try:
+            answer = await start_session(request)
+        except DispatcherError as exc:
+            metrics.start_failed(exc.code)
+            raise
+        except Exception:
+            metrics.start_failed("internal-error")
+            raise
+        metrics.started(time.monotonic() - began)
+        return JSONResponse(answer)
+
+    async def start_session(request: Request) -> dict[str, Any]:
         principal = await auth.authenticate(request.headers)
         if settings.auth == "none" and settings.machine_backend == "fly":
             # Every unauthenticated start boots a paid VM: say so each time, not only once.
@@ -222,7 +251,7 @@ def create_app(
         peer = request.client.host if request.client else None
         address = client_address(peer, request.headers, trust_proxy=settings.trust_proxy_headers)
         await s.limiter.check(principal.user, address)
-        return JSONResponse(await s.service.start(principal, start_request, idempotency))
+        return await s.service.start(principal, start_request, idempotency)
 
     async def list_sessions(request: Request) -> Response:
         principal = await auth.authenticate(request.headers)
@@ -332,6 +361,10 @@ def create_app(
         body = error_body(Unavailable("a backend is unreachable", code="backend-unavailable"))
         return JSONResponse({**body, "checks": checks}, status_code=503)
 
+    async def metrics_page(request: Request) -> Response:
+        internal_only(request)
+        return Response(await metrics.render(), media_type=CONTENT_TYPE)
+
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_document(settings))
 
@@ -352,6 +385,7 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/metrics", metrics_page, methods=["GET"]),
     ]
     if settings.machine_backend == "local":
         routes += [
@@ -454,6 +488,7 @@ def _machine_backend(
     timeout_s: float,
     stack: contextlib.AsyncExitStack,
     pacer: Pacer | None,
+    metrics: Metrics,
 ) -> MachineBackend:
     if settings.machine_backend == "local":
         return LocalMachines(
@@ -464,11 +499,15 @@ def _machine_backend(
         settings.fly_api_base_url, settings.fly_api_token.reveal(), timeout_s=timeout_s
     )
     stack.push_async_callback(http.aclose)
-    return FlyMachines(FlyAPI(http, settings.fly_bot_app, retry), settings, retry, pacer)
+    return FlyMachines(FlyAPI(http, settings.fly_bot_app, retry, metrics), settings, retry, pacer)
 
 
 def _room_backends(
-    settings: Settings, retry: RetryPolicy, timeout_s: float, stack: contextlib.AsyncExitStack
+    settings: Settings,
+    retry: RetryPolicy,
+    timeout_s: float,
+    stack: contextlib.AsyncExitStack,
+    metrics: Metrics,
 ) -> dict[str, RoomBackend]:
     backends: dict[str, RoomBackend] = {}
     for transport in settings.transports:
@@ -478,7 +517,9 @@ def _room_backends(
                 settings.daily_api_url, settings.daily_api_key.reveal(), timeout_s=timeout_s
             )
             stack.push_async_callback(http.aclose)
-            backends[transport] = DailyRooms(DailyAPI(http, retry), settings.daily_api_key, retry)
+            backends[transport] = DailyRooms(
+                DailyAPI(http, retry, metrics), settings.daily_api_key, retry
+            )
         else:
             backends[transport] = WebRTCRooms(settings.ice_servers)
     return backends

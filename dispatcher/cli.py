@@ -1,4 +1,5 @@
-"""The `dispatcher` command: `dispatcher serve --host H --port P`."""
+"""The `dispatcher` command: `dispatcher serve --host H --port P`, and the on-call commands
+`dispatcher sessions list|show|stop` and `dispatcher trace ID` (dispatcher/oncall.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from types import FrameType
 
 import uvicorn
 
+from dispatcher import oncall
 from dispatcher.app import create_app
 from dispatcher.config import DEFAULT_HOST, DEFAULT_PORT, Settings
 from dispatcher.errors import ConfigError
@@ -27,6 +29,7 @@ def parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    oncall.add_commands(commands)
     return top
 
 
@@ -60,15 +63,20 @@ def _url_host(host: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; configuration errors exit 2 with a message naming the variable."""
     args = parser().parse_args(argv)
+    serving = args.command == "serve"
     logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        level=os.environ.get("LOG_LEVEL", "INFO" if serving else "WARNING").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        settings = Settings.from_env(os.environ).listening_on(args.host, args.port)
+        settings = Settings.from_env(os.environ)
+        if serving:
+            settings = settings.listening_on(args.host, args.port)
     except ConfigError as exc:
         print(f"dispatcher: configuration error: {exc.detail}", file=sys.stderr)
         return 2
+    if not serving:
+        return oncall.run(args, settings)
     if settings.auth == "none":
         log.warning(
             "authentication is off (DISPATCHER_AUTH=none): anyone who reaches %s:%s "

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from dispatcher.errors import UpstreamError
+from dispatcher.metrics import Metrics
 from dispatcher.pacing import Pace
 from dispatcher.upstream import RetryPolicy, json_or_none, status_error, transport_error
 
@@ -34,9 +35,12 @@ class Room:
 class DailyAPI:
     """Daily's REST API; `http` carries the base URL and the API key."""
 
-    def __init__(self, http: httpx.AsyncClient, retry: RetryPolicy) -> None:
+    def __init__(
+        self, http: httpx.AsyncClient, retry: RetryPolicy, metrics: Metrics | None = None
+    ) -> None:
         self._http = http
         self._retry = retry
+        self._metrics = metrics or Metrics()
 
     @staticmethod
     def client(base_url: str, api_key: str, *, timeout_s: float = 10.0) -> httpx.AsyncClient:
@@ -53,7 +57,9 @@ class DailyAPI:
         try:
             response = await self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
+            self._metrics.upstream_call(API, operation, None)
             raise transport_error(exc, api=API, operation=operation, mutating=mutating) from exc
+        self._metrics.upstream_call(API, operation, response.status_code)
         if response.is_success:
             return response
         body = json_or_none(response)

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from dispatcher.errors import UpstreamError
+from dispatcher.metrics import Metrics
 from dispatcher.upstream import RetryPolicy, json_or_none, status_error, transport_error
 
 API = "fly"
@@ -89,10 +90,13 @@ class ExitEvent:
 class FlyAPI:
     """The Machines API of one app; `http` carries the base URL and the auth header."""
 
-    def __init__(self, http: httpx.AsyncClient, app: str, retry: RetryPolicy) -> None:
+    def __init__(
+        self, http: httpx.AsyncClient, app: str, retry: RetryPolicy, metrics: Metrics | None = None
+    ) -> None:
         self._http = http
         self._prefix = f"/v1/apps/{app}"
         self._retry = retry
+        self._metrics = metrics or Metrics()
 
     @staticmethod
     def client(base_url: str, token: str, *, timeout_s: float = 15.0) -> httpx.AsyncClient:
@@ -126,7 +130,9 @@ class FlyAPI:
         try:
             response = await self._http.request(method, self._prefix + path, **kwargs)
         except httpx.TransportError as exc:
+            self._metrics.upstream_call(API, operation, None)
             raise transport_error(exc, api=API, operation=operation, mutating=mutating) from exc
+        self._metrics.upstream_call(API, operation, response.status_code)
         if response.status_code in ok:
             return response
         body = json_or_none(response)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from dispatcher.config import Settings
 from dispatcher.janitor import RoomJanitor
 from dispatcher.machines import MachineBackend, MachineInfo, MachineRef
+from dispatcher.metrics import Metrics
 from dispatcher.rooms import RoomBackend
 from dispatcher.store import DISPATCHED, ENDING, FAILED, STARTING, HeldLock, Session, Store
 from dispatcher.supervisor import EXIT_MARGIN_S, MAX_DURATION, READY_TIMEOUT, Supervisor
@@ -84,7 +85,9 @@ class Reconciler:
         supervisor: Supervisor,
         janitor: RoomJanitor,
         settings: Settings,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._store = store
         self._machines = machines
         self._rooms = rooms
@@ -181,6 +184,15 @@ class Reconciler:
         await self._guard(report, self._purge_rate_buckets(now))
         self.passes += 1
         self.last = report
+        self._metrics.repaired(
+            {
+                "start_failed": report.starts_failed,
+                "session_ended": report.sessions_ended,
+                "machine_stop": report.stops,
+                "machine_destroy": report.destroyed,
+                "room_delete": report.rooms_queued,
+            }
+        )
         return report
 
     async def _guard(self, report: Report, step: Awaitable[None]) -> None:
@@ -258,6 +270,7 @@ class Reconciler:
             ended_at=time.time(),
             details={"reason": START_INTERRUPTED, "source": "reconciler"},
         )
+        self._metrics.session_ended(failed)
         if failed is None:
             return
         log.warning("a start was interrupted: cleaning up", extra={"session_id": session.id})

@@ -29,6 +29,7 @@ from dispatcher.errors import (
 )
 from dispatcher.janitor import RoomJanitor
 from dispatcher.machines import BOT_COMMAND, BotSpec, MachineBackend, MachineRef
+from dispatcher.metrics import Metrics
 from dispatcher.pacing import Pacer
 from dispatcher.rooms import RoomBackend, RoomPlan
 from dispatcher.start import StartRequest
@@ -82,8 +83,10 @@ class SessionService:
         supervisor: Supervisor,
         janitor: RoomJanitor,
         pacer: Pacer | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics or Metrics()
         self._store = store
         self._machines = machines
         self._rooms = rooms
@@ -325,7 +328,7 @@ class SessionService:
             error.details() if isinstance(error, UpstreamError) else {"error": type(error).__name__}
         )
         failed_on = "room" if room_error else "machine"
-        await self._store.transition(
+        failed = await self._store.transition(
             session.id,
             FAILED,
             # READY too: a machine made by an ambiguous create may have called back meanwhile.
@@ -334,6 +337,7 @@ class SessionService:
             ended_at=time.time(),
             details=details,
         )
+        self._metrics.session_ended(failed)
         log.warning(
             "start failed on the %s: %s", failed_on, error, extra={"session_id": session.id}
         )
@@ -422,19 +426,16 @@ class SessionService:
         """End the caller's session (an admin: any session): SIGTERM to the bot with a grace
         period; idempotent."""
         await self.get(principal, session_id)
-        ending = await self._store.transition(
+        ending = await end_session(
+            self._store,
+            self._machines,
             session_id,
-            ENDING,
-            from_states=(STARTING, DISPATCHED, READY),
-            end_reason=DELETED,
-            details={"reason": DELETED, "by": principal.user},
+            by=principal.user,
+            grace_s=self._settings.bot_stop_timeout_s,
         )
         if ending is None:
             return await self.get(principal, session_id)
-        if ending.machine_id:
-            ref = MachineRef(ending.machine_id, ending.region, ending.machine_version)
-            await self._machines.stop(ref, self._settings.bot_stop_timeout_s)
-            self._supervisor.follow(ending)
+        self._supervisor.follow(ending)
         return ending
 
     async def bot_ready(self, session_id: str, token: str | None) -> None:
@@ -447,6 +448,7 @@ class SessionService:
             ready_at=time.time(),
             details={"source": "bot"},
         )
+        self._metrics.session_ready(ready)
         if ready is None and session.state not in (READY, ENDING):
             raise Conflict(f"session is {session.state}", code="session-ended")
         self._supervisor.notify_ready(session_id)
@@ -482,6 +484,24 @@ class SessionService:
         if session.state not in ACTIVE_STATES:
             raise Conflict(f"session is {session.state}", code="session-ended")
         return session
+
+
+async def end_session(
+    store: Store, machines: MachineBackend, session_id: str, *, by: str, grace_s: int
+) -> Session | None:
+    """Move a live session to `ending` (reason `deleted`, by whom), then send its machine the
+    stop (SIGTERM, SIGKILL after `grace_s`); None if the session was not live."""
+    ending = await store.transition(
+        session_id,
+        ENDING,
+        from_states=(STARTING, DISPATCHED, READY),
+        end_reason=DELETED,
+        details={"reason": DELETED, "by": by},
+    )
+    if ending is not None and ending.machine_id:
+        ref = MachineRef(ending.machine_id, ending.region, ending.machine_version)
+        await machines.stop(ref, grace_s)
+    return ending
 
 
 def _maybe_happened(error: BaseException | None) -> bool:

@@ -340,9 +340,12 @@ class Store:
         user: str | None = None,
         limit: int = 100,
         states: Iterable[str] | None = None,
+        created_after: float | None = None,
     ) -> list[Session]:
-        """Sessions, newest first, filtered by state (or any of `states`) and user."""
+        """Sessions, newest first, filtered by state (or any of `states`), user and creation."""
         query = sessions.select().order_by(sessions.c.created_at.desc()).limit(limit)
+        if created_after is not None:
+            query = query.where(sessions.c.created_at >= created_after)
         if state:
             query = query.where(sessions.c.state == state)
         if states is not None:
@@ -573,6 +576,19 @@ class Store:
                 .where(sessions.c.state.in_(ACTIVE_STATES))
             )
         return int(count or 0)
+
+    async def count_by_state(self, *, dispatcher: str | None = None) -> dict[str, int]:
+        """How many active sessions are in each state (of one dispatcher app when named)."""
+        query = (
+            sa.select(sessions.c.state, sa.func.count())
+            .where(sessions.c.state.in_(ACTIVE_STATES))
+            .group_by(sessions.c.state)
+        )
+        if dispatcher is not None:
+            query = query.where(sessions.c.dispatcher == dispatcher)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return {str(state): int(count) for state, count in rows}
 
 
 class HeldLock:

@@ -11,6 +11,7 @@ from typing import Any
 from dispatcher.config import Settings
 from dispatcher.janitor import RoomJanitor
 from dispatcher.machines import MachineBackend, MachineExit, MachineRef
+from dispatcher.metrics import Metrics
 from dispatcher.store import (
     ACTIVE_STATES,
     DISPATCHED,
@@ -49,7 +50,9 @@ class Supervisor:
         settings: Settings,
         *,
         poll_s: float = 5.0,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._store = store
         self._machines = machines
         self._janitor = janitor
@@ -205,6 +208,7 @@ class Supervisor:
             ended_at=time.time(),
             details=details,
         )
+        self._metrics.session_ended(ended)
         log.info(
             "session %s: %s (exit code %s)",
             ended.state if ended else "over",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import email.utils
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -31,6 +32,8 @@ class RetryPolicy:
     max_backoff_s: float = 4.0
     max_retry_after_s: float = 10.0
     deadline_s: float = 30.0
+    # Told of each retry (the failed call's api and operation): the app's metrics.
+    on_retry: Callable[[str, str], None] | None = field(default=None, compare=False)
 
     def retrying(self) -> AsyncRetrying:
         """A tenacity loop that retries retryable UpstreamErrors under this policy."""
@@ -44,10 +47,16 @@ class RetryPolicy:
                 return min(exc.retry_after, self.max_retry_after_s)
             return float(backoff(state))
 
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            if self.on_retry is not None and isinstance(exc, UpstreamError):
+                self.on_retry(exc.api, exc.operation)
+
         return AsyncRetrying(
             retry=retry_if_exception(is_retryable),
             wait=wait,
             stop=stop_after_attempt(self.attempts) | stop_after_delay(self.deadline_s),
+            before_sleep=before_sleep,
             reraise=True,
         )
 

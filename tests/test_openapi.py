@@ -22,9 +22,10 @@ from dispatcher.store import Session
 from tests.conftest import JWT_SECRET
 from tests.harness import Stack, dispatcher_env, dispatcher_stack
 
-# Routes that are not part of the public API: the bots' callbacks and local mode's page.
+# Routes that are not part of the public API: the bots' callbacks, local mode's page, and the
+# Prometheus scrape (on the internal listener).
 PRIVATE_PREFIXES = ("/internal/",)
-PRIVATE_PATHS = ("/", "/web")
+PRIVATE_PATHS = ("/", "/web", "/metrics")
 WEBHOOK_SECRET = base64.b64encode(b"webhook-secret-" + b"w" * 17).decode()
 FLY_ENV = dispatcher_env(
     fly_url="http://127.0.0.1:1",

@@ -1,0 +1,236 @@
+"""The on-call commands (`dispatcher sessions ...`, `dispatcher trace`) on sessions run against
+the emulators, with the dispatcher's own environment, in-process and as a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispatcher.cli import main
+from tests.harness import (
+    Stack,
+    dispatcher_env,
+    emulators,
+    eventually,
+    fly_emulator,
+    run_dispatcher,
+)
+
+
+@contextlib.asynccontextmanager
+async def oncall_stack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[Stack, dict[str, str]]]:
+    """A dispatcher on the emulators; its environment is also this process's (for the CLI)."""
+    async with (
+        emulators(fly=fly_emulator()) as urls,
+        run_dispatcher(tmp_path, urls, env=env) as stack,
+    ):
+        values = dispatcher_env(
+            fly_url=urls.fly_url,
+            daily_url=urls.daily_url,
+            dispatcher_url=stack.url,
+            db=f"sqlite:///{tmp_path}/dispatcher.db",
+        ) | (env or {})
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+        yield stack, values
+
+
+async def cli(*argv: str) -> tuple[int, str]:
+    """`dispatcher ARGV` in-process (in a thread: the emulators answer on this loop)."""
+    out = io.StringIO()
+
+    def call() -> int:
+        with contextlib.redirect_stdout(out):
+            return main(list(argv))
+
+    code = await asyncio.to_thread(call)
+    return code, out.getvalue()
+
+
+async def cli_json(*argv: str) -> Any:
+    code, out = await cli(*argv, "--json")
+    assert code == 0, out
+    return json.loads(out)
+
+
+def steps(trace: dict[str, Any]) -> list[str]:
+    return [s["step"] for s in trace["steps"]]
+
+
+def step(trace: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(s for s in trace["steps"] if s["step"] == name)
+
+
+def assert_ordered(names: list[str], *expected: str) -> None:
+    positions = [names.index(n) for n in expected]
+    assert positions == sorted(positions), names
+
+
+async def assert_table_names_steps(trace: dict[str, Any], sid: str) -> None:
+    code, table = await cli("trace", sid)
+    assert code == 0
+    for name in steps(trace):
+        assert name in table, (name, table)
+
+
+async def test_trace_of_a_normal_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ready, then DELETE: the store's states, Fly's launch/start/exit, the room; also run as
+    `python -m dispatcher trace` in a process of its own; a purged machine is said so."""
+    async with oncall_stack(tmp_path, monkeypatch) as (stack, env):
+        sid = (await stack.start()).json()["sessionId"]
+        await stack.wait_state(sid, "ready")
+        await stack.http.delete(f"/sessions/{sid}", headers=stack.headers())
+        session = await stack.wait_state(sid, "ended")
+
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "dispatcher",
+            "trace",
+            sid,
+            "--json",
+            env={"PATH": os.environ["PATH"], **env},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        trace = json.loads(out)
+        names = steps(trace)
+        assert_ordered(
+            names,
+            "state starting",
+            "machine launch (created)",
+            "state dispatched",
+            "state ready",
+            "state ending",
+            "machine exit (stopped)",
+            "state ended",
+        )
+        assert step(trace, "state ending")["details"] == {"reason": "deleted", "by": "user-1"}
+        assert step(trace, "machine exit (stopped)")["details"]["exit_code"] == 0
+        assert any(s["source"] == "daily" and s["step"].startswith("room ") for s in trace["steps"])
+        assert trace["session"]["machineId"] == session["machineId"]
+        times = [s["at"] for s in trace["steps"]]
+        assert times == sorted(times)
+        assert trace["steps"][0]["sincePrevious"] is None
+        assert all(s["sinceRequest"] is not None for s in trace["steps"])
+        await assert_table_names_steps(trace, sid)
+
+        assert stack.fly is not None
+        stack.fly.machines.pop(session["machineId"])
+        purged = await cli_json("trace", sid)
+        assert not [s for s in purged["steps"] if s["source"] == "fly"]
+        assert any("no longer knows machine" in note for note in purged["notes"])
+        assert "state ended" in steps(purged)
+
+
+async def test_trace_of_a_crash_before_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bot that exits 3 before ready: Fly's exit event with code 3, then the failed state."""
+    async with oncall_stack(tmp_path, monkeypatch) as (stack, _):
+        sid = (await stack.start({"testBot": {"exit_before_ready": 3}})).json()["sessionId"]
+        await stack.wait_state(sid, "failed")
+        trace = await cli_json("trace", sid)
+        names = steps(trace)
+        assert "state ready" not in names
+        assert_ordered(names, "state starting", "machine start (started)", "machine exit (stopped)")
+        assert_ordered(names, "machine exit (stopped)", "state failed")
+        exit = step(trace, "machine exit (stopped)")["details"]
+        assert exit["exit_code"] == 3 and exit["requested_stop"] is False
+        assert step(trace, "state failed")["details"]["exit_code"] == 3
+        assert trace["session"]["exitCode"] == 3
+        await assert_table_names_steps(trace, sid)
+        code, table = await cli("trace", sid)
+        assert code == 0 and "exit_code=3" in table
+        print(table)  # the README's example comes from this output (pytest -s)
+
+
+async def test_trace_of_a_session_ended_by_max_duration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bot that outlives its time: ending with max_duration, Fly's stop, a requested exit."""
+    env = {"SESSION_MAX_DURATION_S": "2"}
+    async with oncall_stack(tmp_path, monkeypatch, env) as (stack, _):
+        sid = (await stack.start({"testBot": {"ignore_max_duration": True}})).json()["sessionId"]
+        await stack.wait_state(sid, "ended", timeout=30)
+        trace = await cli_json("trace", sid)
+        names = steps(trace)
+        assert_ordered(
+            names,
+            "state ready",
+            "state ending",
+            "machine stop (stopping)",
+            "machine exit (stopped)",
+            "state ended",
+        )
+        assert step(trace, "state ending")["details"]["reason"] == "max_duration"
+        assert step(trace, "machine exit (stopped)")["details"]["requested_stop"] is True
+        assert trace["session"]["endReason"] == "max_duration"
+        await assert_table_names_steps(trace, sid)
+
+
+async def test_sessions_list_show_and_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sessions list` filters, `sessions show`, `sessions stop` ends a running session as the
+    operator (its machine destroyed), and an unknown id exits 1."""
+    async with oncall_stack(tmp_path, monkeypatch) as (stack, _):
+        first = (await stack.start(user="user-1")).json()["sessionId"]
+        second = (await stack.start(user="user-2")).json()["sessionId"]
+        await stack.wait_state(first, "ready")
+        await stack.wait_state(second, "ready", user="user-2")
+
+        assert {s["sessionId"] for s in await cli_json("sessions", "list")} == {first, second}
+        mine = await cli_json("sessions", "list", "--user", "user-2")
+        assert [s["sessionId"] for s in mine] == [second]
+        assert len(await cli_json("sessions", "list", "--state", "ready", "--since", "1h")) == 2
+        assert await cli_json("sessions", "list", "--state", "ended") == []
+        assert len(await cli_json("sessions", "list", "--limit", "1")) == 1
+        code, table = await cli("sessions", "list")
+        assert code == 0 and first in table and second in table and "reason" in table
+
+        code, out = await cli("sessions", "stop", first)
+        assert code == 0 and "ready -> ending" in out and "SIGTERM" in out
+        ended = await stack.wait_state(first, "ended")
+        assert ended["endReason"] == "deleted"
+        assert stack.fly is not None
+        machine = stack.fly.machines[ended["machineId"]]
+        await eventually(lambda: machine.state == "destroyed", what="machine destroyed")
+        code, out = await cli("sessions", "stop", first)
+        assert code == 0 and "already ended" in out
+
+        shown = await cli_json("sessions", "show", first)
+        assert shown["session"]["state"] == "ended"
+        ending = [e for e in shown["events"] if e["state"] == "ending"]
+        assert ending[0]["details"] == {"reason": "deleted", "by": "operator"}
+        code, text = await cli("sessions", "show", first)
+        assert code == 0 and "by=operator" in text
+        ended_list = await cli_json("sessions", "list", "--state", "ended")
+        assert [s["sessionId"] for s in ended_list] == [first]
+
+        for command in (("sessions", "show"), ("sessions", "stop"), ("trace",)):
+            code, out = await cli(*command, "s-unknown")
+            assert code == 1 and "no session s-unknown" in out
+
+        await cli("sessions", "stop", second)
+        await stack.wait_state(second, "ended", user="user-2")
+
+
+def test_durations() -> None:
+    """`--since` takes seconds, minutes, hours and days."""
+    from dispatcher.oncall import duration
+
+    assert [duration(d) for d in ("90s", "30m", "1h", "2d")] == [90, 1800, 3600, 172800]
+    with pytest.raises(Exception, match="not a duration"):
+        duration("1 week")

@@ -57,7 +57,19 @@ class Conflict(DispatcherError):
     code = "conflict"
 
 
-class InProgress(Conflict):
+class RetryAfter(DispatcherError):
+    """An error that tells the client when to try again: `Retry-After` when `retry_after` is
+    set (whole seconds, at least 1)."""
+
+    retry_after: float | None = None
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+class InProgress(RetryAfter, Conflict):
     """The same request is being handled right now; retry after `retry_after` seconds."""
 
     code = "in-progress"
@@ -65,9 +77,6 @@ class InProgress(Conflict):
     def __init__(self, detail: str, *, code: str | None = None, retry_after: float = 1) -> None:
         super().__init__(detail, code=code)
         self.retry_after = retry_after
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, round(self.retry_after)))}
 
 
 class Gone(DispatcherError):
@@ -94,7 +103,7 @@ class PayloadTooLarge(DispatcherError):
     code = "payload-too-large"
 
 
-class RetryLater(DispatcherError):
+class RetryLater(RetryAfter):
     """A limit was hit; the caller should retry after `retry_after` seconds."""
 
     code = "at-capacity"
@@ -103,11 +112,8 @@ class RetryLater(DispatcherError):
         super().__init__(detail, code=code)
         self.retry_after = retry_after
 
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, round(self.retry_after)))}
 
-
-class Unavailable(DispatcherError):
+class Unavailable(RetryAfter):
     """The dispatcher cannot take the request now (draining, or a backend is down)."""
 
     code = "unavailable"
@@ -117,11 +123,6 @@ class Unavailable(DispatcherError):
     ) -> None:
         super().__init__(detail, code=code)
         self.retry_after = retry_after
-
-    def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, round(self.retry_after)))}
 
 
 class Unprocessable(DispatcherError):

@@ -573,3 +573,227 @@ async def test_standalone_starts_and_answers() -> None:
         await asyncio.wait_for(proc.wait(), 10)
         await proc.stdout.read()
         await proc.stderr.read()
+
+
+TICKER = """\
+import os, time
+path = os.environ["TICK_FILE"]
+n = 0
+while True:
+    n += 1
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{os.getpid()} {n}")
+    os.replace(path + ".tmp", path)
+    time.sleep(0.01)
+"""
+
+
+def ticks(path: Path) -> tuple[int, int]:
+    """The ticker's (pid, count), as last written."""
+    pid, count = path.read_text().split()
+    return int(pid), int(count)
+
+
+def proc_state(pid: int) -> str:
+    """The kernel's one-letter state of a process (T: stopped by a signal)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+async def ticker(fly: Fly, tmp_path: Path, **config: Any) -> tuple[dict[str, Any], Path]:
+    """A started machine whose process counts into a file every 10 ms."""
+    path = tmp_path / "ticks"
+    init = {"cmd": ["python", "-c", TICKER]}
+    machine = await create(fly, init=init, env={"TICK_FILE": str(path)}, **config)
+    assert (await wait(fly, machine, "started")).status_code == 200
+    await until(path.exists)
+    return machine, path
+
+
+async def suspend(fly: Fly, machine: dict[str, Any]) -> httpx.Response:
+    return await fly.api.post(f"/machines/{machine['id']}/suspend")
+
+
+async def test_suspend_freezes_the_process_and_start_resumes_it(fly: Fly, tmp_path: Path) -> None:
+    """Suspend stops the process group (it keeps its pid and memory, and is not counted as
+    exited); a start resumes that same process, which carries on counting."""
+    machine, path = await ticker(fly, tmp_path)
+    record = fly.record(machine)
+    assert record.process is not None
+    pid = record.process.pid
+    waiter = asyncio.create_task(wait(fly, machine, "suspended"))
+    answer = await suspend(fly, machine)
+    assert (answer.status_code, answer.json()) == (200, {"ok": True})
+    suspended = await waiter
+    assert (suspended.status_code, suspended.json()) == (200, {"ok": True, "state": "suspended"})
+    await until(lambda: proc_state(pid) == "T")
+    frozen_at = ticks(path)
+    await asyncio.sleep(0.2)
+    assert ticks(path) == frozen_at
+    got = (await fly.api.get(f"/machines/{machine['id']}")).json()
+    assert got["state"] == "suspended"
+    assert exit_events(got) == []
+    assert record.process is not None and record.process.returncode is None
+
+    start = await fly.api.post(f"/machines/{machine['id']}/start")
+    assert start.json()["previous_state"] == "suspended"
+    assert (await wait(fly, machine, "started")).status_code == 200
+    await until(lambda: ticks(path)[1] > frozen_at[1])
+    assert ticks(path)[0] == pid == frozen_at[0]
+    assert record.process is not None and record.process.pid == pid
+    resumed = (await fly.api.get(f"/machines/{machine['id']}")).json()
+    assert resumed["instance_id"] == machine["instance_id"]
+    assert exit_events(resumed) == []
+
+
+async def test_suspend_and_resume_events_and_the_resume_delay(
+    start_fly: Start, tmp_path: Path
+) -> None:
+    """Suspend goes suspending then suspended, a resume goes starting (process still frozen for
+    the resume delay) then started, and each step is an event with its source."""
+    fly = await start_fly(suspend_delay_s=1.0, resume_delay_s=1.0)
+    machine, _ = await ticker(fly, tmp_path)
+    record = fly.record(machine)
+    assert record.process is not None
+    pid = record.process.pid
+    url = f"/machines/{machine['id']}"
+    await suspend(fly, machine)
+    assert (await fly.api.get(url)).json()["state"] == "suspending"
+    assert (await wait(fly, machine, "suspended")).status_code == 200
+
+    await fly.api.post(f"{url}/start")
+    assert (await fly.api.get(url)).json()["state"] == "starting"
+    assert proc_state(pid) == "T"
+    assert (await wait(fly, machine, "started")).status_code == 200
+    events = (await fly.api.get(url)).json()["events"]
+    steps = [(e["type"], e["status"], e["source"]) for e in events]
+    assert steps == [
+        ("resume", "started", "flyd"),
+        ("start", "starting", "user"),
+        ("suspend", "suspended", "flyd"),
+        ("suspend", "suspending", "user"),
+        ("start", "started", "flyd"),
+        ("launch", "created", "user"),
+    ]
+    stamps = [e["timestamp"] for e in events]
+    assert stamps == sorted(stamps, reverse=True)
+    assert proc_state(pid) != "T"
+
+
+async def test_suspend_is_refused_over_2048_mb_and_unless_started(fly: Fly, tmp_path: Path) -> None:
+    """Suspend is a 400 invalid_argument for a machine over 2 GB or with swap, and a 412
+    failed_precondition for a machine that is not started; 2048 MB is allowed."""
+    big = await create(fly, guest={"cpu_kind": "shared", "cpus": 1, "memory_mb": 4096})
+    assert (await wait(fly, big, "started")).status_code == 200
+    refused = await suspend(fly, big)
+    assert refused.status_code == 400
+    assert refused.json()["status"] == "invalid_argument"
+    assert "2048" in refused.json()["error"]
+    assert (await fly.api.get(f"/machines/{big['id']}")).json()["state"] == "started"
+    swap = await create(fly, body={"skip_launch": True}, swap_size_mb=512)
+    assert (await suspend(fly, swap)).status_code == 400
+
+    created = await create(fly, body={"skip_launch": True})
+    not_started = await suspend(fly, created)
+    assert not_started.status_code == 412
+    assert not_started.json() == {
+        "error": "failed_precondition: unable to suspend machine from current state: 'created'",
+        "status": "failed_precondition",
+    }
+    assert fly.record(created).events[0]["type"] == "launch"
+
+    machine, _ = await ticker(fly, tmp_path, guest={"cpus": 1, "memory_mb": 2048})
+    assert (await suspend(fly, machine)).status_code == 200
+    assert (await wait(fly, machine, "suspended")).status_code == 200
+    again = await suspend(fly, machine)
+    assert (again.status_code, again.json()["status"]) == (412, "failed_precondition")
+    await fly.api.post(f"/machines/{machine['id']}/stop", json={})
+    assert (await wait(fly, machine, "stopped", version=machine["instance_id"])).status_code == 200
+    assert (await suspend(fly, machine)).status_code == 412
+
+
+async def test_stop_of_a_suspended_machine_delivers_its_signal(fly: Fly) -> None:
+    """Stopping a suspended machine continues its process so the stop signal is handled (no
+    SIGKILL), and a later start boots a fresh process under a new version."""
+    machine = await create(fly, stop_config={"signal": "SIGTERM", "timeout": "30s"})
+    record = fly.record(machine)
+    await until(lambda: "ready" in record.logs)
+    assert record.process is not None
+    pid = record.process.pid
+    await suspend(fly, machine)
+    assert (await wait(fly, machine, "suspended")).status_code == 200
+    assert (await fly.api.post(f"/machines/{machine['id']}/stop", json={})).json() == {"ok": True}
+    assert (await wait(fly, machine, "stopped", version=machine["instance_id"])).status_code == 200
+    assert "got signal 15" in record.logs
+    exit_event = record.exit_events()[0]
+    assert (exit_event["exit_code"], exit_event["signal"]) == (0, -1)
+    assert exit_event["requested_stop"] is True
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+    await fly.api.post(f"/machines/{machine['id']}/start")
+    assert (await wait(fly, machine, "started")).status_code == 200
+    await until(lambda: record.logs.count("ready") == 2)
+    assert record.process is not None and record.process.pid != pid
+    assert record.instance_id != machine["instance_id"]
+
+
+async def test_destroy_of_a_suspended_machine_needs_force_and_kills_it(
+    fly: Fly, tmp_path: Path
+) -> None:
+    """A suspended machine still holds its process: destroy without force is a 412, with force
+    the frozen process is killed and the machine destroyed."""
+    machine, _ = await ticker(fly, tmp_path)
+    record = fly.record(machine)
+    assert record.process is not None
+    pid = record.process.pid
+    await suspend(fly, machine)
+    assert (await wait(fly, machine, "suspended")).status_code == 200
+    url = f"/machines/{machine['id']}"
+    assert (await fly.api.delete(url)).status_code == 412
+    assert (await fly.api.delete(url, params={"force": "true"})).json() == {"ok": True}
+    assert (await wait(fly, machine, "destroyed")).status_code == 200
+    assert exit_events((await fly.api.get(url)).json())[0]["signal"] == 9
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+async def test_start_of_a_skip_launch_machine_runs_its_cmd_with_its_env(
+    start_fly: Start,
+) -> None:
+    """A machine created with skip_launch has no process until started; the start runs its
+    init.cmd with its config env, after the start delay (not the create's boot delay)."""
+    fly = await start_fly(boot_delay_s=30.0, start_delay_s=0.02)
+    machine = await create(
+        fly,
+        body={"skip_launch": True},
+        init={"cmd": ["python", "-m", "bot"]},
+        env={"POOL_SLOT": "7"},
+    )
+    record = fly.record(machine)
+    await asyncio.sleep(0.05)
+    assert (record.process, record.logs, record.state) == (None, [], "created")
+    await fly.api.post(f"/machines/{machine['id']}/start")
+    assert (await wait(fly, machine, "started", timeout=5)).status_code == 200
+    await until(lambda: "ready" in record.logs)
+    seen = process_env(record)
+    assert seen["POOL_SLOT"] == "7"
+    assert seen["FLY_MACHINE_ID"] == machine["id"]
+    assert seen["DAILY_API_KEY"] == SECRET
+
+
+async def test_start_and_suspend_limits_are_per_machine(start_fly: Start, tmp_path: Path) -> None:
+    """Start and suspend are limited per machine and per action (burst 3): a machine whose
+    start bucket is empty neither slows starts of other machines nor its own suspend."""
+    slow = {"create": (100.0, 100), "start": (0.01, 3), "suspend": (0.01, 3)}
+    fly = await start_fly(rate_limits=True, limits=slow)
+    machines = [await create(fly, body={"skip_launch": True}) for _ in range(5)]
+    busy = machines[0]["id"]
+    for _ in range(3):
+        assert (await fly.api.post(f"/machines/{busy}/start")).status_code == 200
+    limited = await fly.api.post(f"/machines/{busy}/start")
+    assert (limited.status_code, limited.json()["status"]) == (429, "rate_limited")
+    for machine in machines[1:]:
+        assert (await fly.api.post(f"/machines/{machine['id']}/start")).status_code == 200
+    await until(lambda: fly.record(machines[0]).state == "started")
+    assert (await fly.api.post(f"/machines/{busy}/suspend")).status_code == 200
+    assert fly.emu.limiter.refused == {"start": 1}

@@ -6,7 +6,7 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -20,6 +20,7 @@ from tests.fakes.recorder import (
     contract_env,
 )
 from tests.harness import TESTBOT_DIR
+from tests.test_bot_pool import DROP, HANG, AssignmentServer
 
 
 class BotProcess:
@@ -31,9 +32,14 @@ class BotProcess:
 
     @classmethod
     async def start(
-        cls, env: Mapping[str, str], room_url: str = ROOM_URL, script: dict[str, Any] | None = None
+        cls,
+        env: Mapping[str, str],
+        room_url: str = ROOM_URL,
+        script: dict[str, Any] | None = None,
+        argv: Sequence[str] | None = None,
     ) -> BotProcess:
-        """Start it with the contract `env` and an optional `testBot` script."""
+        """Start it with the contract `env` and an optional `testBot` script; `argv` replaces
+        `--room-url room_url` (a pooled machine has none)."""
         full_env = {
             "PATH": "/usr/bin:/bin",
             "PYTHONPATH": str(TESTBOT_DIR),
@@ -45,8 +51,7 @@ class BotProcess:
             sys.executable,
             "-m",
             "bot",
-            "--room-url",
-            room_url,
+            *(("--room-url", room_url) if argv is None else argv),
             cwd=TESTBOT_DIR,
             env=full_env,
             stdout=asyncio.subprocess.PIPE,
@@ -183,3 +188,130 @@ async def test_callbacks_retry_server_errors(recorder: CallbackRecorder) -> None
     assert await bot.exit_code() == 0
     assert len(recorder.of("ready")) == 2
     assert "ready attempt=1 failed=503" in bot.output()
+
+
+# Pooled: POOL_TOKEN and no SESSION_ID, then the assignment's long poll (tests/test_bot_pool.py).
+
+POOL_TOKEN = "pool-secret-token-0123456789"
+MACHINE_ID = "3d8d9e7b5e1118"
+
+
+@pytest.fixture
+async def assignments() -> AsyncIterator[AssignmentServer]:
+    """An assignment server on loopback."""
+    server = AssignmentServer()
+    async with server.serving():
+        yield server
+
+
+async def start_pooled(server: AssignmentServer, **extra: str) -> BotProcess:
+    """The test bot as a pooled machine: no session, no command line."""
+    env = {
+        "DISPATCHER_URL": server.url,
+        "POOL_TOKEN": POOL_TOKEN,
+        "BOT_TRANSPORT": "daily",
+        "FLY_MACHINE_ID": MACHINE_ID,
+        **extra,
+    }
+    return await BotProcess.start(env, argv=())
+
+
+def daily_assignment(recorder: CallbackRecorder, script: dict[str, Any]) -> dict[str, Any]:
+    """Session s-test1 over Daily, scripted by `script`."""
+    env = contract_env(recorder.url, SESSION_BODY=json.dumps({"testBot": script}))
+    return {"env": env, "args": ["--room-url", ROOM_URL]}
+
+
+async def test_pooled_boots_then_plays_its_assignment(
+    recorder: CallbackRecorder, assignments: AssignmentServer
+) -> None:
+    """After its simulated boot it asks with its token at its machine's path, asks again
+    after a 204, then plays the assigned session (its script from the assigned SESSION_BODY)
+    with the assigned callback token; no token is printed."""
+    assignments.script = [204]
+    bot = await start_pooled(assignments, TESTBOT_BOOT_S="0.1")
+    await bot.wait_for_line("boot_s=0.1")
+    await bot.wait_for_line("asking")
+    await assignments.polled(2)
+    assignments.assign(daily_assignment(recorder, {"ready_delay_s": 0}))
+    await bot.wait_for_line("ready status=204")
+    bot.proc.send_signal(signal.SIGTERM)
+    assert await bot.exit_code() == 0
+    for poll in assignments.polls:
+        assert poll.path == f"/internal/machines/{MACHINE_ID}/assignment"
+        assert poll.authorization == f"Bearer {POOL_TOKEN}"
+        assert poll.query["wait"] == ["5"]
+    ready = recorder.of("ready")
+    assert [c.authorization for c in ready] == [f"Bearer {CALLBACK_TOKEN}"]
+    assert [c.body for c in recorder.of("ended")] == [{"reason": "sigterm", "exit_code": 0}]
+    assert "assigned session=s-test1" in bot.output()
+    assert POOL_TOKEN not in bot.output()
+    assert CALLBACK_TOKEN not in bot.output()
+
+
+@pytest.mark.parametrize(
+    ("answer", "code", "line"),
+    [(410, 0, "retired"), (401, 2, "pool_refused status=401"), (404, 2, "status=404")],
+    ids=["retired", "unauthorized", "unknown-machine"],
+)
+async def test_pooled_final_answers_exit_without_callbacks(
+    recorder: CallbackRecorder, assignments: AssignmentServer, answer: int, code: int, line: str
+) -> None:
+    """410 exits 0, 401 and 404 exit 2; none calls back or asks again."""
+    assignments.script = [answer]
+    bot = await start_pooled(assignments)
+    assert await bot.exit_code() == code
+    assert line in bot.output()
+    assert len(assignments.polls) == 1
+    assert recorder.calls == []
+
+
+async def test_pooled_retries_errors_and_dropped_connections(
+    recorder: CallbackRecorder, assignments: AssignmentServer
+) -> None:
+    """A 503 and a connection closed without an answer are asked again; the assignment that
+    follows is played."""
+    assignments.script = [503, DROP]
+    bot = await start_pooled(assignments)
+    await assignments.polled(3)
+    assignments.assign(daily_assignment(recorder, {"exit_after_s": 0, "ready_delay_s": 0}))
+    assert await bot.exit_code() == 0
+    assert "assignment attempt=1 failed=503" in bot.output()
+    assert "assignment attempt=2 failed=" in bot.output()
+    assert [c.body for c in recorder.of("ended")] == [{"reason": "completed", "exit_code": 0}]
+
+
+@pytest.mark.parametrize("boot_s", ["0", "30"], ids=["waiting", "booting"])
+async def test_pooled_sigterm_before_assignment_exits_0(
+    recorder: CallbackRecorder, assignments: AssignmentServer, boot_s: str
+) -> None:
+    """SIGTERM during the boot or the long poll exits 0 at once without a callback."""
+    bot = await start_pooled(assignments, TESTBOT_BOOT_S=boot_s)
+    await bot.wait_for_line(f"boot_s={float(boot_s)}")
+    if boot_s == "0":
+        await assignments.polled()
+    bot.proc.send_signal(signal.SIGTERM)
+    assert await bot.exit_code() == 0
+    assert "sigterm before assignment" in bot.output()
+    assert recorder.calls == []
+    assert len(assignments.polls) == (1 if boot_s == "0" else 0)
+
+
+async def test_pooled_frozen_while_waiting_asks_again_once_resumed(
+    recorder: CallbackRecorder, assignments: AssignmentServer
+) -> None:
+    """Frozen (SIGSTOP) with a poll whose connection never answers, then resumed (SIGCONT),
+    it notices the pause, asks again and plays the assignment."""
+    assignments.script = [HANG]
+    bot = await start_pooled(assignments)
+    await assignments.polled()
+    bot.proc.send_signal(signal.SIGSTOP)
+    try:
+        assignments.assign(daily_assignment(recorder, {"exit_after_s": 0, "ready_delay_s": 0}))
+        await asyncio.sleep(2.0)  # A freeze longer than the pause threshold (1 s).
+    finally:
+        bot.proc.send_signal(signal.SIGCONT)
+    assert await bot.exit_code() == 0
+    assert "paused s=" in bot.output()
+    assert len(assignments.polls) == 2
+    assert len(recorder.of("ready")) == 1

@@ -13,6 +13,16 @@ Follows /work/shared/reference/fly-machines.md. Choices where the reference is s
   restart policy boots the process again (`restarting: true` in the exit event).
 - Durations in `stop_config.timeout` / stop's `timeout` are Go durations: strings like "1m30s",
   or numbers of nanoseconds (as fly-go's `Duration` decodes them).
+- Suspend (`POST .../suspend`, `{"ok":true}`) freezes the process group with SIGSTOP and goes
+  `suspending`, then `suspended` after `suspend_delay_s`; a start of a suspended machine goes
+  `starting`, then `started` after `resume_delay_s`, and SIGCONTs the same process (same pid
+  and instance_id). Events: `suspend`/`suspending`/user, `suspend`/`suspended`/flyd, and for the
+  resume `start`/`starting`/user, `resume`/`started`/flyd (the type names are [unv]).
+- Suspend refusals ([unv] statuses): 400 `invalid_argument` over 2048 MB of memory (reference
+  §10, "≤ 2 GB"; one guide says 4 GB) or with `swap_size_mb`; 412 `failed_precondition` unless
+  `started`. A start while `suspending` is a 412. Stop or forced destroy of a suspended machine
+  signals the frozen process and then SIGCONTs it, so the stop signal is handled ([unv] whether
+  Fly's guest sees it); destroy without force is a 412 as for a running machine ([unv]).
 - Stop on a machine that is not running answers `{"ok":true}`; start/stop on a destroyed machine,
   412; destroy of a destroyed machine, 404. An empty stop body counts as `{}`.
 - A wait that can no longer be satisfied (started, on a stopped machine) runs to its 408.
@@ -33,7 +43,13 @@ from tests.fakes.fly.api import (
     Handler,
 )
 from tests.fakes.fly.errors import ApiError, ApiRequest
-from tests.fakes.fly.handlers import MAX_WAIT_S, REGION_NAMES, WAITABLE_STATES, MachineHandlers
+from tests.fakes.fly.handlers import (
+    MAX_WAIT_S,
+    REGION_NAMES,
+    SUSPEND_MAX_MEMORY_MB,
+    WAITABLE_STATES,
+    MachineHandlers,
+)
 from tests.fakes.fly.machine import (
     MachineRecord,
     parse_duration,
@@ -53,6 +69,7 @@ __all__ = [
     "DEFAULT_TOKEN",
     "MAX_WAIT_S",
     "REGION_NAMES",
+    "SUSPEND_MAX_MEMORY_MB",
     "WAITABLE_STATES",
     "ApiError",
     "ApiRequest",

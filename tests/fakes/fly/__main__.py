@@ -34,6 +34,9 @@ def _parse_cli(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace]
     parser.add_argument("--secret", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--region", action="append", default=[], metavar="CODE[=CAPACITY]")
     parser.add_argument("--boot-delay", type=float, default=0.3, metavar="SECONDS")
+    parser.add_argument("--start-delay", type=float, default=0.2, metavar="SECONDS")
+    parser.add_argument("--resume-delay", type=float, default=0.2, metavar="SECONDS")
+    parser.add_argument("--suspend-delay", type=float, default=0.2, metavar="SECONDS")
     parser.add_argument("--destroy-delay", type=float, default=0.1, metavar="SECONDS")
     fly, rest = parser.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
@@ -57,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
         regions=regions,
         secrets=_pairs(fly.secret, "--secret"),
         boot_delay_s=fly.boot_delay,
+        start_delay_s=fly.start_delay,
+        resume_delay_s=fly.resume_delay,
+        suspend_delay_s=fly.suspend_delay,
         destroy_delay_s=fly.destroy_delay,
         rate_limits=not common.no_rate_limits,
         latency=common.latency,

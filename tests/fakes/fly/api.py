@@ -40,11 +40,17 @@ DEFAULT_LIMITS: dict[str, tuple[float, int]] = {
     "wait": (1.0, 3),
     "stop": (1.0, 3),
     "start": (1.0, 3),
+    "suspend": (1.0, 3),
     "destroy": (1.0, 3),
     "events": (1.0, 3),
     "metadata": (1.0, 3),
 }
-"""(requests a second, burst) per action: create and list per app, the rest per machine."""
+"""(requests a second, burst) per action: create and list per app, the rest per machine.
+
+Reference §6: "1 request, per second, per action, burst 3", scoped per machine ID for start,
+stop, suspend, wait and destroy ([inf]), so starts of distinct machines never contend. A resume
+is a `start` call and shares the machine's start bucket.
+"""
 
 DEFAULT_TOKEN = "test-token"
 DEFAULT_APP = "bots"
@@ -78,7 +84,17 @@ Handler = Callable[[Request, Any], Awaitable[Response]]
 
 
 class FlyEmulator(MachineHandlers):
-    """The Fly Machines API for one org: apps, images, regions, and machines as local processes."""
+    """The Fly Machines API for one org: apps, images, regions, and machines as local processes.
+
+    A machine's own delays (seconds), each split around its transient state:
+    `boot_delay_s` from a create to the process running (reference §9: image pull and rootfs
+    are "maybe low double digit seconds" when uncached, boot "about 300ms");
+    `start_delay_s` from a start of a `created` (skip_launch) or `stopped` machine to its fresh
+    process ("well under a second"); `resume_delay_s` from a start of a `suspended` machine to
+    its process continuing ("a few hundred ms"); `suspend_delay_s` from a suspend to
+    `suspended` (no figure in the reference); `restart_delay_s` before a policy restart;
+    `destroy_delay_s` before `destroyed`. API answer latency is `latency` (per operation).
+    """
 
     def __init__(
         self,
@@ -91,6 +107,9 @@ class FlyEmulator(MachineHandlers):
         regions: Mapping[str, int | None] | None = None,
         secrets: Mapping[str, str] | None = None,
         boot_delay_s: float = 0.05,
+        start_delay_s: float = 0.03,
+        resume_delay_s: float = 0.02,
+        suspend_delay_s: float = 0.02,
         destroy_delay_s: float = 0.02,
         restart_delay_s: float = 0.05,
         capacity_status: int = 412,
@@ -108,6 +127,9 @@ class FlyEmulator(MachineHandlers):
         self.regions: dict[str, int | None] = dict(regions or {"iad": None, "ord": None})
         self.secrets = dict(secrets or {})
         self.boot_delay_s = boot_delay_s
+        self.start_delay_s = start_delay_s
+        self.resume_delay_s = resume_delay_s
+        self.suspend_delay_s = suspend_delay_s
         self.destroy_delay_s = destroy_delay_s
         self.restart_delay_s = restart_delay_s
         self.capacity_status = capacity_status
@@ -139,6 +161,7 @@ class FlyEmulator(MachineHandlers):
             Route(f"{machine}/wait", api("wait", self._wait), methods=["GET"]),
             Route(f"{machine}/stop", api("stop", self._stop), methods=["POST"]),
             Route(f"{machine}/start", api("start", self._start), methods=["POST"]),
+            Route(f"{machine}/suspend", api("suspend", self._suspend), methods=["POST"]),
             Route(f"{machine}/events", api("events", self._events), methods=["GET"]),
             Route(f"{machine}/metadata", api("metadata", self._metadata), methods=["GET"]),
             Route(f"{machine}/metadata/{{key}}", api("metadata", self._set_meta), methods=["POST"]),

@@ -1,4 +1,4 @@
-"""The Machines API's endpoints: create, list, get, wait, stop, start, destroy, metadata."""
+"""The Machines API endpoints: create, list, get, wait, start, stop, suspend, destroy, metadata."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from tests.fakes.fly.validation import validate_create
 
 WAITABLE_STATES = ("started", "stopped", "suspended", "destroyed")
 MAX_WAIT_S = 60.0
+SUSPEND_MAX_MEMORY_MB = 2048
+"""Reference §10: suspend needs <= 2 GB of RAM (one guide says 4 GB; the stricter figure wins)."""
 REGION_NAMES = {
     "iad": "Ashburn, Virginia (US)",
     "ord": "Chicago, Illinois (US)",
@@ -131,7 +133,9 @@ class MachineHandlers(MachineRuntime):
         machine.add_event("launch", "created", "user")
         answer = machine.to_json()
         if not body.get("skip_launch"):
-            self._boot(machine)
+            # The create answers `created` as the boot begins (FLY §4), once the image and root
+            # filesystem are ready (FLY §9): the boot follows the create's latency.
+            self._boot(machine, self.latency.of("create") + self.boot_delay_s)
         return JSONResponse(answer)
 
     async def _list(self, request: Request, body: Any) -> Response:
@@ -230,18 +234,50 @@ class MachineHandlers(MachineRuntime):
         return JSONResponse({"ok": True})
 
     async def _start(self, request: Request, body: Any) -> Response:
+        """Boot a created or stopped machine (start delay), or resume a suspended one (resume
+        delay, same process and instance_id: [inf], the reference says nothing of the version).
+
+        [unv] a start while `suspending` answers 412 here, rather than resuming once suspended.
+        """
         machine = self._machine(request)
         previous = machine.state
-        if previous in ("destroying", "destroyed"):
+        if previous in ("destroying", "destroyed", "suspending"):
             raise self._wrong_state("start", machine)
-        if not machine.active:
+        if previous == "suspended" and machine.frozen:
+            self._resume_process(machine)
+        elif not machine.active:
             if previous == "stopped" and not self._has_capacity(machine.region):
                 raise self._capacity_error()
             machine.instance_id = ulid()
             machine.add_event("start", "starting", "user")
             machine.set_state("starting")
-            self._boot(machine)
+            self._boot(machine, self.start_delay_s)
         return JSONResponse({"previous_state": previous, "migrated": False, "new_host": ""})
+
+    async def _suspend(self, request: Request, body: Any) -> Response:
+        """Suspend a started machine (reference §2, §10): its process is frozen, not ended.
+
+        Refusals, with statuses that are [unv] (the reference names none): 412
+        `failed_precondition` unless the machine is `started` with a running process; 400
+        `invalid_argument` when its memory is over SUSPEND_MAX_MEMORY_MB or it has swap.
+        """
+        machine = self._machine(request)
+        memory = (machine.config.get("guest") or {}).get("memory_mb", 256)
+        if memory > SUSPEND_MAX_MEMORY_MB:
+            raise ApiError(
+                400,
+                f"invalid_argument: machines with more than {SUSPEND_MAX_MEMORY_MB} MB of "
+                f"memory cannot be suspended (this one has {memory} MB)",
+                "invalid_argument",
+            )
+        if machine.config.get("swap_size_mb"):
+            raise ApiError(
+                400, "invalid_argument: machines with swap cannot be suspended", "invalid_argument"
+            )
+        if machine.state != "started" or machine.process is None or machine.stop_requested:
+            raise self._wrong_state("suspend", machine, "failed_precondition")
+        self._suspend_process(machine)
+        return JSONResponse({"ok": True})
 
     async def _destroy(self, request: Request, body: Any) -> Response:
         machine = self._machine(request)
@@ -290,11 +326,12 @@ class MachineHandlers(MachineRuntime):
         return JSONResponse({"Regions": regions, "Nearest": next(iter(self.regions), "")})
 
     @staticmethod
-    def _wrong_state(action: str, machine: MachineRecord) -> ApiError:
+    def _wrong_state(action: str, machine: MachineRecord, code: str | None = None) -> ApiError:
         return ApiError(
             412,
             f"failed_precondition: unable to {action} machine from current state: "
             f"'{machine.state}'",
+            code,
         )
 
     def _generate_name(self) -> str:

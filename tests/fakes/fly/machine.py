@@ -101,13 +101,15 @@ class MachineRecord:
     runner: asyncio.Task[None] | None = field(default=None, repr=False)
     reader: asyncio.Task[None] | None = field(default=None, repr=False)
     kill_timer: asyncio.Task[None] | None = field(default=None, repr=False)
+    frozen: bool = False
+    transition: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.reached[self.instance_id] = {self.state}
 
     @property
     def active(self) -> bool:
-        """Whether the machine is booting, running, stopping or restarting."""
+        """Whether the machine has a boot or process: booting, running, suspended, stopping..."""
         return self.runner is not None and not self.runner.done()
 
     @property

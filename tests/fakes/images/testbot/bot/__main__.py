@@ -18,8 +18,17 @@ mode it also serves `POST|PATCH /api/offer` on BOT_HOST:BOT_PORT for its own ses
     listen_delay_s     webrtc: seconds before it listens (a slow boot)
     ready_on_offer     webrtc: call ready when the first offer arrives, not after ready_delay_s
 
-Exit codes: 0 clean, 3 a broken contract (ended "bad_contract" when it can be sent), else
-what the script says. One line per step on stdout, never a secret.
+Pooled (the warm pool: POOL_TOKEN set, no SESSION_ID): sleep TESTBOT_BOOT_S (a simulated
+preload, default 0), then long-poll `GET {DISPATCHER_URL}/internal/machines/{FLY_MACHINE_ID}/
+assignment?wait=5` with `Authorization: Bearer <POOL_TOKEN>`, as the real bot does: 204 asks
+again at once, 5xx/429/network errors after a backoff (0.2 s doubling to 2 s), a pause of the
+process (SIGSTOP, a suspended machine) abandons the poll and asks again, 410 exits 0, any
+other answer exits 2; SIGTERM while waiting exits 0. None of these call back. A 200's
+`{"env": {...}, "args": [...]}` then plays the session as above, with the machine's env
+overlaid with `env` and `args` as its command line.
+
+Exit codes: 0 clean, 2 a pooled machine refused, 3 a broken contract (ended "bad_contract"
+when it can be sent), else what the script says. One line per step on stdout, never a secret.
 """
 
 from __future__ import annotations
@@ -28,12 +37,15 @@ import argparse
 import http.server
 import json
 import os
+import queue
+import random
 import re
 import signal
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -49,26 +61,56 @@ REQUIRED_BY_TRANSPORT = {
     "webrtc": ("BOT_HOST", "BOT_PORT", "ICE_SERVERS"),
 }
 TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+EXIT_POOL_REFUSED = 2
 EXIT_BAD_CONTRACT = 3
 CALLBACK_TIMEOUT_S = 5.0
 CALLBACK_ATTEMPTS = 3
 TICK_S = 0.02
+POOL_WAIT_S = 5
+POOL_MARGIN_S = 2.0
+POOL_BACKOFF_S = (0.2, 2.0)
+POOL_TICK_S = 0.25
+POOL_PAUSE_S = 1.0
+
+
+class Signals:
+    """SIGTERM and SIGINT, remembered as a flag for the whole process's life."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        # Only a flag: printing here could re-enter a print the signal interrupted.
+        self.reason = self.reason or ("sigterm" if signum == signal.SIGTERM else "sigint")
 
 
 class TestBot:
     """One scripted session: contract check, ready, wait, ended."""
 
     def __init__(
-        self, room_url: str | None, transport: str | None, environ: dict[str, str]
+        self,
+        room_url: str | None,
+        transport: str | None,
+        environ: dict[str, str],
+        signals: Signals | None = None,
     ) -> None:
         self.room_url = room_url
         self.transport = transport
         self.env = environ
+        self.signals = signals or Signals()
         self.offered = threading.Event()
         self.session_id = environ.get("SESSION_ID") or "-"
-        self.stop_signal: str | None = None
         self.announced = False
         self.started = time.monotonic()
+
+    @property
+    def stop_signal(self) -> str | None:
+        """The stop signal received, if any."""
+        return self.signals.reason
 
     def say(self, step: str) -> None:
         """Print one step of the session on stdout."""
@@ -76,8 +118,7 @@ class TestBot:
 
     def run(self) -> int:
         """Play the session; returns the exit code."""
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        self.signals.install()
         self.say(f"start pid={os.getpid()} room={self.room_url}")
         problem = self.contract_problem()
         if problem:
@@ -261,18 +302,142 @@ class TestBot:
             self.say(f"{operation} attempt={attempt + 1} failed={result}")
         return result
 
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        # Only a flag: printing here could re-enter a print the signal interrupted.
-        self.stop_signal = self.stop_signal or ("sigterm" if signum == signal.SIGTERM else "sigint")
+
+class PooledMachine:
+    """A pooled machine before its session: a simulated boot, then its assignment's long poll."""
+
+    def __init__(self, environ: dict[str, str], signals: Signals) -> None:
+        self.env = environ
+        self.signals = signals
+        self.machine_id = environ.get("FLY_MACHINE_ID", "")
+
+    def say(self, step: str) -> None:
+        """Print one step of the wait on stdout."""
+        print(f"testbot machine={self.machine_id or '-'} {step}", flush=True)
+
+    def wait_for_assignment(self) -> tuple[dict[str, str], list[str]] | int:
+        """The assignment's (environment, command line), or the exit code if none came."""
+        self.signals.install()
+        missing = [n for n in ("DISPATCHER_URL", "FLY_MACHINE_ID") if not self.env.get(n)]
+        if missing:
+            self.say("pool_refused missing=" + ",".join(missing))
+            return self.exit(EXIT_POOL_REFUSED)
+        boot_s = float(self.env.get("TESTBOT_BOOT_S") or 0)
+        self.say(f"pooled pid={os.getpid()} boot_s={boot_s}")
+        if self.pause(boot_s) == "stopped":
+            return self.stopped()
+        self.say("asking")
+        failures = 0
+        while True:
+            outcome, value = self.ask()
+            if outcome == "stopped":
+                return self.stopped()
+            if outcome == "paused":
+                self.say(f"paused s={value:.1f} asking again")
+                failures = 0
+                continue
+            if outcome == "answer":
+                status, body = value
+                if status == 204:
+                    failures = 0
+                    continue
+                if status == 200:
+                    return self.assigned(body)
+                if status == 410:
+                    self.say("retired")
+                    return self.exit(0)
+                if status not in (408, 429) and status < 500:
+                    self.say(f"pool_refused status={status}")
+                    return self.exit(EXIT_POOL_REFUSED)
+                value = status
+            failures += 1
+            delay = min(POOL_BACKOFF_S[1], POOL_BACKOFF_S[0] * 2 ** (failures - 1))
+            delay = random.uniform(delay / 2, delay)
+            self.say(f"assignment attempt={failures} failed={value} retry_s={delay:.2f}")
+            if self.pause(delay) == "stopped":
+                return self.stopped()
+
+    def assigned(self, raw: bytes) -> tuple[dict[str, str], list[str]] | int:
+        try:
+            body = json.loads(raw)
+            env, args = body["env"], body.get("args", [])
+            if not all(isinstance(v, str) for v in [*env.values(), *env, *args]):
+                raise TypeError("not strings")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self.say("pool_refused malformed_assignment")
+            return self.exit(EXIT_POOL_REFUSED)
+        self.say(f"assigned session={env.get('SESSION_ID', '-')}")
+        return {**self.env, **env}, list(args)
+
+    def ask(self) -> tuple[str, Any]:
+        """One long poll in a thread: ("answer", (status, body)), ("error", name), or
+        ("stopped" | "paused", seconds) when a signal or a pause of the process cut it short."""
+        box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+        threading.Thread(target=lambda: box.put(self.get()), daemon=True).start()
+        monotonic, wall = time.monotonic(), time.time()
+        while True:
+            try:
+                return box.get(timeout=POOL_TICK_S)
+            except queue.Empty:
+                pass
+            if self.signals.reason:
+                return "stopped", 0.0
+            now_monotonic, now_wall = time.monotonic(), time.time()
+            late_s = max(now_monotonic - monotonic, now_wall - wall) - POOL_TICK_S
+            if late_s > POOL_PAUSE_S:
+                return "paused", late_s
+            monotonic, wall = now_monotonic, now_wall
+
+    def get(self) -> tuple[str, Any]:
+        """GET the assignment once."""
+        machine = urllib.parse.quote(self.machine_id, safe="")
+        url = (
+            f"{self.env['DISPATCHER_URL'].rstrip('/')}/internal/machines/{machine}/assignment"
+            f"?wait={POOL_WAIT_S}"
+        )
+        headers = {"Authorization": f"Bearer {self.env['POOL_TOKEN']}"}
+        request = urllib.request.Request(url, headers=headers)  # noqa: S310 (an http URL)
+        try:
+            with urllib.request.urlopen(request, timeout=POOL_WAIT_S + POOL_MARGIN_S) as response:  # noqa: S310
+                return "answer", (int(response.status), response.read())
+        except urllib.error.HTTPError as exc:
+            return "answer", (exc.code, exc.read())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            return "error", type(exc).__name__
+
+    def pause(self, seconds: float) -> str | None:
+        """Sleep `seconds`; "stopped" if a signal cut it short."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if self.signals.reason:
+                return "stopped"
+            time.sleep(TICK_S)
+        return "stopped" if self.signals.reason else None
+
+    def stopped(self) -> int:
+        self.say(f"{self.signals.reason} before assignment")
+        return self.exit(0)
+
+    def exit(self, code: int) -> int:
+        self.say(f"exit code={code}")
+        return code
 
 
 def main() -> int:
-    """Parse the command line and play the session."""
+    """Parse the command line and play the session (a pooled machine's once assigned)."""
     parser = argparse.ArgumentParser(prog="python -m bot")
     parser.add_argument("--room-url")
     parser.add_argument("--transport")
     args = parser.parse_args()
-    return TestBot(args.room_url, args.transport, dict(os.environ)).run()
+    environ = dict(os.environ)
+    signals = Signals()
+    if not environ.get("SESSION_ID") and environ.get("POOL_TOKEN"):
+        assigned = PooledMachine(environ, signals).wait_for_assignment()
+        if isinstance(assigned, int):
+            return assigned
+        environ, argv = assigned
+        args = parser.parse_args(argv)
+    return TestBot(args.room_url, args.transport, environ, signals).run()
 
 
 if __name__ == "__main__":

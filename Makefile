@@ -16,8 +16,9 @@ uv:
 sync: uv
 	$(UV) sync --locked
 
+# Logs for a terminal here (LOG_FORMAT=json for the service's JSON lines).
 run: sync
-	$(UV) run dispatcher serve --host $(HOST) --port $(PORT)
+	LOG_FORMAT=$${LOG_FORMAT:-text} $(UV) run dispatcher serve --host $(HOST) --port $(PORT)
 
 lint: sync
 	$(UV) run ruff check .

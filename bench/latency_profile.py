@@ -9,9 +9,11 @@ times, not how long an API call takes to answer.
     latency_profile.apply(fly, daily)                     # realistic latencies and limits
     latency_profile.apply(fly, daily, scale_limits=1000)  # limits raised 1000x
     env |= latency_profile.dispatcher_pacing(scale_limits=1000)
+    fly.secrets |= latency_profile.testbot_env()          # pooled test bots sleep BOT_BOOT
 
 `apply` configures a FlyEmulator and a DailyEmulator (tests/fakes); `dispatcher_pacing` gives the
-dispatcher's create pacing that matches the Fly create limit.
+dispatcher's create pacing that matches the Fly create limit. BOT_BOOT and BOT_JOIN are the
+bot's own work (not an API's), for the benches' test bots to simulate.
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ FLY_LATENCY: dict[str, Figure] = {
     "metadata": Figure(0.05, _RTT),
     "regions": Figure(0.05, _RTT),
     "stop": Figure(0.1, _FLYD),
-    "start": Figure(0.1, _FLYD),
+    "start": Figure(0.1, _FLYD + "; the answer, while the machine boots or resumes (below)"),
     "destroy": Figure(0.1, _FLYD),
+    "suspend": Figure(0.1, _FLYD + "; the answer, while the snapshot is written (below)"),
 }
 DAILY_LATENCY: dict[str, Figure] = {
     "create_room": Figure(0.25, _DAILY),
@@ -97,6 +100,38 @@ FLY_BOOT = Figure(
 FLY_DESTROY = Figure(
     0.1, "assumed: from the process's exit to `destroyed` (auto_destroy); no number in FLY"
 )
+# A start of a `created` (skip_launch) or `stopped` machine, to its (fresh) process running.
+FLY_START = Figure(
+    0.3,
+    "FLY §9: boot after create or start of a stopped machine 'well under a second', boot "
+    "'about 300ms' (https://fly.io/docs/machines/overview/, .../functions-with-machines/)",
+)
+# A start of a `suspended` machine, to its (same) process continuing.
+FLY_RESUME = Figure(
+    0.3,
+    "FLY §9: resume 'a few hundred ms' (https://fly.io/docs/reference/suspend-resume/); "
+    "300 ms is the low end of that range, as for a boot",
+)
+# A suspend, to `suspended` (the pool suspends machines before sessions: off every start's path).
+FLY_SUSPEND = Figure(
+    0.5,
+    "assumed: FLY gives no number for writing the snapshot; off the measured paths (a pool "
+    "machine is suspended long before it is claimed)",
+)
+
+# The bot's own work, simulated by the benches' test bots (tests/fakes/images/testbot).
+BOT_BOOT = Figure(
+    0.632,
+    "measured: README 'Cold start' (bench/bot_cold_start.py --runs 10, one run, 2 cores): the "
+    "real daily bot from process start to joining its room (imports, Silero VAD loaded, "
+    "pipeline built), median 632 ms",
+)
+BOT_JOIN = Figure(
+    0.3,
+    "assumed: no source gives the time daily-python takes to join a room (the cold-start bench "
+    "stops where the join begins): a websocket to Daily's signalling and the SFU's ICE/DTLS "
+    "handshake, a few round trips of 20-50 ms (see get) plus Daily's side",
+)
 
 _PER_ACTION = "FLY §6: '1 request, per second, per action ... burst up to 3 req/s'"
 FLY_LIMITS: dict[str, Limit] = {
@@ -107,6 +142,7 @@ FLY_LIMITS: dict[str, Limit] = {
     "stop": Limit(1.0, 3, _PER_ACTION + "; per machine"),
     "start": Limit(1.0, 3, _PER_ACTION + "; per machine"),
     "destroy": Limit(1.0, 3, _PER_ACTION + "; per machine"),
+    "suspend": Limit(1.0, 3, _PER_ACTION + "; per machine"),
     "events": Limit(1.0, 3, _PER_ACTION + "; per machine"),
     "metadata": Limit(1.0, 3, _PER_ACTION + "; per machine"),
 }
@@ -141,19 +177,35 @@ def apply(
     scale_limits: float = 1.0,
     latency_scale: float = 1.0,
 ) -> None:
-    """Configure both emulators: latencies (times `latency_scale`), Fly's boot and destroy
-    delays, and every rate limit (rates and bursts times `scale_limits`: 1 is the documented
-    limits, 1000 is an org whose limits were raised or that spreads over many bot apps)."""
+    """Configure both emulators: latencies (times `latency_scale`), Fly's boot, start, resume,
+    suspend and destroy delays, and every rate limit (rates and bursts times `scale_limits`: 1
+    is the documented limits, 1000 is an org whose limits were raised or that spreads over many
+    bot apps). The emulator boots a new machine FLY_BOOT after its create has answered."""
     fly.latency.default = 0.0
     fly.latency.per_op = {op: scaled(f, latency_scale) for op, f in FLY_LATENCY.items()}
     daily.latency.default = 0.0
     daily.latency.per_op = {op: scaled(f, latency_scale) for op, f in DAILY_LATENCY.items()}
     fly.boot_delay_s = scaled(FLY_BOOT, latency_scale)
+    fly.start_delay_s = scaled(FLY_START, latency_scale)
+    fly.resume_delay_s = scaled(FLY_RESUME, latency_scale)
+    fly.suspend_delay_s = scaled(FLY_SUSPEND, latency_scale)
     fly.destroy_delay_s = scaled(FLY_DESTROY, latency_scale)
     fly.limiter.limits = _limits(FLY_LIMITS, scale_limits)
     fly.limiter.enabled = True
     daily.limiter.limits = _limits(DAILY_LIMITS, scale_limits)
     daily.limiter.enabled = True
+
+
+def boot_delay_s() -> float:
+    """From a create's arrival to the machine's process running, under `apply` (FLY §4: the
+    create answers `created` as the boot begins)."""
+    return FLY_LATENCY["create"].value + FLY_BOOT.value
+
+
+def testbot_env(latency_scale: float = 1.0) -> dict[str, str]:
+    """App secrets (every machine's env) that make a pooled test bot spend BOT_BOOT loading
+    before it asks for its assignment, as the real bot does."""
+    return {"TESTBOT_BOOT_S": f"{scaled(BOT_BOOT, latency_scale):g}"}
 
 
 def dispatcher_pacing(*, scale_limits: float = 1.0) -> dict[str, str]:
@@ -166,6 +218,9 @@ def describe(*, scale_limits: float = 1.0, latency_scale: float = 1.0) -> list[s
     """One line per figure, with its source, for a bench's printout."""
     figures = [(f"fly {op}", f) for op, f in FLY_LATENCY.items()]
     figures += [("fly boot", FLY_BOOT), ("fly destroyed after exit", FLY_DESTROY)]
+    figures += [("fly start (stopped)", FLY_START), ("fly resume", FLY_RESUME)]
+    figures += [("fly suspend", FLY_SUSPEND)]
+    figures += [("bot boot", BOT_BOOT), ("bot join", BOT_JOIN)]
     figures += [(f"daily {op}", f) for op, f in DAILY_LATENCY.items()]
     lines = [
         f"{name:<26} {scaled(f, latency_scale) * 1000:>5.0f} ms  {f.source}" for name, f in figures

@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 
 from loguru import logger
+from pipecat.audio.vad.vad_analyzer import VADAnalyzer
 from pipecat.runner.types import (
     DailyRunnerArguments,
     RunnerArguments,
@@ -23,8 +24,14 @@ from bot.outcome import SessionOutcome
 from bot.pipeline import build_pipeline
 from bot.services import CONVERSATION, Providers, build_services, system_prompt
 from bot.session import DAILY, WEBRTC, BotSession, SessionOptions
+from bot.tracing import tracing_configured
 
 BOT_NAME = "Pipecat Bot"
+# What `build_transport` imports for each transport (a pooled bot imports them at boot).
+TRANSPORT_MODULES = {
+    DAILY: ("pipecat.transports.daily.transport",),
+    WEBRTC: ("pipecat.transports.smallwebrtc.transport", "bot.webrtc"),
+}
 
 
 def build_transport(runner_args: RunnerArguments) -> tuple[BaseTransport, str]:
@@ -51,12 +58,16 @@ async def bot(
     options: SessionOptions | None = None,
     *,
     environ: Mapping[str, str] | None = None,
+    vad_analyzer: VADAnalyzer | None = None,
 ) -> SessionOutcome:
     """Pipecat's bot entry point: run one session on the transport of `runner_args`.
 
-    The providers' keys are read from `environ` (the process environment by default).
+    The providers' keys and the `OTEL_*` variables are read from `environ` (the process
+    environment by default). `vad_analyzer` is a Silero analyzer loaded in advance (a pooled
+    bot's); without it the pipeline loads its own.
     """
-    providers = Providers.from_environ(os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    providers = Providers.from_environ(environ)
     logger.info(f"Bot in {providers.describe()}")
     services = None
     if providers.mode == CONVERSATION:
@@ -67,6 +78,8 @@ async def bot(
         session_id=runner_args.session_id,
         idle_timeout_secs=runner_args.pipeline_idle_timeout_secs,
         services=services,
+        vad_analyzer=vad_analyzer,
+        tracing=tracing_configured(environ),
     )
     session = BotSession(
         transport,
@@ -76,6 +89,11 @@ async def bot(
         greeting=built.greeting,
         goodbye=built.goodbye,
     )
-    return await session.run(
-        handle_sigterm=runner_args.handle_sigterm, handle_sigint=runner_args.handle_sigint
-    )
+    try:
+        return await session.run(
+            handle_sigterm=runner_args.handle_sigterm, handle_sigint=runner_args.handle_sigint
+        )
+    finally:
+        # Pipecat ends its spans when the pipeline is cleaned up; an abandoned one never is.
+        if built.worker.turn_trace_observer is not None:
+            built.worker.turn_trace_observer.end_conversation_tracing()

@@ -1,5 +1,10 @@
 """The bot's logs: one JSON object per line on stderr, with the session ID, secrets masked.
 
+Every line carries the session's fixed fields (`session_id`, `machine_id`, `trace_id` of
+TRACEPARENT; a pooled bot's lines carry `pooled`, and its session's fields once it has one)
+and, when an OpenTelemetry span is current where it was logged, that span's `trace_id` and
+`span_id`. LOG_FORMAT=text writes the same as one readable line instead.
+
 Pipecat logs through loguru; the standard library's `logging` (httpx, the dispatcher client)
 is routed into the same sink.
 """
@@ -14,18 +19,24 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TextIO
 
 from loguru import logger
+from opentelemetry import trace
 
 if TYPE_CHECKING:
     from loguru import Message, Record
 
 MASK = "[redacted]"
+JSON = "json"
+TEXT = "text"
 _MIN_SECRET_LENGTH = 8
+# What a text line shows in its own columns rather than as `key=value`.
+_TEXT_COLUMNS = frozenset({"ts", "level", "logger", "msg", "exc"})
 
 # The environment variables whose values never appear in a log line: the contract's tokens
 # and the providers' API keys (secrets of the bot app). TURN credentials in ICE_SERVERS too.
 SECRET_VARIABLES = (
     "DAILY_TOKEN",
     "BOT_CALLBACK_TOKEN",
+    "POOL_TOKEN",
     "DEEPGRAM_API_KEY",
     "OPENAI_API_KEY",
     "CARTESIA_API_KEY",
@@ -45,17 +56,31 @@ def environ_secrets(environ: Mapping[str, str]) -> list[str]:
     return [s for s in secrets if isinstance(s, str) and s]
 
 
+def span_fields() -> dict[str, str]:
+    """`trace_id` and `span_id` of the current OpenTelemetry span; empty when none is valid."""
+    span = trace.get_current_span().get_span_context()
+    if not span.is_valid:
+        return {}
+    return {
+        "trace_id": trace.format_trace_id(span.trace_id),
+        "span_id": trace.format_span_id(span.span_id),
+    }
+
+
 class JsonLogSink:
     """A loguru sink writing one JSON object per record, with every known secret masked."""
 
     def __init__(
-        self, stream: TextIO, secrets: Iterable[str | None], fields: dict[str, str]
+        self, stream: TextIO, secrets: Iterable[str | None], fields: Mapping[str, Any]
     ) -> None:
         self._stream = stream
-        self._secrets = sorted(
-            {s for s in secrets if s and len(s) >= _MIN_SECRET_LENGTH}, key=len, reverse=True
-        )
-        self._fields = fields
+        self._secrets = _longest_first(secrets)
+        self._fields = dict(fields)
+
+    def bind(self, secrets: Iterable[str | None] = (), **fields: Any) -> None:
+        """Add `fields` to every later line and mask `secrets` too (a pooled bot's session)."""
+        self._secrets = _longest_first([*self._secrets, *secrets])
+        self._fields = {**self._fields, **{k: v for k, v in fields.items() if v is not None}}
 
     def mask(self, text: str) -> str:
         """`text` with every secret replaced by the mask."""
@@ -71,6 +96,7 @@ class JsonLogSink:
             "logger": record["name"],
             "msg": self.mask(record["message"]),
             **self._fields,
+            **span_fields(),
         }
         exception = record["exception"]
         if exception is not None and exception.type is not None:
@@ -78,8 +104,27 @@ class JsonLogSink:
                 traceback.format_exception(exception.type, exception.value, exception.traceback)
             )
             line["exc"] = self.mask(text)
-        self._stream.write(json.dumps(line, default=str) + "\n")
+        self._stream.write(self.render(line) + "\n")
         self._stream.flush()
+
+    def render(self, line: dict[str, Any]) -> str:
+        """One record's line, without its newline."""
+        return json.dumps(line, default=str)
+
+
+def _longest_first(secrets: Iterable[str | None]) -> list[str]:
+    return sorted({s for s in secrets if s and len(s) >= _MIN_SECRET_LENGTH}, key=len, reverse=True)
+
+
+class TextLogSink(JsonLogSink):
+    """The same records for a terminal: time, level, logger, message, then the fields."""
+
+    def render(self, line: dict[str, Any]) -> str:
+        """`HH:MM:SS.mmm LEVEL logger: message key=value ...`, the traceback below."""
+        fields = " ".join(f"{k}={v}" for k, v in line.items() if k not in _TEXT_COLUMNS)
+        text = f"{line['ts'][11:23]} {line['level']:<7} {line['logger']}: {line['msg']}"
+        text = f"{text}  {fields}" if fields else text
+        return f"{text}\n{line['exc'].rstrip()}" if "exc" in line else text
 
 
 class _ToLoguru(logging.Handler):
@@ -108,10 +153,15 @@ def configure_logging(
     level: str = "INFO",
     secrets: Iterable[str | None] = (),
     stream: TextIO | None = None,
-    **fields: str | None,
+    log_format: str = JSON,
+    **fields: str | bool | None,
 ) -> JsonLogSink:
-    """Send all logs to `stream` (stderr) as JSON lines carrying `fields` (session_id ...)."""
-    sink = JsonLogSink(
+    """Send all logs to `stream` (stderr) as JSON lines carrying `fields` (session_id ...).
+
+    `log_format` "text" writes readable lines instead; an unknown format means JSON.
+    """
+    sink_class = TextLogSink if log_format.strip().lower() == TEXT else JsonLogSink
+    sink = sink_class(
         stream or sys.stderr, secrets, {k: v for k, v in fields.items() if v is not None}
     )
     try:

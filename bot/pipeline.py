@@ -62,10 +62,13 @@ def build_pipeline(
     idle_timeout_secs: float | None,
     services: Services | None = None,
     vad_analyzer: VADAnalyzer | None = None,
+    tracing: bool = False,
 ) -> BotPipeline:
     """The session's pipeline and its worker, built without connecting anything.
 
-    With `services` it is a conversation, else the echo.
+    With `services` it is a conversation, else the echo. With `tracing`, Pipecat records a
+    "conversation" span (`conversation.id` and `session.id` the session's ID) under the
+    current span context, its "turn" spans, and the services' spans under those.
     """
     vad = vad_analyzer or SileroVADAnalyzer()
     if services is None:
@@ -90,6 +93,8 @@ def build_pipeline(
         pipeline,
         params=params,
         conversation_id=session_id,
+        enable_tracing=tracing,
+        additional_span_attributes={"session.id": session_id} if session_id else None,
         idle_timeout_secs=idle_timeout_secs,
         cancel_on_idle_timeout=True,
     )

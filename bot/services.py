@@ -37,6 +37,13 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 # SESSION_BODY's optional field that replaces the default system prompt.
 SYSTEM_PROMPT_FIELD = "systemPrompt"
+# What `build_services` and the conversation pipeline import (a pooled bot imports them at boot).
+CONVERSATION_MODULES = (
+    "pipecat.services.deepgram.stt",
+    "pipecat.services.openai.llm",
+    "pipecat.services.cartesia.tts",
+    "pipecat.processors.aggregators.llm_response_universal",
+)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -23,6 +24,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from dispatcher.auth import Authenticator, bearer_token
+from dispatcher.callbacks import BotCallbacks
 from dispatcher.config import Settings
 from dispatcher.cors import cors_middleware
 from dispatcher.daily_api import DailyAPI
@@ -37,12 +39,15 @@ from dispatcher.errors import (
 )
 from dispatcher.fly_api import FlyAPI
 from dispatcher.janitor import RoomJanitor
+from dispatcher.logs import session_context
 from dispatcher.machines import MachineBackend
 from dispatcher.machines.fly import FlyMachines
 from dispatcher.machines.local import LocalMachines
 from dispatcher.metrics import CONTENT_TYPE, Metrics
 from dispatcher.openapi import openapi_document
 from dispatcher.pacing import Pacer
+from dispatcher.pool import Pool
+from dispatcher.pool_store import PoolRows
 from dispatcher.proxy import MAX_PROXY_BODY_BYTES, METHODS, BotProxy, check_path
 from dispatcher.ratelimit import StartLimiter, client_address
 from dispatcher.reconciler import Reconciler
@@ -53,6 +58,7 @@ from dispatcher.sessions import Idempotency, SessionService
 from dispatcher.start import MAX_BODY_BYTES, parse_start
 from dispatcher.store import ACTIVE_STATES, TERMINAL_STATES, Store
 from dispatcher.supervisor import Supervisor
+from dispatcher.telemetry import Telemetry, Tracing
 from dispatcher.upstream import RetryPolicy
 from dispatcher.webhooks import MAX_WEBHOOK_BYTES, DailyWebhooks
 
@@ -81,6 +87,7 @@ class Services:
 
     settings: Settings
     service: SessionService
+    callbacks: BotCallbacks
     readiness: Readiness
     proxy: BotProxy
     reconciler: Reconciler
@@ -129,11 +136,15 @@ def create_app(
     retry: RetryPolicy | None = None,
     poll_s: float = 5.0,
     upstream_timeout_s: float = 15.0,
+    tracing: Tracing | None = None,
 ) -> Starlette:
-    """Build the dispatcher; backends not passed in are built from the settings in the lifespan."""
+    """Build the dispatcher; backends not passed in are built from the settings in the lifespan.
+    `tracing` makes the spans (off when not given); whoever made it shuts it down."""
     metrics = Metrics()
+    tracing = tracing or Tracing()
+    telemetry = Telemetry(metrics, tracing)
     # The app's own copy of the policy, telling this app's metrics of retries.
-    retry = dataclasses.replace(retry or RetryPolicy(), on_retry=metrics.upstream_retry)
+    retry = dataclasses.replace(retry or RetryPolicy(), on_retry=telemetry.upstream_retry)
     auth = Authenticator(settings)
     holder: dict[str, Services] = {}
 
@@ -155,13 +166,13 @@ def create_app(
                 else None
             )
             bots = machines or _machine_backend(
-                settings, retry, upstream_timeout_s, stack, pacer, metrics
+                settings, retry, upstream_timeout_s, stack, pacer, telemetry
             )
             stack.push_async_callback(bots.aclose)
             transports = (
                 rooms
                 if rooms is not None
-                else _room_backends(settings, retry, upstream_timeout_s, stack, metrics)
+                else _room_backends(settings, retry, upstream_timeout_s, stack, telemetry)
             )
             for name, backend in transports.items():
                 try:
@@ -174,9 +185,23 @@ def create_app(
                     )
             janitor = RoomJanitor(db, transports)
             stack.push_async_callback(janitor.aclose)
-            supervisor = Supervisor(db, bots, janitor, settings, poll_s=poll_s, metrics=metrics)
+            pool = None
+            if settings.pool_size and isinstance(bots, FlyMachines):
+                assert settings.dispatcher_url is not None
+                pool = Pool(
+                    PoolRows(db, settings.dispatcher_name),
+                    bots,
+                    settings,
+                    pacer,
+                    metrics,
+                    dispatcher_url=settings.dispatcher_url,
+                )
+                stack.push_async_callback(pool.aclose)
+            supervisor = Supervisor(db, bots, janitor, settings, poll_s=poll_s, telemetry=telemetry)
             stack.push_async_callback(supervisor.aclose)
-            reconciler = Reconciler(db, bots, transports, supervisor, janitor, settings, metrics)
+            reconciler = Reconciler(
+                db, bots, transports, supervisor, janitor, settings, telemetry, pool
+            )
             stack.push_async_callback(reconciler.aclose)
             checks: dict[str, Callable[[], Awaitable[None]]] = {
                 "store": db.ping,
@@ -189,8 +214,9 @@ def create_app(
             holder["s"] = Services(
                 settings=settings,
                 service=SessionService(
-                    settings, db, bots, transports, supervisor, janitor, pacer, metrics
+                    settings, db, bots, transports, supervisor, janitor, pacer, telemetry, pool
                 ),
+                callbacks=BotCallbacks(settings, db, transports, supervisor, telemetry, pool),
                 readiness=Readiness(checks),
                 proxy=BotProxy(http, boot_wait_s=min(settings.ready_timeout_s, BOOT_WAIT_S)),
                 reconciler=reconciler,
@@ -207,9 +233,13 @@ def create_app(
                 create_queue=lambda: pacer.queued if pacer else 0,
                 room_delete_queue=lambda: janitor.queued,
                 leader=lambda: reconciler.leader,
+                pool=_pool_states(pool) if pool is not None else None,
             )
             loop_task = asyncio.create_task(reconciler.run(), name="reconciler")
             stack.push_async_callback(_cancel, loop_task)
+            if pool is not None:
+                pool_task = asyncio.create_task(pool.run(lambda: reconciler.leader), name="pool")
+                stack.push_async_callback(_cancel, pool_task)
             log.info(
                 "dispatcher ready: machines=%s transports=%s auth=%s store=%s",
                 bots.name,
@@ -226,16 +256,20 @@ def create_app(
 
     async def start(request: Request) -> Response:
         began = time.monotonic()
-        try:
-            answer = await start_session(request)
-        except DispatcherError as exc:
-            metrics.start_failed(exc.code)
-            raise
-        except Exception:
-            metrics.start_failed("internal-error")
-            raise
-        metrics.started(time.monotonic() - began)
-        return JSONResponse(answer)
+        with tracing.span("POST /start", kind=SpanKind.SERVER, attributes=START_SPAN) as span:
+            try:
+                answer = await start_session(request)
+            except DispatcherError as exc:
+                metrics.start_failed(exc.code)
+                _outcome(span, http_status(exc), exc.code)
+                raise
+            except Exception:
+                metrics.start_failed("internal-error")
+                _outcome(span, 500, "internal-error")
+                raise
+            metrics.started(time.monotonic() - began)
+            _outcome(span, 200, "dispatched")
+            return JSONResponse(answer)
 
     async def start_session(request: Request) -> dict[str, Any]:
         principal = await auth.authenticate(request.headers)
@@ -296,10 +330,24 @@ def create_app(
     async def bot_ready(request: Request) -> Response:
         internal_only(request)
         await read_body(request, MAX_CALLBACK_BYTES)
-        await services().service.bot_ready(
+        await services().callbacks.bot_ready(
             request.path_params["session_id"], bearer_token(request.headers)
         )
         return JSONResponse({"ok": True})
+
+    async def assignment(request: Request) -> Response:
+        internal_only(request)
+        wait = request.query_params.get("wait", str(ASSIGNMENT_WAIT_S))
+        if not wait.isascii() or not wait.isdigit() or not 0 <= int(wait) <= ASSIGNMENT_WAIT_S:
+            raise BadRequest(
+                f"wait must be whole seconds, 0 to {ASSIGNMENT_WAIT_S}", code="invalid-wait"
+            )
+        answer = await services().callbacks.assignment(
+            request.path_params["machine_id"], bearer_token(request.headers), float(wait)
+        )
+        if answer is None:
+            return Response(status_code=204)
+        return JSONResponse(answer, headers={"Cache-Control": "no-store"})
 
     async def bot_ended(request: Request) -> Response:
         internal_only(request)
@@ -310,7 +358,7 @@ def create_app(
             raise BadRequest("body is not valid JSON", code="invalid-json") from None
         if not isinstance(data, dict):
             raise BadRequest("body must be a JSON object", code="invalid-json")
-        await services().service.bot_ended(
+        await services().callbacks.bot_ended(
             request.path_params["session_id"],
             bearer_token(request.headers),
             data.get("reason"),
@@ -325,15 +373,16 @@ def create_app(
         session_id = request.path_params["session_id"]
         address = await s.service.bot_address(principal, session_id)
         body = await read_body(request, MAX_PROXY_BODY_BYTES)
-        answer = await s.proxy.forward(
-            session_id,
-            address,
-            request.method,
-            path,
-            request.url.query,
-            dict(request.headers),
-            body,
-        )
+        with session_context(session_id):
+            answer = await s.proxy.forward(
+                session_id,
+                address,
+                request.method,
+                path,
+                request.url.query,
+                dict(request.headers),
+                body,
+            )
         return Response(answer.body, answer.status, media_type=answer.content_type)
 
     async def page(request: Request) -> Response:
@@ -382,6 +431,7 @@ def create_app(
         Route("/sessions/{session_id}/{path:path}", proxy, methods=list(METHODS)),
         Route("/internal/sessions/{session_id}/ready", bot_ready, methods=["POST"]),
         Route("/internal/sessions/{session_id}/ended", bot_ended, methods=["POST"]),
+        Route("/internal/machines/{machine_id}/assignment", assignment, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
@@ -438,6 +488,28 @@ def idempotency_of(header: str | None, raw: bytes) -> Idempotency | None:
     return Idempotency(key, hashlib.sha256(raw).hexdigest())
 
 
+# The longest a pool machine's assignment request is held before a 204 (ask again).
+ASSIGNMENT_WAIT_S = 25
+
+
+def _pool_states(pool: Pool) -> Callable[[], Awaitable[list[tuple[str, str]]]]:
+    async def states() -> list[tuple[str, str]]:
+        return [(row.region, row.state) for row in await pool.status()]
+
+    return states
+
+
+START_SPAN = {"http.request.method": "POST", "http.route": "/start"}
+
+
+def _outcome(span: Span, status: int, outcome: str) -> None:
+    """How a /start ended, on its span: the status, and `dispatched` or the error code."""
+    span.set_attribute("http.response.status_code", status)
+    span.set_attribute("session.outcome", outcome)
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR, outcome))
+
+
 async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -488,7 +560,7 @@ def _machine_backend(
     timeout_s: float,
     stack: contextlib.AsyncExitStack,
     pacer: Pacer | None,
-    metrics: Metrics,
+    telemetry: Telemetry,
 ) -> MachineBackend:
     if settings.machine_backend == "local":
         return LocalMachines(
@@ -499,7 +571,8 @@ def _machine_backend(
         settings.fly_api_base_url, settings.fly_api_token.reveal(), timeout_s=timeout_s
     )
     stack.push_async_callback(http.aclose)
-    return FlyMachines(FlyAPI(http, settings.fly_bot_app, retry, metrics), settings, retry, pacer)
+    api = FlyAPI(http, settings.fly_bot_app, retry, telemetry)
+    return FlyMachines(api, settings, retry, pacer)
 
 
 def _room_backends(
@@ -507,7 +580,7 @@ def _room_backends(
     retry: RetryPolicy,
     timeout_s: float,
     stack: contextlib.AsyncExitStack,
-    metrics: Metrics,
+    telemetry: Telemetry,
 ) -> dict[str, RoomBackend]:
     backends: dict[str, RoomBackend] = {}
     for transport in settings.transports:
@@ -518,7 +591,7 @@ def _room_backends(
             )
             stack.push_async_callback(http.aclose)
             backends[transport] = DailyRooms(
-                DailyAPI(http, retry, metrics), settings.daily_api_key, retry
+                DailyAPI(http, retry, telemetry), settings.daily_api_key, retry
             )
         else:
             backends[transport] = WebRTCRooms(settings.ice_servers)

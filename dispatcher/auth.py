@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import logging
@@ -216,6 +217,16 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
 def new_callback_token() -> tuple[str, str]:
     """A fresh bot callback token and the hash that is stored instead of it."""
     token = secrets.token_urlsafe(32)
+    return token, hash_token(token)
+
+
+def derived_callback_token(pool_token: str, session_id: str) -> tuple[str, str]:
+    """The callback token of a pool machine's session and its hash: derived from the machine's
+    own secret, so every answer to the machine's assignment request carries the same token
+    (an answer lost to a frozen or abandoned request can be given again), and nobody without
+    that secret can work it out."""
+    mac = hmac.new(pool_token.encode(), f"callback:{session_id}".encode(), hashlib.sha256)
+    token = base64.urlsafe_b64encode(mac.digest()).decode().rstrip("=")
     return token, hash_token(token)
 
 

@@ -18,6 +18,8 @@ from dispatcher import oncall
 from dispatcher.app import create_app
 from dispatcher.config import DEFAULT_HOST, DEFAULT_PORT, Settings
 from dispatcher.errors import ConfigError
+from dispatcher.logs import configure_logging
+from dispatcher.telemetry import Tracing, tracer_provider_from_env
 
 log = logging.getLogger("dispatcher")
 
@@ -64,10 +66,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; configuration errors exit 2 with a message naming the variable."""
     args = parser().parse_args(argv)
     serving = args.command == "serve"
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO" if serving else "WARNING").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
         settings = Settings.from_env(os.environ)
         if serving:
@@ -75,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dispatcher: configuration error: {exc.detail}", file=sys.stderr)
         return 2
+    # The on-call commands print their results; their logs are warnings unless asked.
+    level = settings.log_level if serving or "LOG_LEVEL" in os.environ else "WARNING"
+    configure_logging(level, settings.log_format)
     if not serving:
         return oncall.run(args, settings)
     if settings.auth == "none":
@@ -91,7 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"dispatcher: cannot listen: {exc}", file=sys.stderr)
         return 2
-    app = create_app(settings)
+    tracing = Tracing(
+        tracer_provider_from_env(os.environ, instance_id=settings.instance_id),
+        plain_user_ids=settings.trace_user_ids,
+    )
+    app = create_app(settings, tracing=tracing)
     url = f"http://{_url_host(args.host)}:{args.port}"
     print(f"dispatcher listening on {url}", flush=True)
     if settings.internal_port is not None:
@@ -111,7 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (dispatcher/ratelimit.py), never through uvicorn's own X-Forwarded-For rewriting.
         proxy_headers=False,
     )
-    DrainingServer(config, app.state.drain).run(sockets=sockets)
+    try:
+        DrainingServer(config, app.state.drain).run(sockets=sockets)
+    finally:
+        tracing.shutdown()
     return 0
 
 

@@ -13,12 +13,16 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from dispatcher.errors import ConfigError
+from dispatcher.logs import LOG_FORMATS, LogFormat
 
 T = TypeVar("T")
 
 MachineBackendName = Literal["fly", "local"]
 AuthMode = Literal["jwt", "none"]
 Transport = Literal["daily", "webrtc"]
+PoolMode = Literal["stopped", "suspended"]
+# Fly suspends machines of at most this much memory (../shared/reference/fly-machines.md §10).
+SUSPEND_MAX_MEMORY_MB = 2048
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -109,6 +113,14 @@ class Settings:
     start_rate_per_ip: Rate | None = Rate(30, 60.0)
     trust_proxy_headers: bool = False
     cors_origins: tuple[str, ...] = ()
+    # The warm pool: machines per region made ahead of sessions, kept stopped or suspended.
+    pool_size: int = 0
+    pool_mode: PoolMode = "stopped"
+    pool_interval_s: float = 2.0
+    log_level: str = "INFO"
+    log_format: LogFormat = "json"
+    # Spans carry users' ids as they are (else a hash of each).
+    trace_user_ids: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -173,11 +185,30 @@ class Settings:
             start_rate_per_ip=r.rate("START_RATE_PER_IP", cls.start_rate_per_ip),
             trust_proxy_headers=r.boolean("TRUST_PROXY_HEADERS", backend == "fly"),
             cors_origins=r.origins("CORS_ORIGINS"),
+            pool_size=r.integer("POOL_SIZE", cls.pool_size, 0, 100),
+            pool_mode=r.choice("POOL_MODE", ("stopped", "suspended"), cls.pool_mode),  # type: ignore[arg-type]
+            pool_interval_s=r.number("POOL_INTERVAL_S", cls.pool_interval_s, 0.1, 600),
+            log_level=r.choice(
+                "LOG_LEVEL", ("debug", "info", "warning", "error"), cls.log_level.lower()
+            ).upper(),
+            log_format=r.choice("LOG_FORMAT", LOG_FORMATS, cls.log_format),  # type: ignore[arg-type]
+            trace_user_ids=r.boolean("TRACE_USER_IDS", False),
         )
         settings._check()
         return settings
 
     def _check(self) -> None:
+        if self.pool_size and self.machine_backend != "fly":
+            raise ConfigError("POOL_SIZE needs the fly machine backend (FLY_API_TOKEN)")
+        if self.pool_size and "daily" not in self.transports:
+            raise ConfigError(
+                "POOL_SIZE needs daily sessions (DAILY_API_KEY): pooled bots join Daily"
+            )
+        if self.pool_mode == "suspended" and self.bot_memory_mb > SUSPEND_MAX_MEMORY_MB:
+            raise ConfigError(
+                f"POOL_MODE=suspended needs BOT_MEMORY_MB of at most {SUSPEND_MAX_MEMORY_MB} "
+                f"(Fly's suspend limit), got {self.bot_memory_mb}"
+            )
         if self.bot_memory_mb % 256:
             raise ConfigError(f"BOT_MEMORY_MB must be a multiple of 256, got {self.bot_memory_mb}")
         if self.auth == "jwt" and self.jwt_secret is None and self.jwt_jwks_url is None:

@@ -8,11 +8,12 @@ from typing import Any
 import httpx
 
 from dispatcher.errors import UpstreamError
-from dispatcher.metrics import Metrics
 from dispatcher.pacing import Pace
+from dispatcher.telemetry import Telemetry
 from dispatcher.upstream import RetryPolicy, json_or_none, status_error, transport_error
 
 API = "daily"
+REQUEST_ID = "x-request-id"
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,11 @@ class DailyAPI:
     """Daily's REST API; `http` carries the base URL and the API key."""
 
     def __init__(
-        self, http: httpx.AsyncClient, retry: RetryPolicy, metrics: Metrics | None = None
+        self, http: httpx.AsyncClient, retry: RetryPolicy, telemetry: Telemetry | None = None
     ) -> None:
         self._http = http
         self._retry = retry
-        self._metrics = metrics or Metrics()
+        self._telemetry = telemetry or Telemetry()
 
     @staticmethod
     def client(base_url: str, api_key: str, *, timeout_s: float = 10.0) -> httpx.AsyncClient:
@@ -52,14 +53,22 @@ class DailyAPI:
         )
 
     async def _call(
-        self, operation: str, method: str, path: str, *, mutating: bool = False, **kwargs: Any
+        self,
+        operation: str,
+        method: str,
+        path: str,
+        *,
+        mutating: bool = False,
+        attempt: int = 1,
+        **kwargs: Any,
     ) -> httpx.Response:
-        try:
-            response = await self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            self._metrics.upstream_call(API, operation, None)
-            raise transport_error(exc, api=API, operation=operation, mutating=mutating) from exc
-        self._metrics.upstream_call(API, operation, response.status_code)
+        with self._telemetry.upstream(API, operation, method, attempt=attempt) as call:
+            try:
+                response = await self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                call.no_answer(exc)
+                raise transport_error(exc, api=API, operation=operation, mutating=mutating) from exc
+            call.answered(response.status_code, response.headers.get(REQUEST_ID))
         if response.is_success:
             return response
         body = json_or_none(response)
@@ -69,7 +78,7 @@ class DailyAPI:
             api=API,
             operation=operation,
             mutating=mutating,
-            request_id_header="x-request-id",
+            request_id_header=REQUEST_ID,
             upstream_code=body.get("error") if isinstance(body.get("error"), str) else None,
             message=body.get("info") if isinstance(body.get("info"), str) else None,
         )
@@ -87,7 +96,8 @@ class DailyAPI:
             with attempt:
                 if pace is not None:
                     await pace()
-                return await self._call(operation, method, path, **kwargs)
+                number = attempt.retry_state.attempt_number
+                return await self._call(operation, method, path, attempt=number, **kwargs)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def domain(self) -> Domain:
@@ -100,10 +110,15 @@ class DailyAPI:
                 "daily domain answer lacks domain_name/domain_id", api=API, operation="domain"
             ) from None
 
-    async def create_room(self, name: str, *, privacy: str, properties: dict[str, Any]) -> Room:
+    async def create_room(
+        self, name: str, *, privacy: str, properties: dict[str, Any], attempt: int = 1
+    ) -> Room:
         """Create a room: one attempt (the caller decides on retries, the name makes it safe)."""
         body = {"name": name, "privacy": privacy, "properties": properties}
-        data = (await self._call("create_room", "POST", "rooms", json=body, mutating=True)).json()
+        response = await self._call(
+            "create_room", "POST", "rooms", json=body, mutating=True, attempt=attempt
+        )
+        data = response.json()
         return _room(data)
 
     async def get_room(self, name: str) -> Room | None:

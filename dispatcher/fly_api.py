@@ -9,10 +9,11 @@ from typing import Any
 import httpx
 
 from dispatcher.errors import UpstreamError
-from dispatcher.metrics import Metrics
+from dispatcher.telemetry import Telemetry
 from dispatcher.upstream import RetryPolicy, json_or_none, status_error, transport_error
 
 API = "fly"
+REQUEST_ID = "fly-request-id"
 MAX_WAIT_S = 60
 _MACAROON_PREFIXES = ("fm1r_", "fm1a_", "fm2_")
 
@@ -91,12 +92,16 @@ class FlyAPI:
     """The Machines API of one app; `http` carries the base URL and the auth header."""
 
     def __init__(
-        self, http: httpx.AsyncClient, app: str, retry: RetryPolicy, metrics: Metrics | None = None
+        self,
+        http: httpx.AsyncClient,
+        app: str,
+        retry: RetryPolicy,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._http = http
         self._prefix = f"/v1/apps/{app}"
         self._retry = retry
-        self._metrics = metrics or Metrics()
+        self._telemetry = telemetry or Telemetry()
 
     @staticmethod
     def client(base_url: str, token: str, *, timeout_s: float = 15.0) -> httpx.AsyncClient:
@@ -122,17 +127,20 @@ class FlyAPI:
         mutating: bool = False,
         ok: tuple[int, ...] = (200,),
         deadline_s: float | None = None,
+        attempt: int = 1,
         **kwargs: Any,
     ) -> httpx.Response:
-        """One request; an answer outside `ok` raises UpstreamError."""
+        """One request (the `attempt`-th of a retried call); an answer outside `ok` raises
+        UpstreamError."""
         if deadline_s is not None:
             kwargs["timeout"] = httpx.Timeout(deadline_s, connect=5.0)
-        try:
-            response = await self._http.request(method, self._prefix + path, **kwargs)
-        except httpx.TransportError as exc:
-            self._metrics.upstream_call(API, operation, None)
-            raise transport_error(exc, api=API, operation=operation, mutating=mutating) from exc
-        self._metrics.upstream_call(API, operation, response.status_code)
+        with self._telemetry.upstream(API, operation, method, attempt=attempt) as call:
+            try:
+                response = await self._http.request(method, self._prefix + path, **kwargs)
+            except httpx.TransportError as exc:
+                call.no_answer(exc)
+                raise transport_error(exc, api=API, operation=operation, mutating=mutating) from exc
+            call.answered(response.status_code, response.headers.get(REQUEST_ID))
         if response.status_code in ok:
             return response
         body = json_or_none(response)
@@ -142,7 +150,7 @@ class FlyAPI:
             api=API,
             operation=operation,
             mutating=mutating,
-            request_id_header="fly-request-id",
+            request_id_header=REQUEST_ID,
             upstream_code=_str_or_none(body.get("status")),
             message=_str_or_none(body.get("error") or body.get("message")),
         )
@@ -152,12 +160,16 @@ class FlyAPI:
     ) -> httpx.Response:
         async for attempt in self._retry.retrying():
             with attempt:
-                return await self._call(operation, method, path, **kwargs)
+                number = attempt.retry_state.attempt_number
+                return await self._call(operation, method, path, attempt=number, **kwargs)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def create(self, body: dict[str, Any]) -> Machine:
-        """Create a machine: one attempt, never retried here (create is not idempotent)."""
-        response = await self._call("create", "POST", "/machines", json=body, mutating=True)
+    async def create(self, body: dict[str, Any], *, attempt: int = 1) -> Machine:
+        """Create a machine: one attempt, never retried here (create is not idempotent; the
+        caller's retries say which attempt this is)."""
+        response = await self._call(
+            "create", "POST", "/machines", json=body, mutating=True, attempt=attempt
+        )
         return Machine.from_json(response.json())
 
     async def get(self, machine_id: str) -> Machine | None:
@@ -201,6 +213,15 @@ class FlyAPI:
                 return False
             raise
         return True
+
+    async def start(self, machine_id: str) -> None:
+        """Start a stopped or created machine, or resume a suspended one: one attempt (a warm
+        pool tries another machine rather than wait)."""
+        await self._call("start", "POST", f"/machines/{machine_id}/start", mutating=True)
+
+    async def suspend(self, machine_id: str) -> None:
+        """Suspend a started machine (its memory kept: it resumes where it was)."""
+        await self._retried("suspend", "POST", f"/machines/{machine_id}/suspend", mutating=True)
 
     async def stop(self, machine_id: str, *, signal: str = "SIGTERM", timeout_s: int = 10) -> None:
         """Ask the machine to stop: `signal` now, SIGKILL after `timeout_s`. Gone counts as done."""

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Mapping
 
+from dispatcher.logs import session_context
 from dispatcher.pacing import Pacer
 from dispatcher.rooms import RoomBackend
 from dispatcher.store import Session, Store
@@ -70,13 +71,17 @@ class RoomJanitor:
 
     async def delete(self, session: Session) -> bool:
         """Delete the session's room now, in its turn; whether it is gone."""
+        with session_context(session.id, traceparent=session.traceparent):
+            return await self._delete(session)
+
+    async def _delete(self, session: Session) -> bool:
         rooms = self._rooms.get(session.transport)
         if not session.room_name or rooms is None:
             return True
         try:
             await rooms.delete(session.room_name, pace=self._pacer.acquire)
         except Exception as exc:
-            log.warning("room delete failed: %s", exc, extra={"session_id": session.id})
+            log.warning("room delete failed: %s", exc)
             await self._store.record(
                 session.id, "cleanup_failed", {"what": "room_delete", "error": str(exc)}
             )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter as Counter_
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -97,7 +98,32 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.pool_size = Gauge(
+            "dispatcher_pool_machines",
+            "Warm pool machines by region and state (warming, available, claimed), from the store",
+            ["region", "state"],
+            registry=r,
+        )
+        self.pool_claims = Counter(
+            "dispatcher_pool_claims", "Starts served by a warm pool machine", registry=r
+        )
+        self.pool_misses = Counter(
+            "dispatcher_pool_misses", "Starts that found the pool empty (a cold create)", registry=r
+        )
+        self.pool_start_failures = Counter(
+            "dispatcher_pool_start_failures",
+            "Claimed pool machines that failed to start (destroyed; another tried)",
+            registry=r,
+        )
+        self.pool_replenish_errors = Counter(
+            "dispatcher_pool_replenish_errors",
+            "Pool machines that could not be made or suspended",
+            registry=r,
+        )
         self._store: Store | None = None
+        self._pool: Callable[[], Awaitable[list[tuple[str, str]]]] | None = None
+        # (region, state) pairs shown before: shown as 0 once empty rather than vanishing.
+        self._pool_seen: set[tuple[str, str]] = set()
         self._dispatcher: str | None = None
 
     def watch(
@@ -108,9 +134,11 @@ class Metrics:
         create_queue: Callable[[], int],
         room_delete_queue: Callable[[], int],
         leader: Callable[[], bool],
+        pool: Callable[[], Awaitable[list[tuple[str, str]]]] | None = None,
     ) -> None:
-        """What is read at scrape time: the store's sessions, queue depths, leadership."""
-        self._store, self._dispatcher = store, dispatcher
+        """What is read at scrape time: the store's sessions, queue depths, leadership, and
+        the pool's machines as (region, state) pairs."""
+        self._store, self._dispatcher, self._pool = store, dispatcher, pool
         self.create_queue.set_function(lambda: float(create_queue()))
         self.room_delete_queue.set_function(lambda: float(room_delete_queue()))
         self.leader.set_function(lambda: float(leader()))
@@ -121,6 +149,13 @@ class Metrics:
             counts = await self._store.count_by_state(dispatcher=self._dispatcher)
             for state in ACTIVE_STATES:
                 self.sessions.labels(state=state).set(counts.get(state, 0))
+        if self._pool is not None:
+            machines = Counter_(await self._pool())
+            for region, state in {*machines, *self._pool_seen}:
+                self.pool_size.labels(region=region or "any", state=state).set(
+                    machines.get((region, state), 0)
+                )
+            self._pool_seen |= set(machines)
         return generate_latest(self.registry)
 
     def started(self, seconds: float) -> None:
@@ -149,6 +184,22 @@ class Metrics:
         self.upstream_calls.labels(
             api=api, operation=operation, status=str(status) if status is not None else "error"
         ).inc()
+
+    def pool_claim(self) -> None:
+        """A start got a pool machine."""
+        self.pool_claims.inc()
+
+    def pool_miss(self) -> None:
+        """A start found the pool empty."""
+        self.pool_misses.inc()
+
+    def pool_start_failed(self) -> None:
+        """A claimed pool machine failed to start."""
+        self.pool_start_failures.inc()
+
+    def pool_replenish_failed(self) -> None:
+        """A pool machine could not be made or suspended."""
+        self.pool_replenish_errors.inc()
 
     def upstream_retry(self, api: str, operation: str) -> None:
         """A failed upstream call is about to be tried again."""

@@ -12,16 +12,22 @@ import contextlib
 import json
 import re
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from dispatcher.config import Settings
 from dispatcher.daily_api import DailyAPI
 from dispatcher.errors import DispatcherError
 from dispatcher.fly_api import FlyAPI
-from dispatcher.machines.fly import FlyMachines
+from dispatcher.machines.fly import POOL_LABEL, FlyMachines
+from dispatcher.pool_store import PoolRows
 from dispatcher.sessions import end_session
 from dispatcher.store import Event, Session, Store, iso
 from dispatcher.upstream import RetryPolicy
@@ -50,6 +56,14 @@ def add_commands(commands: Any) -> None:
     trace = commands.add_parser("trace", help="a session's timeline: store, Fly and Daily")
     trace.add_argument("id")
     trace.add_argument("--json", action="store_true", help="JSON instead of a table")
+    pool = commands.add_parser("pool", help="the warm pool (on-call)")
+    status = pool.add_subparsers(dest="verb", required=True).add_parser(
+        "status", help="pool machines by region and state, claims and misses"
+    )
+    status.add_argument(
+        "--since", type=duration, default=3600.0, help="claims and misses within (default 1h)"
+    )
+    status.add_argument("--json", action="store_true", help="JSON instead of text")
 
 
 def duration(text: str) -> float:
@@ -69,6 +83,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     async with _clients(settings) as clients:
         if args.command == "trace":
             return await trace(clients, args.id, as_json=args.json)
+        if args.command == "pool":
+            return await pool_status(clients, since_s=args.since, as_json=args.json)
         if args.verb == "list":
             return await list_sessions(clients.store, args)
         if args.verb == "show":
@@ -103,6 +119,98 @@ async def _clients(settings: Settings) -> AsyncIterator[Clients]:
             stack.push_async_callback(http.aclose)
             daily = DailyAPI(http, _RETRY)
         yield Clients(settings, store, fly, daily)
+
+
+# -- pool status ---------------------------------------------------------------------------------
+
+
+async def pool_status(clients: Clients, *, since_s: float, as_json: bool) -> int:
+    """`pool status`: the pool's machines from the store (with Fly's state of each when Fly is
+    configured), and how many starts it served and missed within `since_s`."""
+    s = clients.settings
+    rows = PoolRows(clients.store, s.dispatcher_name)
+    machines = await rows.all()
+    claims, misses = await rows.dispatches(time.time() - since_s)
+    fly_state: dict[str, str] = {}
+    if clients.fly is not None:
+        listed = await clients.fly.list_machines(
+            metadata={"dispatcher": s.dispatcher_name, POOL_LABEL: "true"}
+        )
+        fly_state = {m.id: m.state for m in listed}
+    by_state = Counter((m.region or "any", m.state) for m in machines)
+    errors = await _local_pool_errors(s)
+    summary = {
+        "size": s.pool_size,
+        "mode": s.pool_mode,
+        "image": s.bot_image,
+        "machines": {f"{region}/{state}": n for (region, state), n in sorted(by_state.items())},
+        "claims": claims,
+        "misses": misses,
+        "sinceSeconds": since_s,
+        # This instance's counters since it started (None: its /metrics did not answer).
+        "thisInstance": errors,
+    }
+    if as_json:
+        listing = [
+            {
+                "machineId": m.machine_id,
+                "region": m.region or None,
+                "state": m.state,
+                "flyState": fly_state.get(m.machine_id),
+                "image": m.image,
+                "sessionId": m.session_id,
+                "createdAt": iso(m.created_at),
+            }
+            for m in machines
+        ]
+        _print_json(summary | {"pool": listing})
+        return 0
+    print(
+        f"pool: {s.pool_size} per region ({s.pool_mode}), image {s.bot_image or '-'}; "
+        f"within {_age(since_s)}: {claims} starts from the pool, {misses} cold"
+    )
+    if errors is not None:
+        print(
+            f"this instance since it started: {errors['startFailures']:.0f} pool machines "
+            f"failed to start, {errors['replenishErrors']:.0f} could not be made or suspended"
+        )
+    table = [
+        (
+            m.machine_id,
+            m.region or "any",
+            m.state,
+            fly_state.get(m.machine_id, "-"),
+            "current" if m.image == s.bot_image else m.image,
+            m.session_id or "-",
+            _age(time.time() - m.created_at),
+        )
+        for m in machines
+    ]
+    print(_table(("machine", "region", "state", "fly", "image", "session", "age"), table))
+    return 0
+
+
+async def _local_pool_errors(settings: Settings) -> dict[str, float] | None:
+    """The pool's error counters of the dispatcher serving on this machine (the port of
+    DISPATCHER_URL, where /metrics is served), or None when it does not answer."""
+    port = urlsplit(settings.dispatcher_url or "").port
+    if port is None:
+        return None
+    try:
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
+            response = await http.get(f"http://127.0.0.1:{port}/metrics")
+            response.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+    return {
+        "startFailures": values.get("dispatcher_pool_start_failures_total", 0.0),
+        "replenishErrors": values.get("dispatcher_pool_replenish_errors_total", 0.0),
+    }
 
 
 # -- sessions list / show / stop --------------------------------------------------------------
@@ -209,7 +317,7 @@ async def trace(clients: Clients, session_id: str, *, as_json: bool) -> int:
     print(
         f"session {session.id}  user {session.user_id}  {session.state}"
         f"  {_reason(session)}  machine {session.machine_id or '-'}"
-        f" in {session.region or '-'}"
+        f" in {session.region or '-'}  trace {_trace_id(session) or '-'}"
     )
     rows = [
         (
@@ -311,8 +419,19 @@ def _timed(steps: Sequence[Step], requested_at: float) -> list[dict[str, Any]]:
 
 
 def _session_json(s: Session) -> dict[str, Any]:
-    extra = {"dispatcher": s.dispatcher, "roomDeletedAt": iso(s.room_deleted_at)}
+    extra = {
+        "dispatcher": s.dispatcher,
+        "roomDeletedAt": iso(s.room_deleted_at),
+        "endRequestedAt": iso(s.end_requested_at),
+        "traceId": _trace_id(s),
+    }
     return s.public() | extra
+
+
+def _trace_id(s: Session) -> str | None:
+    """The session's trace (its spans and its bot's, and its log records' `trace_id`)."""
+    parts = (s.traceparent or "").split("-")
+    return parts[1] if len(parts) == 4 else None
 
 
 def _unknown(session_id: str) -> int:
@@ -338,6 +457,14 @@ def _event_time(value: Any) -> float | None:
 
 def _clock(ts: float | None) -> str:
     return (iso(ts) or "")[:19].replace("T", " ")
+
+
+def _age(seconds: float) -> str:
+    """A span of time the way people say it: 45s, 12m, 3h, 2d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def _seconds(value: float | None) -> str:

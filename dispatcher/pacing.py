@@ -60,6 +60,15 @@ class Pacer:
         self._tokens -= 1.0
         return wait
 
+    def take_now(self) -> bool:
+        """Take a token only if one is free now (nobody queued, none to wait for): for work
+        that must never delay anyone."""
+        self._refill()
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
     def cancel(self) -> None:
         """Give back a reserved token that will not be used."""
         self._refill()

@@ -96,20 +96,16 @@ class BotProxy:
                 ) from None
             except httpx.HTTPError as exc:
                 raise BotUnreachable(f"the session's bot failed: {type(exc).__name__}") from None
-            return _answer(session_id, response)
+            return _answer(response)
 
 
-def _answer(session_id: str, response: httpx.Response) -> ProxyAnswer:
+def _answer(response: httpx.Response) -> ProxyAnswer:
     """The bot's answer; an oversized or non-JSON error answer becomes a JSON error."""
     content_type = response.headers.get("content-type", "application/octet-stream")
     if len(response.content) > MAX_BOT_RESPONSE_BYTES:
         raise BotUnreachable("the session's bot answered more than the proxy passes on")
     if response.status_code >= 400 and not content_type.startswith("application/json"):
-        log.info(
-            "bot answered %s without a JSON body",
-            response.status_code,
-            extra={"session_id": session_id},
-        )
+        log.info("bot answered %s without a JSON body", response.status_code)
         body = {"detail": f"the bot answered {response.status_code}", "code": "bot-error"}
         return ProxyAnswer(response.status_code, json.dumps(body).encode(), "application/json")
     return ProxyAnswer(response.status_code, response.content, content_type)

@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 
 from dispatcher.config import Settings
 from dispatcher.janitor import RoomJanitor
+from dispatcher.logs import session_context
 from dispatcher.machines import MachineBackend, MachineInfo, MachineRef
-from dispatcher.metrics import Metrics
+from dispatcher.pool import Pool
 from dispatcher.rooms import RoomBackend
 from dispatcher.store import DISPATCHED, ENDING, FAILED, STARTING, HeldLock, Session, Store
 from dispatcher.supervisor import EXIT_MARGIN_S, MAX_DURATION, READY_TIMEOUT, Supervisor
+from dispatcher.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +87,11 @@ class Reconciler:
         supervisor: Supervisor,
         janitor: RoomJanitor,
         settings: Settings,
-        metrics: Metrics | None = None,
+        telemetry: Telemetry | None = None,
+        pool: Pool | None = None,
     ) -> None:
-        self._metrics = metrics or Metrics()
+        self._telemetry = telemetry or Telemetry()
+        self._pool = pool
         self._store = store
         self._machines = machines
         self._rooms = rooms
@@ -153,7 +157,16 @@ class Reconciler:
             await lock.release()
 
     async def reconcile(self) -> Report:
-        """One pass over every live session, every machine of ours and the rooms to delete."""
+        """One pass over every live session, every machine of ours and the rooms to delete
+        (a span of its own, whose children are the pass's upstream calls)."""
+        with self._telemetry.tracing.span("reconcile") as span:
+            report = await self._reconcile()
+            span.set_attribute("reconcile.sessions", report.sessions)
+            span.set_attribute("reconcile.machines", report.machines)
+            span.set_attribute("reconcile.repairs", report.repaired)
+            return report
+
+    async def _reconcile(self) -> Report:
         report = Report()
         now = time.time()
         inventory = await self._machines.inventory()
@@ -168,23 +181,35 @@ class Reconciler:
         for machine in inventory:
             if machine.session_id:
                 by_session.setdefault(machine.session_id, []).append(machine)
+        if self._pool is not None:
+            # A pool machine's metadata names no session: its claim in the store does.
+            claimed = await self._pool.claims()
+            for machine in inventory:
+                if machine.pool and machine.id in claimed:
+                    by_session.setdefault(claimed[machine.id], []).append(machine)
         for session in active:
-            await self._guard(report, self._session(session, by_session, now, report))
+            with session_context(
+                session.id, machine_id=session.machine_id, traceparent=session.traceparent
+            ):
+                await self._guard(report, self._session(session, by_session, now, report))
         known = {s.id: s for s in active}
         others = await self._store.get_many(sid for sid in by_session if sid not in known)
         for machine in inventory:
             if machine.session_id:
                 owner = known.get(machine.session_id) or others.get(machine.session_id)
-                await self._guard(report, self._machine(machine, owner, now, report))
+                with session_context(machine.session_id, machine_id=machine.id):
+                    await self._guard(report, self._machine(machine, owner, now, report))
         listed = {m.id for m in inventory}
         self._stopping = {k: v for k, v in self._stopping.items() if k in listed}
+        if self._pool is not None:
+            await self._guard(report, self._validate_pool(inventory, known, now, report))
         await self._guard(report, self._rooms_of_ended(now, report))
         await self._guard(report, self._purge_keys(now))
         await self._guard(report, self._purge_webhook_ids(now))
         await self._guard(report, self._purge_rate_buckets(now))
         self.passes += 1
         self.last = report
-        self._metrics.repaired(
+        self._telemetry.metrics.repaired(
             {
                 "start_failed": report.starts_failed,
                 "session_ended": report.sessions_ended,
@@ -229,7 +254,7 @@ class Reconciler:
         if session.state == ENDING:
             # Its dispatcher may have died before the stop, or the stop failed: stop it (its
             # goodbye), and destroy it if it outlives the grace period.
-            await self._stop_then_destroy(ref, session.id, now, report)
+            await self._stop_then_destroy(ref, now, report)
             return
         reason = None
         if now >= session.expires_at:
@@ -241,22 +266,19 @@ class Reconciler:
         ):
             reason = READY_TIMEOUT
         if reason and await self._supervisor.ask_to_end(session.id, reason):
-            log.info("ending the session: %s", reason, extra={"session_id": session.id})
-            await self._stop_then_destroy(ref, session.id, now, report)
+            log.info("ending the session: %s", reason)
+            await self._stop_then_destroy(ref, now, report)
 
-    async def _stop_then_destroy(
-        self, ref: MachineRef, session_id: str | None, now: float, report: Report
-    ) -> None:
+    async def _stop_then_destroy(self, ref: MachineRef, now: float, report: Report) -> None:
         """First sighting: Fly's stop (SIGTERM, SIGKILL after the grace period). A pass after
         the grace plus a margin: destroy it if it is still there."""
         deadline = self._stopping.get(ref.id)
-        extra = {"session_id": session_id, "machine_id": ref.id}
         if deadline is None:
             await self._machines.stop(ref, self._settings.bot_stop_timeout_s)
             self._stopping[ref.id] = now + self._settings.bot_stop_timeout_s + EXIT_MARGIN_S
             report.stops += 1
         elif now >= deadline:
-            log.warning("machine outlived its stop grace period: destroying it", extra=extra)
+            log.warning("machine outlived its stop grace period: destroying it")
             await self._machines.destroy(ref)
             self._stopping.pop(ref.id, None)
             report.destroyed += 1
@@ -270,10 +292,10 @@ class Reconciler:
             ended_at=time.time(),
             details={"reason": START_INTERRUPTED, "source": "reconciler"},
         )
-        self._metrics.session_ended(failed)
+        self._telemetry.session_ended(failed)
         if failed is None:
             return
-        log.warning("a start was interrupted: cleaning up", extra={"session_id": session.id})
+        log.warning("a start was interrupted: cleaning up")
         report.starts_failed += 1
         await self._machines.cleanup(session.id)
         report.rooms_queued += self._janitor.submit(failed)
@@ -293,19 +315,18 @@ class Reconciler:
             # Sessions are stored before their machine is created, so an unknown session is
             # not a start in flight; still, leave young machines alone (a lost database, clocks).
             return
-        extra = {"session_id": machine.session_id, "machine_id": machine.id}
         # A second machine of a live session runs with that session's callback token: stopped
         # gracefully, its bot would report `ended` for the session and end the live one.
         duplicate = owner is not None and owner.active
         if duplicate or not machine.live:
-            log.warning("destroying a machine no live session owns", extra=extra)
+            log.warning("destroying a machine no live session owns")
             await self._machines.destroy(machine.ref)
             self._stopping.pop(machine.id, None)
             report.destroyed += 1
             return
         if machine.id not in self._stopping:
-            log.warning("stopping a machine no live session owns", extra=extra)
-        await self._stop_then_destroy(machine.ref, machine.session_id, now, report)
+            log.warning("stopping a machine no live session owns")
+        await self._stop_then_destroy(machine.ref, now, report)
 
     async def _rooms_of_ended(self, now: float, report: Report) -> None:
         """Delete the rooms of ended sessions that still exist, as far as we can tell."""
@@ -323,6 +344,16 @@ class Reconciler:
                     due.setdefault(session.id, session)
         for session in list(due.values())[:ROOMS_PER_PASS]:
             report.rooms_queued += self._janitor.submit(session)
+
+    async def _validate_pool(
+        self,
+        inventory: list[MachineInfo],
+        live: Mapping[str, Session],
+        now: float,
+        report: Report,
+    ) -> None:
+        assert self._pool is not None
+        report.destroyed += await self._pool.validate(inventory, set(live), now)
 
     async def _purge_keys(self, now: float) -> None:
         await self._store.purge_keys(created_before=now - IDEMPOTENCY_KEY_TTL_S)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dispatcher.auth import Principal, new_callback_token, token_matches
+from opentelemetry import trace
+
+from dispatcher.auth import (
+    Principal,
+    new_callback_token,
+)
+from dispatcher.callbacks import bot_env
 from dispatcher.config import Settings
 from dispatcher.errors import (
     BadRequest,
@@ -22,15 +27,16 @@ from dispatcher.errors import (
     InProgress,
     NotFound,
     RetryLater,
-    Unauthorized,
     Unavailable,
     Unprocessable,
     UpstreamError,
 )
 from dispatcher.janitor import RoomJanitor
+from dispatcher.logs import bind, session_context
 from dispatcher.machines import BOT_COMMAND, BotSpec, MachineBackend, MachineRef
-from dispatcher.metrics import Metrics
 from dispatcher.pacing import Pacer
+from dispatcher.pool import Pool
+from dispatcher.pool_store import PoolMachine
 from dispatcher.rooms import RoomBackend, RoomPlan
 from dispatcher.start import StartRequest
 from dispatcher.store import (
@@ -44,10 +50,10 @@ from dispatcher.store import (
     Store,
 )
 from dispatcher.supervisor import DELETED, Supervisor
+from dispatcher.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-_REASON = re.compile(r"^[a-z0-9_]{1,64}$")
 # How long a retried start waits for the first start under the same Idempotency-Key.
 IDEMPOTENT_WAIT_S = 30.0
 IDEMPOTENT_POLL_S = 0.2
@@ -66,11 +72,6 @@ def new_session_id() -> str:
     return "s-" + secrets.token_hex(8)
 
 
-def new_traceparent() -> str:
-    """A W3C traceparent for the dispatch of a session."""
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
-
-
 class SessionService:
     """The dispatcher's use cases; HTTP handlers call these and nothing else."""
 
@@ -83,16 +84,18 @@ class SessionService:
         supervisor: Supervisor,
         janitor: RoomJanitor,
         pacer: Pacer | None = None,
-        metrics: Metrics | None = None,
+        telemetry: Telemetry | None = None,
+        pool: Pool | None = None,
     ) -> None:
         self._settings = settings
-        self._metrics = metrics or Metrics()
+        self._telemetry = telemetry or Telemetry()
         self._store = store
         self._machines = machines
         self._rooms = rooms
         self._supervisor = supervisor
         self._janitor = janitor
         self._pacer = pacer
+        self._pool = pool
         self._starts: set[asyncio.Task[dict[str, Any]]] = set()
         self.draining = False
 
@@ -129,6 +132,13 @@ class SessionService:
     ) -> dict[str, Any]:
         """A start under an Idempotency-Key answers what the first start with it answered."""
         session_id = new_session_id()
+        # This task's own context: every record logged for the start carries its session.
+        bind(session_id=session_id)
+        span = trace.get_current_span()
+        span.set_attribute("session.id", session_id)
+        span.set_attribute("user.id", self._telemetry.tracing.user_id(principal.user))
+        if request.region:
+            span.set_attribute("session.region_requested", request.region)
         if idempotency is None:
             return await self._start(principal, request, session_id)
         user, key = principal.user, idempotency.key
@@ -173,11 +183,17 @@ class SessionService:
     ) -> dict[str, Any]:
         rooms = self._room_backend(request.transport)
         await rooms.open()
-        delay = self._pacer.reserve() if self._pacer else 0.0
+        pooled = None
+        if self._pool is not None and request.transport == "daily":
+            pooled = await self._pool.take(
+                session_id, self._regions(request.region), request.body_json
+            )
+        # A cold create takes its turn now: a full queue is refused before anything is made.
+        delay = self._pacer.reserve() if self._pacer and pooled is None else 0.0
         try:
-            return await self._create(principal, request, session_id, rooms, delay)
+            return await self._create(principal, request, session_id, rooms, delay, pooled)
         except RetryLater:
-            if self._pacer:
+            if self._pacer and pooled is None:
                 self._pacer.cancel()
             raise
 
@@ -188,6 +204,7 @@ class SessionService:
         session_id: str,
         rooms: RoomBackend,
         delay: float,
+        pooled: PoolMachine | None,
     ) -> dict[str, Any]:
         now = time.time()
         expires_at = now + self._settings.session_max_duration_s
@@ -199,7 +216,8 @@ class SessionService:
             request.token_properties,
         )
         callback_token, callback_hash = new_callback_token()
-        traceparent = new_traceparent()
+        traceparent = self._telemetry.tracing.traceparent()
+        bind(traceparent=traceparent)
         session = Session(
             id=session_id,
             user_id=principal.user,
@@ -212,35 +230,42 @@ class SessionService:
             room_name=plan.name or None,
             room_url=plan.url or None,
             callback_hash=callback_hash,
+            traceparent=traceparent,
         )
-        await self._store.create_session(
-            session,
-            max_sessions=self._settings.max_sessions,
-            max_per_user=self._settings.max_sessions_per_user,
-        )
-        await self._store.record(
-            session_id,
-            "requested",
-            {
-                "user": principal.user,
-                "transport": request.transport,
-                "region": request.region,
-                "traceparent": traceparent,
-            },
-        )
+        requested = {
+            "user": principal.user,
+            "transport": request.transport,
+            "region": request.region,
+            "traceparent": traceparent,
+        }
+        try:
+            await self._store.create_session(
+                session,
+                max_sessions=self._settings.max_sessions,
+                max_per_user=self._settings.max_sessions_per_user,
+                events=[("requested", requested)],
+            )
+        except RetryLater:
+            if pooled is not None and self._pool is not None:
+                await self._pool.release(pooled)
+            raise
+        if pooled is not None and self._pool is not None:
+            self._pool.notify(pooled)
         contract = rooms.bot_contract(plan)
         spec = BotSpec(
             session_id=session_id,
             user=principal.user,
             cmd=(*BOT_COMMAND, *contract.args),
             env={
-                **self._bot_env(session_id, callback_token, request, traceparent),
+                **bot_env(
+                    self._settings, session_id, callback_token, request.body_json, traceparent
+                ),
                 **contract.env,
             },
             regions=self._regions(request.region),
         )
         room_done, launched = await asyncio.gather(
-            rooms.create(plan), self._launch(spec, delay), return_exceptions=True
+            rooms.create(plan), self._launch(spec, delay, pooled), return_exceptions=True
         )
         room_error = room_done if isinstance(room_done, BaseException) else None
         machine = launched if isinstance(launched, MachineRef) else None
@@ -251,8 +276,13 @@ class SessionService:
             assert error is not None
             raise error
         assert machine is not None
-        if plan.name:
-            await self._store.record(session_id, "room_created", {"room": plan.name})
+        bind(machine_id=machine.id)
+        span = trace.get_current_span()
+        span.set_attribute("fly.machine.id", machine.id)
+        span.set_attribute("session.pooled", machine.pooled)
+        if machine.region:
+            span.set_attribute("cloud.region", machine.region)
+        room_created = [("room_created", {"room": plan.name})] if plan.name else []
         dispatched = await self._store.transition(
             session_id,
             DISPATCHED,
@@ -260,21 +290,36 @@ class SessionService:
             machine_id=machine.id,
             region=machine.region,
             machine_version=machine.version,
-            details={"machine_id": machine.id, "region": machine.region},
+            details={"machine_id": machine.id, "region": machine.region, "pooled": machine.pooled},
+            events=room_created,
         )
         if dispatched is None:
+            for kind, details in room_created:
+                await self._store.record(session_id, kind, details)
             dispatched = await self._after_race(session_id, machine)
         log.info(
-            "session dispatched to machine %s in %s",
+            "session dispatched to %s machine %s in %s",
+            "pool" if machine.pooled else "new",
             machine.id,
             machine.region,
-            extra={"session_id": session_id, "machine_id": machine.id},
         )
         self._supervisor.follow(dispatched)
         return {**rooms.answer(plan), "sessionId": session_id}
 
-    async def _launch(self, spec: BotSpec, delay: float) -> MachineRef:
-        """Create the machine once its turn under the create pacing comes."""
+    async def _launch(self, spec: BotSpec, delay: float, pooled: PoolMachine | None) -> MachineRef:
+        """Start the claimed pool machine (another if it fails), else create one once its turn
+        under the create pacing comes."""
+        while pooled is not None and self._pool is not None:
+            try:
+                return await self._pool.start(pooled)
+            except Exception:
+                pooled = await self._pool.take(
+                    spec.session_id, spec.regions, spec.env["SESSION_BODY"]
+                )
+                if pooled is not None:
+                    self._pool.notify(pooled)
+                elif self._pacer is not None:
+                    delay = self._pacer.reserve(bounded=False)
         if delay > 0:
             await asyncio.sleep(delay)
         return await self._machines.launch(spec)
@@ -319,7 +364,7 @@ class SessionService:
         results = await asyncio.gather(*(c for _, c in cleanups), return_exceptions=True)
         for (what, _), result in zip(cleanups, results, strict=True):
             if isinstance(result, BaseException):
-                log.warning("undo %s failed: %s", what, result, extra={"session_id": session.id})
+                log.warning("undo %s failed: %s", what, result)
                 await self._store.record(
                     session.id, "cleanup_failed", {"what": what, "error": str(result)}
                 )
@@ -337,10 +382,8 @@ class SessionService:
             ended_at=time.time(),
             details=details,
         )
-        self._metrics.session_ended(failed)
-        log.warning(
-            "start failed on the %s: %s", failed_on, error, extra={"session_id": session.id}
-        )
+        self._telemetry.session_ended(failed)
+        log.warning("start failed on the %s: %s", failed_on, error)
 
     def _room_backend(self, transport: str) -> RoomBackend:
         rooms = self._rooms.get(transport)
@@ -359,25 +402,6 @@ class SessionService:
         if requested:
             return (requested, *(r for r in regions if r != requested))
         return regions
-
-    def _bot_env(
-        self,
-        session_id: str,
-        callback_token: str,
-        request: StartRequest,
-        traceparent: str,
-    ) -> dict[str, str]:
-        """The bot contract's env common to every transport: per-session values only, never a
-        key of the dispatcher's (the transport adds its own, see `RoomBackend.bot_contract`)."""
-        assert self._settings.dispatcher_url
-        return {
-            "SESSION_ID": session_id,
-            "DISPATCHER_URL": self._settings.dispatcher_url,
-            "BOT_CALLBACK_TOKEN": callback_token,
-            "SESSION_BODY": request.body_json,
-            "SESSION_MAX_DURATION_S": str(self._settings.session_max_duration_s),
-            "TRACEPARENT": traceparent,
-        }
 
     async def get(self, principal: Principal, session_id: str) -> Session:
         """The caller's session, or any session for an admin (someone else's is reported as
@@ -425,65 +449,20 @@ class SessionService:
     async def end(self, principal: Principal, session_id: str) -> Session:
         """End the caller's session (an admin: any session): SIGTERM to the bot with a grace
         period; idempotent."""
-        await self.get(principal, session_id)
-        ending = await end_session(
-            self._store,
-            self._machines,
-            session_id,
-            by=principal.user,
-            grace_s=self._settings.bot_stop_timeout_s,
-        )
-        if ending is None:
-            return await self.get(principal, session_id)
-        self._supervisor.follow(ending)
-        return ending
-
-    async def bot_ready(self, session_id: str, token: str | None) -> None:
-        """The bot joined its room."""
-        session = await self._bot_session(session_id, token)
-        ready = await self._store.transition(
-            session_id,
-            READY,
-            from_states=(STARTING, DISPATCHED),
-            ready_at=time.time(),
-            details={"source": "bot"},
-        )
-        self._metrics.session_ready(ready)
-        if ready is None and session.state not in (READY, ENDING):
-            raise Conflict(f"session is {session.state}", code="session-ended")
-        self._supervisor.notify_ready(session_id)
-
-    async def bot_ended(
-        self, session_id: str, token: str | None, reason: Any, exit_code: Any
-    ) -> None:
-        """The bot is leaving, with its reason and exit code."""
-        if not isinstance(reason, str) or not _REASON.match(reason):
-            raise BadRequest("reason must match [a-z0-9_]{1,64}", code="invalid-reason")
-        if exit_code is not None and (type(exit_code) is not int or not 0 <= exit_code <= 255):
-            raise BadRequest("exit_code must be an integer 0..255", code="invalid-exit-code")
-        session = await self._bot_session(session_id, token)
-        details = {"source": "bot", "reason": reason, "exit_code": exit_code}
-        moved = await self._store.transition(
-            session_id,
-            ENDING,
-            from_states=(STARTING, DISPATCHED, READY),
-            end_reason=reason,
-            exit_code=exit_code,
-            details=details,
-        )
-        if moved is None:
-            await self._store.record(session_id, "bot_ended", details)
-            if session.exit_code is None and exit_code is not None:
-                await self._store.update(session_id, exit_code=exit_code)
-
-    async def _bot_session(self, session_id: str, token: str | None) -> Session:
-        """The session of a callback: refused unless the token matches and the session lives."""
-        session = await self._store.get(session_id)
-        if session is None or not token_matches(token, session.callback_hash):
-            raise Unauthorized("bad callback token", code="invalid-callback-token")
-        if session.state not in ACTIVE_STATES:
-            raise Conflict(f"session is {session.state}", code="session-ended")
-        return session
+        with session_context(session_id):
+            session = await self.get(principal, session_id)
+            bind(machine_id=session.machine_id, traceparent=session.traceparent)
+            ending = await end_session(
+                self._store,
+                self._machines,
+                session_id,
+                by=principal.user,
+                grace_s=self._settings.bot_stop_timeout_s,
+            )
+            if ending is None:
+                return await self.get(principal, session_id)
+            self._supervisor.follow(ending)
+            return ending
 
 
 async def end_session(

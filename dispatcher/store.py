@@ -8,7 +8,7 @@ import hashlib
 import json
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -55,6 +55,8 @@ sessions = sa.Table(
     sa.Column("ended_at", sa.Float),
     sa.Column("expires_at", sa.Float, nullable=False),
     sa.Column("room_deleted_at", sa.Float),
+    sa.Column("end_requested_at", sa.Float),
+    sa.Column("traceparent", sa.String(64)),
     sa.Index("ix_sessions_state", "state"),
     sa.Index("ix_sessions_user_state", "user_id", "state"),
 )
@@ -103,8 +105,34 @@ webhook_events = sa.Table(
     sa.Column("received_at", sa.Float, nullable=False, index=True),
 )
 
+# The warm pool (dispatcher/pool.py): machines made ahead of sessions. `state` is `warming`
+# (made, not claimable yet), `available`, or `claimed` (by `session_id`, whose bot fetches its
+# assignment with the machine's token; `body` is that session's SESSION_BODY until then).
+pool_machines = sa.Table(
+    "pool_machines",
+    metadata,
+    sa.Column("machine_id", sa.String(64), primary_key=True),
+    sa.Column("dispatcher", sa.String(128), nullable=False),
+    sa.Column("region", sa.String(16), nullable=False),
+    sa.Column("image", sa.String(512), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False),
+    sa.Column("version", sa.String(64)),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("session_id", sa.String(64)),
+    sa.Column("body", sa.Text),
+    sa.Index("ix_pool_claim", "dispatcher", "state", "region", "image"),
+)
+
 # Columns added after the first release, with their DDL type: added on open when missing.
-_ADDED_COLUMNS = {"sessions": {"room_deleted_at": "FLOAT"}}
+_ADDED_COLUMNS = {
+    "sessions": {
+        "room_deleted_at": "FLOAT",
+        "end_requested_at": "FLOAT",
+        "traceparent": "VARCHAR(64)",
+    }
+}
 
 
 @dataclass(frozen=True)
@@ -130,6 +158,11 @@ class Session:
     ready_at: float | None = None
     ended_at: float | None = None
     room_deleted_at: float | None = None
+    # When it moved to `ending` (the end asked for: DELETE, a limit, the bot leaving).
+    end_requested_at: float | None = None
+    # The W3C traceparent of its start: its bot's parent span, and the parent of the spans
+    # made later for its readiness and its end (dispatcher/telemetry.py).
+    traceparent: str | None = None
 
     @property
     def active(self) -> bool:
@@ -249,7 +282,7 @@ class Store:
             await conn.execute(sa.text("SELECT 1"))
 
     @contextlib.asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
+    async def write(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction; on SQLite writes are serialised in-process to avoid lock errors."""
         if self._sqlite:
             async with self._write_lock, self._engine.begin() as conn:
@@ -258,13 +291,29 @@ class Store:
             async with self._engine.begin() as conn:
                 yield conn
 
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads."""
+        async with self._engine.connect() as conn:
+            yield conn
+
+    @property
+    def sqlite(self) -> bool:
+        """Whether the database is SQLite (one writer; no row locks)."""
+        return self._sqlite
+
     async def create_session(
-        self, session: Session, *, max_sessions: int, max_per_user: int | None = None
+        self,
+        session: Session,
+        *,
+        max_sessions: int,
+        max_per_user: int | None = None,
+        events: Sequence[tuple[str, dict[str, Any]]] = (),
     ) -> None:
         """Insert a new session unless `max_sessions` are active, or `max_per_user` of its
         user's (then RetryLater), atomically: on PostgreSQL under an advisory lock, so the caps
         hold across every dispatcher instance sharing the database."""
-        async with self._write() as conn:
+        async with self.write() as conn:
             if not self._sqlite:
                 await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_CAPACITY_LOCK)))
             active = sessions.c.state.in_(ACTIVE_STATES)
@@ -288,6 +337,8 @@ class Store:
                     )
             await conn.execute(sessions.insert().values(**asdict(session)))
             await _add_event(conn, session.id, session.created_at, "state", session.state, {})
+            for kind, details in events:
+                await _add_event(conn, session.id, time.time(), kind, None, details)
 
     async def transition(
         self,
@@ -296,11 +347,15 @@ class Store:
         *,
         from_states: Iterable[str],
         details: dict[str, Any] | None = None,
+        events: Sequence[tuple[str, dict[str, Any]]] = (),
         **values: Any,
     ) -> Session | None:
-        """Move a session to `to` if it is in one of `from_states`; None if it was not."""
+        """Move a session to `to` if it is in one of `from_states`; None if it was not.
+        Moving to `ending` records when (`end_requested_at`)."""
         now = time.time()
-        async with self._write() as conn:
+        if to == ENDING:
+            values.setdefault("end_requested_at", now)
+        async with self.write() as conn:
             result = await conn.execute(
                 sessions.update()
                 .where(sessions.c.id == session_id, sessions.c.state.in_(tuple(from_states)))
@@ -310,12 +365,14 @@ class Store:
             row = result.first()
             if row is None:
                 return None
+            for kind, extra in events:
+                await _add_event(conn, session_id, now, kind, None, extra)
             await _add_event(conn, session_id, now, "state", to, details or {})
         return Session(**row._asdict())
 
     async def update(self, session_id: str, **values: Any) -> None:
         """Set fields of a session without a state change."""
-        async with self._write() as conn:
+        async with self.write() as conn:
             await conn.execute(
                 sessions.update()
                 .where(sessions.c.id == session_id)
@@ -324,7 +381,7 @@ class Store:
 
     async def record(self, session_id: str, kind: str, details: dict[str, Any]) -> None:
         """Append an event that is not a state change."""
-        async with self._write() as conn:
+        async with self.write() as conn:
             await _add_event(conn, session_id, time.time(), kind, None, details)
 
     async def get(self, session_id: str) -> Session | None:
@@ -416,7 +473,7 @@ class Store:
         """Claim an Idempotency-Key for a new start: None if this call claimed it, else the
         record of the start that holds it."""
         now = time.time()
-        async with self._write() as conn:
+        async with self.write() as conn:
             insert = _insert(self.dialect, idempotency_keys).values(
                 user_id=user_id,
                 key=key,
@@ -449,7 +506,7 @@ class Store:
         self, user_id: str, key: str, session_id: str, answer: dict[str, Any]
     ) -> None:
         """Store the answer of the start that holds a key."""
-        async with self._write() as conn:
+        async with self.write() as conn:
             await conn.execute(
                 idempotency_keys.update()
                 .where(
@@ -462,7 +519,7 @@ class Store:
 
     async def release_key(self, user_id: str, key: str, session_id: str) -> None:
         """Free a key whose start failed or was abandoned, so that a retry starts afresh."""
-        async with self._write() as conn:
+        async with self.write() as conn:
             await conn.execute(
                 idempotency_keys.delete().where(
                     idempotency_keys.c.user_id == user_id,
@@ -473,7 +530,7 @@ class Store:
 
     async def purge_keys(self, *, created_before: float) -> int:
         """Forget idempotency keys older than a time; how many were removed."""
-        async with self._write() as conn:
+        async with self.write() as conn:
             result = await conn.execute(
                 idempotency_keys.delete().where(idempotency_keys.c.created_at < created_before)
             )
@@ -490,7 +547,7 @@ class Store:
         order; on PostgreSQL the row lock makes each atomic across instances."""
         waits: dict[str, float] = {}
         try:
-            async with self._write() as conn:
+            async with self.write() as conn:
                 for key, interval, window in sorted(buckets):
                     full_at = rate_buckets.c.full_at
                     taken = sa.case((full_at > now, full_at), else_=now) + interval
@@ -517,7 +574,7 @@ class Store:
 
     async def purge_tokens(self, *, now: float) -> int:
         """Forget buckets that are full again (as good as no row); how many were removed."""
-        async with self._write() as conn:
+        async with self.write() as conn:
             result = await conn.execute(rate_buckets.delete().where(rate_buckets.c.full_at <= now))
         return int(result.rowcount or 0)
 
@@ -525,7 +582,7 @@ class Store:
 
     async def claim_webhook(self, event_id: str, *, at: float | None = None) -> bool:
         """Record a webhook event id as handled: False if it already was (a replay)."""
-        async with self._write() as conn:
+        async with self.write() as conn:
             insert = _insert(self.dialect, webhook_events).values(
                 id=event_id, received_at=time.time() if at is None else at
             )
@@ -534,12 +591,12 @@ class Store:
 
     async def release_webhook(self, event_id: str) -> None:
         """Forget an event id whose handling failed, so that its re-delivery is handled."""
-        async with self._write() as conn:
+        async with self.write() as conn:
             await conn.execute(webhook_events.delete().where(webhook_events.c.id == event_id))
 
     async def purge_webhooks(self, *, received_before: float) -> int:
         """Forget webhook event ids older than a time; how many were removed."""
-        async with self._write() as conn:
+        async with self.write() as conn:
             result = await conn.execute(
                 webhook_events.delete().where(webhook_events.c.received_at < received_before)
             )

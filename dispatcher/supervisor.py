@@ -10,8 +10,8 @@ from typing import Any
 
 from dispatcher.config import Settings
 from dispatcher.janitor import RoomJanitor
+from dispatcher.logs import session_context
 from dispatcher.machines import MachineBackend, MachineExit, MachineRef
-from dispatcher.metrics import Metrics
 from dispatcher.store import (
     ACTIVE_STATES,
     DISPATCHED,
@@ -23,6 +23,7 @@ from dispatcher.store import (
     Session,
     Store,
 )
+from dispatcher.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,9 @@ class Supervisor:
         settings: Settings,
         *,
         poll_s: float = 5.0,
-        metrics: Metrics | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
-        self._metrics = metrics or Metrics()
+        self._telemetry = telemetry or Telemetry()
         self._store = store
         self._machines = machines
         self._janitor = janitor
@@ -86,11 +87,15 @@ class Supervisor:
 
     async def _follow(self, session: Session) -> None:
         try:
-            await self._watch(session)
+            with session_context(
+                session.id, machine_id=session.machine_id, traceparent=session.traceparent
+            ):
+                await self._watch(session)
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("watching the session failed", extra={"session_id": session.id})
+            with session_context(session.id, machine_id=session.machine_id):
+                log.exception("watching the session failed")
         finally:
             self._tasks.pop(session.id, None)
             self._ready.pop(session.id, None)
@@ -103,11 +108,7 @@ class Supervisor:
             if session.ready_at is None and session.state in (STARTING, DISPATCHED):
                 outcome = await self._until_ready(session, exit_task)
                 if outcome == "timeout" and await self.ask_to_end(session.id, READY_TIMEOUT):
-                    log.warning(
-                        "bot not ready after %.0f s",
-                        self._settings.ready_timeout_s,
-                        extra={"session_id": session.id, "machine_id": ref.id},
-                    )
+                    log.warning("bot not ready after %.0f s", self._settings.ready_timeout_s)
                     await self._machines.stop(ref, self._settings.bot_stop_timeout_s)
                     await self.finish(session.id, ref, await self._exit_within(exit_task, ref))
                     return
@@ -169,10 +170,7 @@ class Supervisor:
         done, _ = await asyncio.wait({exit_task}, timeout=grace)
         exit = exit_task.result() if done else None
         if exit is None:
-            log.warning(
-                "machine outlived its stop grace period: destroying it",
-                extra={"machine_id": ref.id},
-            )
+            log.warning("machine outlived its stop grace period: destroying it")
             await self._machines.destroy(ref)
             exit = MachineExit(requested_stop=True)
         return exit
@@ -208,14 +206,9 @@ class Supervisor:
             ended_at=time.time(),
             details=details,
         )
-        self._metrics.session_ended(ended)
-        log.info(
-            "session %s: %s (exit code %s)",
-            ended.state if ended else "over",
-            reason,
-            exit_code,
-            extra={"session_id": session_id, "machine_id": ref.id},
-        )
+        self._telemetry.session_ended(ended)
+        state = ended.state if ended else "over"
+        log.info("session %s: %s (exit code %s)", state, reason, exit_code)
         await self.clean_up(session, ref)
         return ended
 
@@ -229,7 +222,7 @@ class Supervisor:
         try:
             await call
         except Exception as exc:
-            log.warning("%s failed: %s", what, exc, extra={"session_id": session_id})
+            log.warning("%s failed: %s", what, exc)
             await self._store.record(
                 session_id, "cleanup_failed", {"what": what, "error": str(exc)}
             )

@@ -39,6 +39,7 @@ from typing import Any
 
 from dispatcher.config import Settings
 from dispatcher.errors import BadRequest, Unauthorized
+from dispatcher.logs import session_context
 from dispatcher.machines import MachineBackend, MachineRef
 from dispatcher.reconciler import SESSION_ROOM
 from dispatcher.rooms.daily import daily_user_id
@@ -225,6 +226,15 @@ class DailyWebhooks:
             or session.dispatcher != self._settings.dispatcher_name
         ):
             return {"ok": True, "ignored": "room"}
+        with session_context(
+            session.id, machine_id=session.machine_id, traceparent=session.traceparent
+        ):
+            return await self._act(kind, event, payload, session)
+
+    async def _act(
+        self, kind: str, event: dict[str, Any], payload: dict[str, Any], session: Session
+    ) -> dict[str, Any]:
+        """Record the event in the session's log and end the session when it says so."""
         details: dict[str, Any] = {
             "event_id": event.get("id"),
             "type": kind,
@@ -240,12 +250,7 @@ class DailyWebhooks:
             ends = isinstance(user_id, str) and user_id == daily_user_id(session.user_id)
         await self._store.record(session.id, "webhook", details)
         ending = ends and await self._end(session, ENDING_EVENTS[kind], details["event_id"])
-        log.info(
-            "daily webhook %s%s",
-            kind,
-            ": ending the session" if ending else "",
-            extra={"session_id": session.id},
-        )
+        log.info("daily webhook %s%s", kind, ": ending the session" if ending else "")
         return {"ok": True, "sessionId": session.id, "ending": ending}
 
     async def _end(self, session: Session, reason: str, event_id: Any) -> bool:
@@ -266,7 +271,7 @@ class DailyWebhooks:
                 await self._machines.stop(ref, self._settings.bot_stop_timeout_s)
             except Exception as exc:
                 # The session is `ending`: the reconciler stops its machine on its next pass.
-                log.warning("machine stop failed: %s", exc, extra={"session_id": session.id})
+                log.warning("machine stop failed: %s", exc)
                 await self._store.record(
                     session.id, "cleanup_failed", {"what": "machine_stop", "error": str(exc)}
                 )

@@ -211,7 +211,7 @@ async def run_chaos(
                 | {f"daily {k}": v for k, v in daily.limiter.refused.items()}
             )
             if report.violations:
-                lines = [x for x in proc.log_text().splitlines() if " httpx: " not in x]
+                lines = [x for x in proc.log_text().splitlines() if '"logger": "httpx"' not in x]
                 report.details.append("dispatcher log tail:\n" + "\n".join(lines[-60:]))
     report.wall_s = time.monotonic() - started
     return report

@@ -1,10 +1,11 @@
-"""Fixtures shared by the test suite: databases, settings, secrets."""
+"""Fixtures shared by the test suite: databases, settings, secrets, an OTLP trace collector."""
 
 from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -14,6 +15,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from dispatcher.store import Store, engine_url
 from tests.fakes.common import serve
 from tests.fakes.recorder import CallbackRecorder
+from tests.otlp_collector import OtlpCollector
+
+if TYPE_CHECKING:
+    from tests.test_bot_webrtc import BotProcess
 
 PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 JWT_SECRET = "test-jwt-secret-" + "x" * 32
@@ -99,3 +104,24 @@ async def recorder() -> AsyncIterator[CallbackRecorder]:
     async with serve(rec.app()) as url:
         rec.url = url
         yield rec
+
+
+@pytest.fixture
+def otlp_collector() -> Iterator[OtlpCollector]:
+    """An OTLP/HTTP trace collector on loopback: point OTEL_EXPORTER_OTLP_ENDPOINT at
+    `.endpoint`, then read `.spans()` or `await .wait_for(predicate)`."""
+    with OtlpCollector() as collector:
+        yield collector
+
+
+@pytest.fixture
+async def bots() -> AsyncIterator[list[BotProcess]]:
+    """Real bot processes (tests/test_bot_webrtc.py's `start_bot`) started by a test; killed
+    if a test leaves one running."""
+    started: list[BotProcess] = []
+    yield started
+    for bot in started:
+        await bot.http.aclose()
+        if bot.proc.returncode is None:
+            bot.proc.kill()
+            await bot.proc.wait()

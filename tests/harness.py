@@ -16,6 +16,7 @@ import jwt
 
 from dispatcher.app import create_app
 from dispatcher.config import Settings
+from dispatcher.telemetry import Tracing
 from dispatcher.upstream import RetryPolicy
 from tests.conftest import JWT_SECRET
 from tests.fakes.common import bind_loopback, serve
@@ -150,6 +151,7 @@ async def dispatcher_stack(
     local: bool = False,
     retry: RetryPolicy = FAST_RETRY,
     upstream_timeout_s: float = 10.0,
+    tracing: Tracing | None = None,
 ) -> AsyncIterator[Stack]:
     """Emulators and a dispatcher on loopback; `local=True` runs bots as local processes."""
     upstream = emulators(fly=None if local else (fly or fly_emulator()), daily=daily)
@@ -163,6 +165,7 @@ async def dispatcher_stack(
                 local=local,
                 retry=retry,
                 upstream_timeout_s=upstream_timeout_s,
+                tracing=tracing,
             )
         )
 
@@ -198,6 +201,7 @@ async def run_dispatcher(
     local: bool = False,
     retry: RetryPolicy = FAST_RETRY,
     upstream_timeout_s: float = 10.0,
+    tracing: Tracing | None = None,
 ) -> AsyncIterator[Stack]:
     """A dispatcher under uvicorn on loopback, wired to served emulators (its DB in tmp_path)."""
     sock = bind_loopback()
@@ -211,6 +215,12 @@ async def run_dispatcher(
     if local:
         values["LOCAL_BOT_DIR"] = str(TESTBOT_DIR)
     settings = Settings.from_env(values | (env or {}))
-    app = create_app(settings, retry=retry, poll_s=0.2, upstream_timeout_s=upstream_timeout_s)
+    app = create_app(
+        settings,
+        retry=retry,
+        poll_s=0.2,
+        upstream_timeout_s=upstream_timeout_s,
+        tracing=tracing,
+    )
     async with serve(app, sock=sock), httpx.AsyncClient(base_url=url, timeout=30) as http:
         yield Stack(url=url, http=http, settings=settings, fly=urls.fly, daily=urls.daily)

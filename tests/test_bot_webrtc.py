@@ -90,6 +90,19 @@ class BotProcess:
         return await asyncio.wait_for(self.proc.wait(), timeout_s)
 
 
+def webrtc_env(dispatcher_url: str, port: int) -> dict[str, str]:
+    """The contract env of a webrtc session (Daily's variables removed), its bot on `port`."""
+    return contract_env(
+        dispatcher_url,
+        BOT_TRANSPORT="webrtc",
+        BOT_HOST="127.0.0.1",
+        BOT_PORT=str(port),
+        ICE_SERVERS="[]",
+        DAILY_ROOM_URL=None,
+        DAILY_TOKEN=None,
+    )
+
+
 async def start_bot(
     recorder: CallbackRecorder,
     tmp_path: Path,
@@ -98,15 +111,7 @@ async def start_bot(
 ) -> BotProcess:
     """Start the real bot with the webrtc contract env (Daily's variables removed)."""
     port = free_port()
-    env = contract_env(
-        recorder.url,
-        BOT_TRANSPORT="webrtc",
-        BOT_HOST="127.0.0.1",
-        BOT_PORT=str(port),
-        ICE_SERVERS="[]",
-        DAILY_ROOM_URL=None,
-        DAILY_TOKEN=None,
-    )
+    env = webrtc_env(recorder.url, port)
     env.update({"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
     for name, value in overrides.items():
         if value is None:
@@ -125,18 +130,6 @@ async def start_bot(
             stderr=err,
         )
     return BotProcess(proc, port, tmp_path, httpx.AsyncClient(timeout=30))
-
-
-@pytest.fixture
-async def bots(recorder: CallbackRecorder, tmp_path: Path) -> AsyncIterator[list[BotProcess]]:
-    """Bot processes started by a test; killed if a test leaves one running."""
-    started: list[BotProcess] = []
-    yield started
-    for bot in started:
-        await bot.http.aclose()
-        if bot.proc.returncode is None:
-            bot.proc.kill()
-            await bot.proc.wait()
 
 
 async def booted(

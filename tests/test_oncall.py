@@ -80,6 +80,7 @@ def assert_ordered(names: list[str], *expected: str) -> None:
 async def assert_table_names_steps(trace: dict[str, Any], sid: str) -> None:
     code, table = await cli("trace", sid)
     assert code == 0
+    assert f"trace {trace['session']['traceId']}" in table.splitlines()[0]
     for name in steps(trace):
         assert name in table, (name, table)
 
@@ -122,6 +123,12 @@ async def test_trace_of_a_normal_session(tmp_path: Path, monkeypatch: pytest.Mon
         assert step(trace, "machine exit (stopped)")["details"]["exit_code"] == 0
         assert any(s["source"] == "daily" and s["step"].startswith("room ") for s in trace["steps"])
         assert trace["session"]["machineId"] == session["machineId"]
+        # The trace id to look the session up by in the tracing backend and the logs: its
+        # bot's TRACEPARENT's.
+        assert stack.fly is not None
+        machine = stack.fly.machines[session["machineId"]]
+        assert trace["session"]["traceId"] == machine.config["env"]["TRACEPARENT"].split("-")[1]
+        assert trace["session"]["endRequestedAt"] is not None
         times = [s["at"] for s in trace["steps"]]
         assert times == sorted(times)
         assert trace["steps"][0]["sincePrevious"] is None

@@ -35,9 +35,10 @@ from dispatcher.machines import BOT_COMMAND, BotSpec
 from dispatcher.machines.fly import FlyMachines
 from dispatcher.reconciler import START_INTERRUPTED, Reconciler
 from dispatcher.rooms.daily import DailyRooms
-from dispatcher.sessions import new_session_id, new_traceparent
+from dispatcher.sessions import new_session_id
 from dispatcher.store import ENDED, FAILED, READY, STARTING, Event, Session, Store
 from dispatcher.supervisor import Supervisor
+from dispatcher.telemetry import random_traceparent
 from tests.fakes.common import serve
 from tests.fakes.daily import DailyEmulator
 from tests.fakes.fly import ApiRequest, FlyEmulator, MachineRecord
@@ -389,7 +390,7 @@ class Rig:
             "BOT_CALLBACK_TOKEN": secrets.token_urlsafe(16),
             "SESSION_BODY": json.dumps({"testBot": script or {}}),
             "SESSION_MAX_DURATION_S": "300",
-            "TRACEPARENT": new_traceparent(),
+            "TRACEPARENT": random_traceparent(),
             **contract.env,
         }
         spec = BotSpec(sid, "user-1", (*BOT_COMMAND, *contract.args), env)

@@ -11,8 +11,13 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from dispatcher.config import Settings
+from dispatcher.logs import JsonFormatter
+from dispatcher.telemetry import Tracing
 from tests.fakes.common import Fault
 from tests.harness import SECRETS, dispatcher_stack, eventually, fly_emulator
 
@@ -28,12 +33,16 @@ def scan(haystacks: dict[str, str], needles: dict[str, str]) -> list[str]:
 
 
 async def test_no_secret_leaves_its_place(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Sessions that end, crash and fail to start; then every trace of them is scanned."""
+    """Sessions that end, crash and fail to start; then every trace of them is scanned: log
+    records (and their JSON lines), spans, answers, requests, settings, the database."""
     caplog.set_level(logging.DEBUG)
     fly = fly_emulator()
     answers: list[str] = []
     user_tokens: list[str] = []
-    async with dispatcher_stack(tmp_path, fly=fly) as stack:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    async with dispatcher_stack(tmp_path, fly=fly, tracing=Tracing(provider)) as stack:
         assert stack.daily is not None
 
         async def run(body: object, *, user: str = "user-1") -> str:
@@ -79,11 +88,16 @@ async def test_no_secret_leaves_its_place(tmp_path: Path, caplog: pytest.LogCapt
         **{f"user token {i}": t for i, t in enumerate(user_tokens)},
         **bot_secrets,
     }
+    json_lines = JsonFormatter()
     records = [
         f"{r.name} {r.levelname} {r.getMessage()} {r.exc_text or ''} {vars(r)}"
+        f" {json_lines.format(r)}"
         for r in caplog.records
     ]
     assert records, "nothing was logged: the scan would prove nothing"
+    spans = [s.to_json() for s in exporter.get_finished_spans()]
+    assert len(spans) > 10, "no spans: the scan would prove nothing"
+    provider.shutdown()
     database = _dump(tmp_path / "dispatcher.db")
     # The bot's secrets appear once in the request that created its machine (its env), and
     # nowhere else in what was sent to Fly.
@@ -95,6 +109,7 @@ async def test_no_secret_leaves_its_place(tmp_path: Path, caplog: pytest.LogCapt
     leaks = scan(
         {
             "logs": "\n".join(records),
+            "spans": "\n".join(spans),
             "answers to clients": "\n".join(answers),
             "requests to Daily": daily_requests,
             "settings repr": settings_repr,

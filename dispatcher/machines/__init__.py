@@ -26,6 +26,8 @@ class MachineRef:
     id: str
     region: str | None = None
     version: str | None = None
+    # Taken from the warm pool (dispatcher/pool.py) rather than created for the session.
+    pooled: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class MachineInfo:
     region: str | None = None
     version: str | None = None
     created_at: float | None = None
+    # A warm pool machine (dispatcher/pool.py), not yet or no longer labelled with a session.
+    pool: bool = False
 
     @property
     def ref(self) -> MachineRef:

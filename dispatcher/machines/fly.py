@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from dispatcher.config import Settings
 from dispatcher.errors import UpstreamError
 from dispatcher.fly_api import MAX_WAIT_S, ExitEvent, FlyAPI, Machine
-from dispatcher.machines import BotSpec, MachineExit, MachineInfo, MachineRef
+from dispatcher.machines import BOT_COMMAND, BotSpec, MachineExit, MachineInfo, MachineRef
 from dispatcher.pacing import Pacer
 from dispatcher.upstream import RetryPolicy
 
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 
 GONE_STATES = frozenset({"stopped", "destroyed", "destroying", "failed", "replaced", "migrated"})
 INSUFFICIENT_CAPACITY = "insufficient_capacity"
+# The metadata key that marks a warm pool machine (it has no session_id until claimed).
+POOL_LABEL = "pool"
 NAME_TAKEN = "name_taken"
 
 
@@ -38,11 +41,26 @@ class FlyMachines:
 
     def machine_config(self, spec: BotSpec) -> dict[str, Any]:
         """The machine config for a session: the bot contract, pinned image, no services."""
+        metadata = {
+            "session_id": spec.session_id,
+            "dispatcher": self._settings.dispatcher_name,
+            "user": spec.user[:64],
+        }
+        return self._config(spec.cmd, spec.env, metadata)
+
+    def pool_config(self, env: dict[str, str]) -> dict[str, Any]:
+        """The machine config of a warm pool machine: the bot with no session yet."""
+        metadata = {"dispatcher": self._settings.dispatcher_name, POOL_LABEL: "true"}
+        return self._config(BOT_COMMAND, env, metadata)
+
+    def _config(
+        self, cmd: Sequence[str], env: dict[str, str], metadata: dict[str, str]
+    ) -> dict[str, Any]:
         s = self._settings
         return {
             "image": s.bot_image,
-            "init": {"cmd": list(spec.cmd)},
-            "env": dict(spec.env),
+            "init": {"cmd": list(cmd)},
+            "env": dict(env),
             "guest": {
                 "cpu_kind": s.bot_cpu_kind,
                 "cpus": s.bot_cpus,
@@ -51,12 +69,28 @@ class FlyMachines:
             "restart": {"policy": "no"},
             "auto_destroy": True,
             "stop_config": {"signal": "SIGTERM", "timeout": f"{s.bot_stop_timeout_s}s"},
-            "metadata": {
-                "session_id": spec.session_id,
-                "dispatcher": s.dispatcher_name,
-                "user": spec.user[:64],
-            },
+            "metadata": metadata,
         }
+
+    async def create_pooled(
+        self, env: dict[str, str], region: str | None, *, launch: bool
+    ) -> MachineRef:
+        """Make a pool machine: created only (`skip_launch`), or booted (`launch`). One
+        attempt: the pool tries again on its next pass."""
+        body: dict[str, Any] = {"config": self.pool_config(env), "skip_launch": not launch}
+        if region:
+            body["region"] = region
+        machine = await self._api.create(body)
+        return MachineRef(machine.id, machine.region or region, machine.instance_id)
+
+    async def start(self, ref: MachineRef) -> None:
+        """Start (or resume) a pool machine."""
+        await self._api.start(ref.id)
+
+    async def suspend(self, ref: MachineRef, timeout_s: int) -> bool:
+        """Suspend a started machine and wait until it is; False if it was not in time."""
+        await self._api.suspend(ref.id)
+        return await self._api.wait(ref.id, "suspended", timeout_s=timeout_s)
 
     async def launch(self, spec: BotSpec) -> MachineRef:
         """Create the session's machine in the first region with capacity."""
@@ -70,12 +104,7 @@ class FlyMachines:
                 machine = await self._create_once(spec.session_id, body)
             except UpstreamError as exc:
                 if exc.upstream_code == INSUFFICIENT_CAPACITY and index + 1 < len(regions):
-                    log.warning(
-                        "no capacity in %s, trying %s",
-                        region,
-                        regions[index + 1],
-                        extra={"session_id": spec.session_id},
-                    )
+                    log.warning("no capacity in %s, trying %s", region, regions[index + 1])
                     continue
                 raise
             return MachineRef(machine.id, machine.region or region, machine.instance_id)
@@ -95,7 +124,7 @@ class FlyMachines:
                 if attempt.retry_state.attempt_number > 1 and self._pacer is not None:
                     await self._pacer.acquire(bounded=False)
                 try:
-                    return await self._api.create(body)
+                    return await self._api.create(body, attempt=attempt.retry_state.attempt_number)
                 except UpstreamError as exc:
                     if exc.upstream_code == NAME_TAKEN and (found := await self._find(session_id)):
                         return found
@@ -112,12 +141,7 @@ class FlyMachines:
         if not machines:
             return None
         found = min(machines, key=lambda m: m.state in ("destroyed", "destroying"))
-        log.info(
-            "adopted machine %s (%s) after an ambiguous create",
-            found.id,
-            found.state,
-            extra={"session_id": session_id},
-        )
+        log.info("adopted machine %s (%s) after an ambiguous create", found.id, found.state)
         return found
 
     async def cleanup(self, session_id: str) -> None:
@@ -160,6 +184,7 @@ class FlyMachines:
             MachineInfo(
                 id=m.id,
                 session_id=m.metadata.get("session_id"),
+                pool=m.metadata.get(POOL_LABEL) == "true",
                 state=m.state,
                 live=m.state not in GONE_STATES,
                 region=m.region,

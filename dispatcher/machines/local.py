@@ -68,12 +68,7 @@ class LocalMachines:
         self._procs[machine_id] = proc
         self._addresses[machine_id] = f"{BOT_HOST}:{port}"
         self._by_session[spec.session_id] = machine_id
-        log.info(
-            "bot process %s started (pid %s)",
-            machine_id,
-            proc.pid,
-            extra={"session_id": spec.session_id, "machine_id": machine_id},
-        )
+        log.info("bot process %s started (pid %s)", machine_id, proc.pid)
         return MachineRef(machine_id, "local", None)
 
     async def cleanup(self, session_id: str) -> None:

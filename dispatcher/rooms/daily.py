@@ -178,7 +178,10 @@ class DailyRooms:
                     return
                 try:
                     await self._api.create_room(
-                        plan.name, privacy="private", properties=plan.properties
+                        plan.name,
+                        privacy="private",
+                        properties=plan.properties,
+                        attempt=attempt.retry_state.attempt_number,
                     )
                 except UpstreamError as exc:
                     maybe_created = maybe_created or exc.ambiguous

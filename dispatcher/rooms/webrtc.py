@@ -41,10 +41,7 @@ class WebRTCRooms:
     ) -> RoomPlan:
         """No room: Daily's room and token properties do not apply (and are ignored)."""
         if room_properties or token_properties:
-            log.info(
-                "room and token properties ignored: they apply to daily sessions only",
-                extra={"session_id": session_id},
-            )
+            log.info("room and token properties ignored: they apply to daily sessions only")
         return RoomPlan(name="", url="", user_token="", bot_token="", expires_at=expires_at)
 
     def answer(self, plan: RoomPlan) -> dict[str, Any]:

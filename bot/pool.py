@@ -1,0 +1,376 @@
+"""The warm pool's bot side: boot, load everything, then learn the session from the dispatcher.
+
+A pooled machine is created before any session: its env has DISPATCHER_URL, POOL_TOKEN (this
+machine's secret), BOT_TRANSPORT and Fly's FLY_MACHINE_ID, and no SESSION_ID. The bot imports
+Pipecat, its transport and services, loads Silero's model and builds its trace exporters
+(`preload`), then long-polls `GET /internal/machines/{id}/assignment` until the dispatcher
+answers with a session: the contract's variables (`env`) and command line (`args`) a cold bot
+would have been started with. `bot.__main__` then runs that session as if started cold, with
+the machine's env overlaid with the assignment's: only joining the room is left to do.
+
+Each poll asks the dispatcher to hold it `POLL_WAIT_S` and gives up `POLL_MARGIN_S` later, on
+a fresh connection. A machine of POOL_MODE=suspended is frozen with its poll outstanding, and
+the connection may be dead when it wakes: a watch ticking every `WATCH_TICK_S` notices that
+it was paused (a tick late by over `PAUSE_S` on the monotonic or the wall clock), abandons
+the poll and asks again at once. The same watch ends the wait on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+from loguru import logger
+
+from bot.dispatcher_client import BOT_TRANSPORT, DAILY, DISPATCHER_URL, SESSION_ID
+from bot.outcome import EXIT_CONFIG, EXIT_ERROR, EXIT_OK
+from bot.tracing import span_exporters
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+    from pipecat.audio.vad.vad_analyzer import VADAnalyzer
+
+POOL_TOKEN = "POOL_TOKEN"  # noqa: S105 (a variable name, not a secret)
+FLY_MACHINE_ID = "FLY_MACHINE_ID"
+# The code of the 410 that retires a machine (an image change, a smaller pool).
+RETIRED_CODE = "pool-machine-retired"
+
+POLL_WAIT_S = 5
+POLL_MARGIN_S = 2.0
+BACKOFF_INITIAL_S = 0.2
+BACKOFF_MAX_S = 2.0
+WATCH_TICK_S = 0.25
+PAUSE_S = 1.0
+
+STOPPED = "stopped"
+PAUSED = "paused"
+
+T = TypeVar("T")
+
+
+def is_pooled(environ: Mapping[str, str]) -> bool:
+    """Whether `environ` is a pooled machine's: a POOL_TOKEN and no SESSION_ID."""
+    return not environ.get(SESSION_ID, "").strip() and bool(environ.get(POOL_TOKEN, "").strip())
+
+
+def _required(environ: Mapping[str, str], name: str) -> str:
+    value = environ.get(name, "").strip()
+    if not value:
+        raise ValueError(f"missing environment variable {name}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolEnv:
+    """A pooled machine's own environment: who it is, whom it asks; the token out of `repr`."""
+
+    dispatcher_url: str
+    machine_id: str
+    pool_token: str = field(repr=False)
+    transport: str = DAILY
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> PoolEnv:
+        """Read it; a missing variable raises ValueError naming it."""
+        return cls(
+            dispatcher_url=_required(environ, DISPATCHER_URL).rstrip("/"),
+            machine_id=_required(environ, FLY_MACHINE_ID),
+            pool_token=_required(environ, POOL_TOKEN),
+            transport=environ.get(BOT_TRANSPORT, "").strip() or DAILY,
+        )
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A session for this machine: the contract's variables and the bot's command line."""
+
+    env: Mapping[str, str] = field(repr=False)
+    args: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, body: Any) -> Assignment:
+        """Parse a 200's body; ValueError if it is not `{"env": {str: str}, "args": [str]}`."""
+        env = body.get("env") if isinstance(body, dict) else None
+        args = body.get("args", []) if isinstance(body, dict) else None
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise ValueError("`env` must be an object of strings")
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise ValueError("`args` must be a list of strings")
+        return cls(env, tuple(args))
+
+    def environ(self, machine: Mapping[str, str]) -> dict[str, str]:
+        """The session's environment: the machine's, overlaid with the assignment's."""
+        return {**machine, **self.env}
+
+
+class AssignmentError(Exception):
+    """An answer that is no assignment; `retryable` says whether asking again may help.
+
+    A 410 `retired` the machine; any other final answer (401, 404, a malformed 200) means
+    the machine is misconfigured. The message never carries the request's headers.
+    """
+
+    def __init__(
+        self, status: int | None, *, retryable: bool, code: str | None = None, detail: str = ""
+    ) -> None:
+        self.status = status
+        self.retryable = retryable
+        self.code = code
+        what = f"status {status}" if status is not None else "no answer"
+        why = ": ".join(part for part in (code, detail) if part)
+        super().__init__(f"assignment: {what}" + (f" ({why})" if why else ""))
+
+    @property
+    def retired(self) -> bool:
+        """Whether the dispatcher retired this machine (exit 0, no session)."""
+        return self.status == 410
+
+
+class AssignmentClient:
+    """`GET /internal/machines/{id}/assignment`: one long poll per `poll()`."""
+
+    def __init__(
+        self,
+        pool: PoolEnv,
+        http: httpx.AsyncClient,
+        *,
+        wait_s: int = POLL_WAIT_S,
+        margin_s: float = POLL_MARGIN_S,
+    ) -> None:
+        self._pool = pool
+        self._http = http
+        self._wait_s = wait_s
+        self._timeout_s = wait_s + margin_s
+
+    def url(self) -> str:
+        """This machine's assignment URL."""
+        machine = quote(self._pool.machine_id, safe="")
+        return f"{self._pool.dispatcher_url}/internal/machines/{machine}/assignment"
+
+    async def poll(self) -> Assignment | None:
+        """Ask once, letting the dispatcher hold the request `wait_s`; None: not assigned yet."""
+        headers = {"Authorization": f"Bearer {self._pool.pool_token}"}
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                response = await self._http.get(
+                    self.url(),
+                    params={"wait": self._wait_s},
+                    headers=headers,
+                    timeout=self._timeout_s,
+                )
+        except (httpx.TransportError, TimeoutError) as exc:
+            raise AssignmentError(None, retryable=True, detail=type(exc).__name__) from exc
+        status = response.status_code
+        if status == 204:
+            return None
+        if status == 200:
+            try:
+                return Assignment.from_json(response.json())
+            except ValueError as exc:
+                raise AssignmentError(200, retryable=False, detail=f"malformed: {exc}") from exc
+        code, detail = _error_fields(response)
+        retryable = status in (408, 429) or status >= 500
+        raise AssignmentError(status, retryable=retryable, code=code, detail=detail)
+
+
+def _error_fields(response: httpx.Response) -> tuple[str | None, str]:
+    """The `code` and `detail` of a JSON error body, if it is one."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None, ""
+    if not isinstance(body, dict):
+        return None, ""
+    code, detail = body.get("code"), body.get("detail")
+    return (code if isinstance(code, str) else None), (detail if isinstance(detail, str) else "")
+
+
+class AssignmentWaiter:
+    """Asks until the dispatcher assigns a session, through errors, pauses and restarts.
+
+    204s are asked again at once; network errors, 408, 429 and 5xx after a capped
+    exponential backoff (jittered); a pause (see the module's docstring) abandons the poll
+    and asks again at once. A stop request ends the wait with None; a final answer raises.
+    """
+
+    def __init__(
+        self,
+        client: AssignmentClient,
+        stop_requested: Callable[[], str | None],
+        *,
+        backoff_initial_s: float = BACKOFF_INITIAL_S,
+        backoff_max_s: float = BACKOFF_MAX_S,
+        tick_s: float = WATCH_TICK_S,
+        pause_s: float = PAUSE_S,
+    ) -> None:
+        self._client = client
+        self._stop_requested = stop_requested
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self._tick_s = tick_s
+        self._pause_s = pause_s
+
+    async def wait(self) -> Assignment | None:
+        """The assignment, or None if a stop was requested first."""
+        failures = 0
+        while not self._stop_requested():
+            poll = asyncio.ensure_future(self._client.poll())
+            interrupted = await self._until(poll)
+            if interrupted == STOPPED:
+                return None
+            if interrupted == PAUSED:
+                failures = 0
+                continue
+            try:
+                assignment = poll.result()
+            except AssignmentError as exc:
+                if not exc.retryable:
+                    raise
+                failures += 1
+                delay = self._backoff(failures)
+                logger.info(f"{exc}; asking again in {delay:.1f} s")
+                if await self._until(asyncio.ensure_future(asyncio.sleep(delay))) == STOPPED:
+                    return None
+                continue
+            if assignment is not None:
+                return assignment
+            failures = 0
+        return None
+
+    def _backoff(self, failures: int) -> float:
+        delay = min(self._backoff_max_s, self._backoff_initial_s * 2 ** (failures - 1))
+        return random.uniform(delay / 2, delay)
+
+    async def _until(self, work: asyncio.Future[T]) -> str | None:
+        """Wait for `work`; None once it is done, else why it was abandoned (and cancelled)."""
+        watch = asyncio.ensure_future(self._watch())
+        both: tuple[asyncio.Future[Any], ...] = (work, watch)
+        try:
+            await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            pending = [task for task in both if not task.done()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if work.done() and not work.cancelled():
+            return None
+        return watch.result()
+
+    async def _watch(self) -> str:
+        """Tick until a stop is requested (STOPPED) or a tick comes late (PAUSED)."""
+        monotonic, wall = time.monotonic(), time.time()
+        while True:
+            await asyncio.sleep(self._tick_s)
+            if self._stop_requested():
+                return STOPPED
+            now_monotonic, now_wall = time.monotonic(), time.time()
+            late_s = max(now_monotonic - monotonic, now_wall - wall) - self._tick_s
+            if late_s > self._pause_s:
+                logger.info(f"Paused for {late_s:.1f} s: asking for the assignment again")
+                return PAUSED
+            monotonic, wall = now_monotonic, now_wall
+
+
+@dataclass(frozen=True)
+class Preloaded:
+    """What a pooled bot loads before its session, and how long each part took."""
+
+    vad_analyzer: VADAnalyzer
+    span_exporters: tuple[SpanExporter, ...]
+    imports_s: float
+    vad_s: float
+    tracing_s: float
+
+    def describe(self) -> str:
+        """One log line's worth."""
+        total = self.imports_s + self.vad_s + self.tracing_s
+        return (
+            f"Preloaded in {total:.2f} s: imports {self.imports_s:.2f} s, "
+            f"VAD {self.vad_s:.2f} s, tracing {self.tracing_s:.2f} s"
+        )
+
+
+def preload(environ: Mapping[str, str], transport: str) -> Preloaded:
+    """Import what a session of `transport` needs, load Silero's model, build the exporters."""
+    started = time.perf_counter()
+    from bot.bot import TRANSPORT_MODULES  # Pipecat's core, the pipeline and the session.
+    from bot.services import CONVERSATION, CONVERSATION_MODULES, Providers
+
+    modules = list(TRANSPORT_MODULES.get(transport, ()))
+    if Providers.from_environ(environ).mode == CONVERSATION:
+        modules += CONVERSATION_MODULES
+    for module in modules:
+        importlib.import_module(module)
+    from pipecat.audio.vad.silero import SileroVADAnalyzer
+
+    imported = time.perf_counter()
+    vad_analyzer = SileroVADAnalyzer()
+    loaded = time.perf_counter()
+    exporters = span_exporters(environ)
+    return Preloaded(
+        vad_analyzer,
+        exporters,
+        imports_s=imported - started,
+        vad_s=loaded - imported,
+        tracing_s=time.perf_counter() - loaded,
+    )
+
+
+@dataclass(frozen=True)
+class Assigned:
+    """A pooled bot's session: its environment and command line, and what was preloaded."""
+
+    environ: dict[str, str] = field(repr=False)
+    args: tuple[str, ...]
+    preloaded: Preloaded
+
+
+def boot_then_wait(
+    environ: Mapping[str, str], stop_requested: Callable[[], str | None]
+) -> Assigned | int:
+    """Preload, then wait for the assignment; the session, or the exit code if none came.
+
+    Exit codes: 0 retired or stopped, 1 preloading failed, 2 misconfigured (a missing
+    variable, a refused token, an unknown machine). No callback in any case: no session.
+    """
+    try:
+        pool = PoolEnv.from_environ(environ)
+    except ValueError as exc:
+        logger.error(f"Pooled bot misconfigured: {exc}")
+        return EXIT_CONFIG
+    logger.info(f"Pooled machine {pool.machine_id}: loading before any session")
+    try:
+        preloaded = preload(environ, pool.transport)
+    except Exception:
+        logger.exception("Preloading failed")
+        return EXIT_ERROR
+    logger.info(preloaded.describe())
+    try:
+        assignment = asyncio.run(_wait(pool, stop_requested))
+    except AssignmentError as exc:
+        if exc.retired:
+            logger.info(f"Retired by the dispatcher ({exc}): exiting")
+            return EXIT_OK
+        logger.error(f"Pooled bot misconfigured ({exc}): exiting")
+        return EXIT_CONFIG
+    if assignment is None:
+        logger.info(f"Stopped ({stop_requested()}) before any assignment: exiting")
+        return EXIT_OK
+    return Assigned(assignment.environ(environ), assignment.args, preloaded)
+
+
+async def _wait(pool: PoolEnv, stop_requested: Callable[[], str | None]) -> Assignment | None:
+    logger.info(f"Asking for an assignment at {pool.dispatcher_url}")
+    # No kept-alive connections: one left over from before a pause may be dead.
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(limits=limits) as http:
+        return await AssignmentWaiter(AssignmentClient(pool, http), stop_requested).wait()

@@ -1,0 +1,164 @@
+"""What bots ask of the dispatcher: a pool machine's assignment, and every bot's ready and
+ended callbacks. Each is authenticated by a token of that bot only (the pool machine's, or the
+session's callback token), compared in constant time against the stored hash."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from dispatcher.auth import derived_callback_token, token_matches
+from dispatcher.config import Settings
+from dispatcher.errors import BadRequest, Conflict, Gone, NotFound, Unauthorized
+from dispatcher.logs import bind, session_context
+from dispatcher.pool import Pool
+from dispatcher.pool_store import AVAILABLE, CLAIMED, WARMING
+from dispatcher.rooms import RoomBackend
+from dispatcher.store import ACTIVE_STATES, DISPATCHED, ENDING, READY, STARTING, Session, Store
+from dispatcher.supervisor import Supervisor
+from dispatcher.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+_REASON = re.compile(r"^[a-z0-9_]{1,64}$")
+# How long an assignment request of a machine the pool does not know (yet) is held.
+UNKNOWN_MACHINE_WAIT_S = 1.0
+
+
+def bot_env(
+    settings: Settings, session_id: str, callback_token: str, body_json: str, traceparent: str
+) -> dict[str, str]:
+    """The bot contract's env common to every transport: per-session values only, never a
+    key of the dispatcher's (the transport adds its own, see `RoomBackend.bot_contract`)."""
+    assert settings.dispatcher_url
+    return {
+        "SESSION_ID": session_id,
+        "DISPATCHER_URL": settings.dispatcher_url,
+        "BOT_CALLBACK_TOKEN": callback_token,
+        "SESSION_BODY": body_json,
+        "SESSION_MAX_DURATION_S": str(settings.session_max_duration_s),
+        "TRACEPARENT": traceparent,
+    }
+
+
+class BotCallbacks:
+    """The routes bots call (`/internal/...`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        rooms: Mapping[str, RoomBackend],
+        supervisor: Supervisor,
+        telemetry: Telemetry,
+        pool: Pool | None = None,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._rooms = rooms
+        self._supervisor = supervisor
+        self._telemetry = telemetry
+        self._pool = pool
+
+    async def assignment(
+        self, machine_id: str, token: str | None, wait_s: float
+    ) -> dict[str, Any] | None:
+        """The session of a pool machine, for its bot (authenticated by the machine's token):
+        `{"env", "args"}` as a cold bot gets them, once claimed; None if not claimed within
+        `wait_s` (ask again). The same answer every time until the session moves on (an
+        answer lost to a frozen or abandoned request is given again)."""
+        if self._pool is None:
+            raise NotFound("there is no warm pool", code="not-found")
+        row = await self._pool.row(machine_id)
+        if row is None:
+            # A machine whose bot asks before its create has answered (and its row is stored).
+            await asyncio.sleep(min(wait_s, UNKNOWN_MACHINE_WAIT_S))
+            return None
+        if token is None or not token_matches(token, row.token_hash):
+            raise Unauthorized("bad pool token", code="invalid-pool-token")
+        if row.state not in (WARMING, AVAILABLE, CLAIMED):
+            raise Gone("this pool machine is retired", code="pool-machine-retired")
+        if row.state == WARMING:
+            self._pool.warm(row)
+        claimed = await self._pool.claimed(row, wait_s)
+        if claimed is None:
+            if await self._pool.row(machine_id) is None:
+                raise Gone("this pool machine is retired", code="pool-machine-retired")
+            return None
+        assert claimed.session_id is not None
+        with session_context(claimed.session_id, machine_id=machine_id):
+            session = await self._store.get(claimed.session_id)
+            if session is None:
+                return None  # claimed for a start that has not stored its session yet
+            if session.state not in (STARTING, DISPATCHED):
+                raise Gone(f"the session is {session.state}", code="pool-machine-retired")
+            rooms = self._rooms[session.transport]
+            callback_token, callback_hash = derived_callback_token(token, session.id)
+            await self._store.update(session.id, callback_hash=callback_hash)
+            contract = rooms.bot_contract(
+                rooms.plan(session.id, session.user_id, session.expires_at, {}, {})
+            )
+            env = bot_env(
+                self._settings,
+                session.id,
+                callback_token,
+                claimed.body or "{}",
+                session.traceparent or "",
+            )
+            await self._store.record(session.id, "assigned", {"machine_id": machine_id})
+            log.info("pool machine %s fetched its assignment", machine_id)
+            return {"env": {**env, **contract.env}, "args": list(contract.args)}
+
+    async def bot_ready(self, session_id: str, token: str | None) -> None:
+        """The bot joined its room."""
+        with session_context(session_id):
+            session = await self._bot_session(session_id, token)
+            ready = await self._store.transition(
+                session_id,
+                READY,
+                from_states=(STARTING, DISPATCHED),
+                ready_at=time.time(),
+                details={"source": "bot"},
+            )
+            self._telemetry.session_ready(ready)
+            if ready is None and session.state not in (READY, ENDING):
+                raise Conflict(f"session is {session.state}", code="session-ended")
+            self._supervisor.notify_ready(session_id)
+
+    async def bot_ended(
+        self, session_id: str, token: str | None, reason: Any, exit_code: Any
+    ) -> None:
+        """The bot is leaving, with its reason and exit code."""
+        if not isinstance(reason, str) or not _REASON.match(reason):
+            raise BadRequest("reason must match [a-z0-9_]{1,64}", code="invalid-reason")
+        if exit_code is not None and (type(exit_code) is not int or not 0 <= exit_code <= 255):
+            raise BadRequest("exit_code must be an integer 0..255", code="invalid-exit-code")
+        with session_context(session_id):
+            session = await self._bot_session(session_id, token)
+            details = {"source": "bot", "reason": reason, "exit_code": exit_code}
+            moved = await self._store.transition(
+                session_id,
+                ENDING,
+                from_states=(STARTING, DISPATCHED, READY),
+                end_reason=reason,
+                exit_code=exit_code,
+                details=details,
+            )
+            if moved is None:
+                await self._store.record(session_id, "bot_ended", details)
+                if session.exit_code is None and exit_code is not None:
+                    await self._store.update(session_id, exit_code=exit_code)
+
+    async def _bot_session(self, session_id: str, token: str | None) -> Session:
+        """The session of a callback: refused unless the token matches and the session lives."""
+        session = await self._store.get(session_id)
+        if session is None or not token_matches(token, session.callback_hash):
+            raise Unauthorized("bad callback token", code="invalid-callback-token")
+        if session.state not in ACTIVE_STATES:
+            raise Conflict(f"session is {session.state}", code="session-ended")
+        bind(machine_id=session.machine_id, traceparent=session.traceparent)
+        return session

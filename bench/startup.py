@@ -43,8 +43,9 @@ What is measured:
   session live (the supervisor following them), and the end (every DELETE -> every session
   machine destroyed). The burst's CPU per start includes the ready callbacks, the supervisor's
   first calls and, in the pool phases, the replenisher's replacements made meanwhile.
-  `--cprofile` adds a cProfile of the dispatcher's event loop thread over each burst (own time
-  by package, and the dispatcher's functions by cumulative time); it roughly doubles the CPU;
+  `--cprofile` adds a cProfile of the dispatcher's event loop thread over each burst and over
+  the starts alone (own time by package, and the dispatcher's functions by cumulative time); it
+  inflates the CPU three- to fivefold;
 - the critical path implied by the profile, per phase (see `critical_paths`).
 """
 
@@ -126,7 +127,7 @@ class StartupOptions:
     limits: str = "lifted"
     profile: str = "realistic"
     quiet_s: float = 2.0
-    # Starts measured one at a time, without ready callbacks: the CPU of a start alone.
+    # Starts measured one at a time with no other session live: the CPU of a start alone.
     alone_starts: int = 10
     warmup: int = 2
     ready_wait_s: float = 60.0
@@ -264,23 +265,27 @@ def cpu_window(pid: int, before: Mark) -> dict[str, float | None]:
 
 PROFILER_HOOK = """import cProfile, os, signal, time
 
-_profile, _on = cProfile.Profile(time.thread_time), [False]
+_state = {"profile": None, "window": 0}
 
 
 def _toggle(signum, frame):
-    if _on[0]:
-        _profile.disable()
-        _profile.dump_stats(os.environ["BENCH_CPROFILE_OUT"])
-    else:
-        _profile.enable()
-    _on[0] = not _on[0]
+    profile = _state["profile"]
+    if profile is None:
+        _state["profile"] = profile = cProfile.Profile(time.thread_time)
+        profile.enable()
+        return
+    profile.disable()
+    profile.dump_stats(os.environ["BENCH_CPROFILE_OUT"].format(window=_state["window"]))
+    _state["profile"] = None
+    _state["window"] += 1
 
 
 signal.signal(signal.SIGUSR1, _toggle)
 """
-"""A sitecustomize for the dispatcher's process: SIGUSR1 starts cProfile on the main thread
+"""A sitecustomize for the dispatcher's process: SIGUSR1 starts a cProfile of the main thread
 (the event loop's), timed by that thread's CPU clock; the next SIGUSR1 stops it and writes
-BENCH_CPROFILE_OUT."""
+BENCH_CPROFILE_OUT with the window's number (0, 1, ...)."""
+PROFILED_WINDOWS = ("burst", "alone")
 
 
 def profiler_env(workdir: Path, phase: str) -> dict[str, str]:
@@ -288,7 +293,10 @@ def profiler_env(workdir: Path, phase: str) -> dict[str, str]:
     hook = workdir / "cprofile-hook"
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(PROFILER_HOOK)
-    return {"PYTHONPATH": str(hook), "BENCH_CPROFILE_OUT": str(workdir / f"{phase}.prof")}
+    return {
+        "PYTHONPATH": str(hook),
+        "BENCH_CPROFILE_OUT": str(workdir / f"{phase}-{{window}}.prof"),
+    }
 
 
 def where(filename: str) -> str:
@@ -532,16 +540,6 @@ async def run_dispatched(phase: str, options: StartupOptions, workdir: Path) -> 
             quiet = cpu_window(proc.pid, quiet_begin)
             await read_sessions(http, samples)
             metrics_text = (await http.get("/metrics")).text
-            # The start alone: one at a time, bots that never call ready, from the first
-            # request to the last answer (each start's follow sends its first wait in it).
-            alone_users = [f"alone-{phase}-{i}" for i in range(options.alone_starts)]
-            alone_body = json.dumps(
-                {"createDailyRoom": True, "body": {"testBot": {"skip_ready": True}}}
-            ).encode()
-            alone_begin = mark(proc.pid)
-            alone_samples = await fire_starts(proc.url, alone_users, alone_body, 1)
-            alone = cpu_window(proc.pid, alone_begin)
-            alone["starts"] = float(sum(1 for s in alone_samples if s.status == 200))
             session_machines = {s.machine_id for s in samples if s.machine_id}
             end_begin = mark(proc.pid)
             await end_sessions(http, samples, options.concurrency)
@@ -552,6 +550,20 @@ async def run_dispatched(phase: str, options: StartupOptions, workdir: Path) -> 
                 60,
             )
             end = cpu_window(proc.pid, end_begin)
+            # The start alone: with no other session live, one at a time, from the first
+            # request until the last bot is ready (its ready callback and its follow's first
+            # wait included, as in the burst).
+            alone_users = [f"alone-{phase}-{i}" for i in range(options.alone_starts)]
+            if options.cprofile:
+                proc.signal(signal.SIGUSR1)
+            alone_begin = mark(proc.pid)
+            alone_samples = await fire_starts(proc.url, alone_users, body, 1)
+            alone_started = {s.session_id for s in alone_samples if s.session_id}
+            await wait_until(lambda: alone_started <= set(ready_bots(fly)), options.ready_wait_s)
+            alone = cpu_window(proc.pid, alone_begin)
+            if options.cprofile:
+                proc.signal(signal.SIGUSR1)
+            alone["starts"] = float(sum(1 for s in alone_samples if s.status == 200))
             await end_sessions(http, alone_samples, options.concurrency)
             peak_rss = proc.peak_rss_bytes()
             proc.terminate()
@@ -580,8 +592,12 @@ async def run_dispatched(phase: str, options: StartupOptions, workdir: Path) -> 
             "errors": log.count(" ERROR ") + log.count('"level": "ERROR"'),
         },
     }
-    if options.cprofile and (workdir / f"{phase}.prof").exists():
-        extra["cprofile"] = profile_summary(workdir / f"{phase}.prof")
+    if options.cprofile:
+        extra["cprofile"] = {
+            window: profile_summary(path)
+            for number, window in enumerate(PROFILED_WINDOWS)
+            if (path := workdir / f"{phase}-{number}.prof").exists()
+        }
     return phase_report(phase, options, samples, extra)
 
 
@@ -975,14 +991,17 @@ def _phase_notes(name: str, phase: dict[str, Any]) -> list[str]:
         )
         if (alone := phase.get("cpu_ms_per_start_alone")) is not None:
             notes.append(
-                f"{name}: dispatcher CPU of a start alone (one at a time, no ready callback in "
-                f"the window): {alone:.2f} ms"
+                f"{name}: dispatcher CPU of a start alone (one at a time, no other session "
+                f"live, up to its bot's ready callback): {alone:.2f} ms"
             )
-    if profile := phase.get("cprofile"):
+    for window, profile in phase.get("cprofile", {}).items():
         shares = ", ".join(f"{k} {v:.0%}" for k, v in list(profile["by_package"].items())[:8])
+        total, ours = profile["total_s"], profile["dispatcher_cumulative"][:6]
+        heaviest = ", ".join(f"{function} {t / total:.0%}" for t, function in ours)
         notes.append(
-            f"{name}: cProfile of the burst, main thread, {profile['total_s']:.2f} s own time "
-            f"(inflated by the profiler): {shares}"
+            f"{name}: cProfile of the {window} window, main thread, {profile['total_s']:.2f} s "
+            f"own time (inflated by the profiler): {shares}; the dispatcher's functions with "
+            f"the most cumulative time: {heaviest}"
         )
     if steps := phase.get("steps_s"):
         notes.append(

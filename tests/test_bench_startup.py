@@ -55,3 +55,29 @@ async def test_startup_bench_smoke(tmp_path: Path) -> None:
     assert json.loads(out.read_text())["options"]["sessions"] == SESSIONS
     text = format_report(report)
     assert "targets:" in text and all(name in text for name in PHASES)
+
+
+async def test_startup_bench_profiles_the_burst_and_the_starts_alone(tmp_path: Path) -> None:
+    """--cprofile: one profile of the dispatcher's event loop per window, each with its own time
+    by package and the dispatcher's functions, and a note for each in the printed report."""
+    options = StartupOptions(
+        sessions=2,
+        concurrency=2,
+        profile="fast",
+        quiet_s=0.2,
+        warmup=0,
+        alone_starts=2,
+        phases=("cold",),
+        cprofile=True,
+    )
+    report = await run_startup(options, tmp_path)
+
+    profiles = report["phases"]["cold"]["cprofile"]
+    assert set(profiles) == {"burst", "alone"}
+    for profile in profiles.values():
+        assert profile["total_s"] > 0
+        assert sum(profile["by_package"].values()) > 0.95
+        assert any("sessions.py" in name for _, name in profile["dispatcher_cumulative"])
+    text = format_report(report)
+    assert "cProfile of the burst window" in text
+    assert "cProfile of the alone window" in text

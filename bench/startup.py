@@ -550,6 +550,11 @@ async def run_dispatched(phase: str, options: StartupOptions, workdir: Path) -> 
                 60,
             )
             end = cpu_window(proc.pid, end_begin)
+            # Nothing left in the background: the ended sessions' rooms deleted (the janitor
+            # paces deletes under Daily's limit) and, in the pool phases, the pool full again.
+            await wait_until(lambda: not started & set(daily.rooms), 120)
+            if pool_mode:
+                await fill_pool(http, options.pool_size, options.fill_timeout_s)
             # The start alone: with no other session live, one at a time, from the first
             # request until the last bot is ready (its ready callback and its follow's first
             # wait included, as in the burst).

@@ -316,29 +316,32 @@ class Store:
         async with self.write() as conn:
             if not self._sqlite:
                 await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_CAPACITY_LOCK)))
-            active = sessions.c.state.in_(ACTIVE_STATES)
-            total = await conn.scalar(
-                sa.select(sa.func.count()).select_from(sessions).where(active)
+            # Both counts in one statement: the active sessions, and the user's among them.
+            mine = sa.func.coalesce(
+                sa.func.sum(sa.case((sessions.c.user_id == session.user_id, 1), else_=0)), 0
             )
-            if (total or 0) >= max_sessions:
-                raise RetryLater(f"at capacity: {max_sessions} sessions are active", retry_after=5)
-            if max_per_user is not None:
-                mine = await conn.scalar(
-                    sa.select(sa.func.count())
-                    .select_from(sessions)
-                    .where(active, sessions.c.user_id == session.user_id)
+            counts = (
+                await conn.execute(
+                    sa.select(sa.func.count(), mine).where(sessions.c.state.in_(ACTIVE_STATES))
                 )
-                if (mine or 0) >= max_per_user:
-                    raise RetryLater(
-                        f"this user already has {max_per_user} active sessions (the most "
-                        "allowed): end one first",
-                        retry_after=30,
-                        code="user-at-capacity",
-                    )
+            ).one()
+            if counts[0] >= max_sessions:
+                raise RetryLater(f"at capacity: {max_sessions} sessions are active", retry_after=5)
+            if max_per_user is not None and counts[1] >= max_per_user:
+                raise RetryLater(
+                    f"this user already has {max_per_user} active sessions (the most "
+                    "allowed): end one first",
+                    retry_after=30,
+                    code="user-at-capacity",
+                )
             await conn.execute(sessions.insert().values(**asdict(session)))
-            await _add_event(conn, session.id, session.created_at, "state", session.state, {})
-            for kind, details in events:
-                await _add_event(conn, session.id, time.time(), kind, None, details)
+            now = time.time()
+            await _add_events(
+                conn,
+                session.id,
+                [(session.created_at, "state", session.state, {})]
+                + [(now, kind, None, details) for kind, details in events],
+            )
 
     async def transition(
         self,
@@ -365,9 +368,12 @@ class Store:
             row = result.first()
             if row is None:
                 return None
-            for kind, extra in events:
-                await _add_event(conn, session_id, now, kind, None, extra)
-            await _add_event(conn, session_id, now, "state", to, details or {})
+            await _add_events(
+                conn,
+                session_id,
+                [(now, kind, None, extra) for kind, extra in events]
+                + [(now, "state", to, details or {})],
+            )
         return Session(**row._asdict())
 
     async def update(self, session_id: str, **values: Any) -> None:
@@ -382,7 +388,7 @@ class Store:
     async def record(self, session_id: str, kind: str, details: dict[str, Any]) -> None:
         """Append an event that is not a state change."""
         async with self.write() as conn:
-            await _add_event(conn, session_id, time.time(), kind, None, details)
+            await _add_events(conn, session_id, [(time.time(), kind, None, details)])
 
     async def get(self, session_id: str) -> Session | None:
         """The session, or None."""
@@ -704,20 +710,22 @@ def _add_missing_columns(sync_conn: sa.Connection) -> None:
                 sync_conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}")
 
 
-async def _add_event(
+async def _add_events(
     conn: AsyncConnection,
     session_id: str,
-    at: float,
-    kind: str,
-    state: str | None,
-    details: dict[str, Any],
+    rows: Sequence[tuple[float, str, str | None, dict[str, Any]]],
 ) -> None:
+    """Append events `(at, kind, state, details)` to a session's log, in one statement."""
     await conn.execute(
-        events.insert().values(
-            session_id=session_id,
-            at=at,
-            kind=kind,
-            state=state,
-            details=json.dumps(details, separators=(",", ":"), default=str),
-        )
+        events.insert(),
+        [
+            {
+                "session_id": session_id,
+                "at": at,
+                "kind": kind,
+                "state": state,
+                "details": json.dumps(details, separators=(",", ":"), default=str),
+            }
+            for at, kind, state, details in rows
+        ],
     )

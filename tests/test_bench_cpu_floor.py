@@ -31,6 +31,9 @@ async def test_cpu_floor_smoke(pg_database_url: str) -> None:
         assert all(value > 0 for value in store.values()), store
     libraries = ops["request_in"] + 2 * ops["request_out"] + ops["tokens"]
     assert floors["libraries_alone"] == pytest.approx(libraries)
+    assert floors["libraries_to_ready"] == pytest.approx(
+        libraries + ops["request_out"] + ops["request_in"]
+    )
     sqlite = stores["sqlite"]
     assert floors["with_store_sqlite"] == pytest.approx(
         libraries + sqlite["rate_limit"] + sqlite["create_session"] + sqlite["dispatched"]
@@ -41,6 +44,7 @@ async def test_cpu_floor_smoke(pg_database_url: str) -> None:
     text = format_report(report)
     assert set(floors) == {
         "libraries_alone",
+        "libraries_to_ready",
         "with_store_sqlite",
         "with_store_postgresql",
         "with_sqlite3_writes",

@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import secrets
-import socket
 import sqlite3
 import sys
 import tempfile
@@ -54,6 +53,7 @@ if str(ROOT) not in sys.path:
 
 from bench.load import process_cpu_s  # noqa: E402
 from dispatcher.store import DISPATCHED, STARTING, Session, Store, engine_url  # noqa: E402
+from tests.procs import free_port  # noqa: E402
 
 TARGET_MS = 2.0
 SECRET = "cpu-floor-bench-secret-0123456789abcdef"  # noqa: S105 (a bench's own key)
@@ -86,12 +86,6 @@ def serve(port: int) -> None:
     app = Starlette(routes=[Route("/start", answer, methods=["POST"])])
     config = uvicorn.Config(app, port=port, log_level="warning", access_log=False, lifespan="off")
     uvicorn.Server(config).run()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def per_op_ms(op: Op, n: int, warmup: int, pid: int | None = None) -> float:

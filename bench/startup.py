@@ -37,12 +37,14 @@ What is measured:
   wall clock: the dispatcher's `readyAt` (GET /sessions/{id}, ms precision; `readyAt -
   createdAt`, the dispatcher's own view, is reported too), or for the reference the recorder's
   arrival time;
-- the dispatcher's CPU (/proc/<pid>/stat utime+stime, all threads) in three windows: the start
+- the dispatcher's CPU (/proc/<pid>/stat utime+stime, all threads) in four windows: the start
   burst (first request sent -> every bot has logged its accepted ready callback, watched in the
   emulator's machine logs so the bench adds no request of its own), a quiet window with every
-  session live (the supervisor following them), and the end (every DELETE -> every session
-  machine destroyed). The burst's CPU per start includes the ready callbacks, the supervisor's
-  first calls and, in the pool phases, the replenisher's replacements made meanwhile.
+  session live (the supervisor following them), the end (every DELETE -> every session
+  machine destroyed), and `--alone-starts` starts made one at a time once the ended sessions'
+  rooms are deleted and the pool is full again (first request -> the last bot's ready). The
+  burst's CPU per start includes the ready callbacks, the supervisor's first calls and, in the
+  pool phases, the replenisher's replacements made meanwhile.
   `--cprofile` adds a cProfile of the dispatcher's event loop thread over each burst and over
   the starts alone (own time by package, and the dispatcher's functions by cumulative time); it
   inflates the CPU three- to fivefold;

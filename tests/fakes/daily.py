@@ -3,8 +3,10 @@
 It follows `/work/shared/reference/daily.md`: rooms, REST and self-signed meeting tokens,
 presence, Daily's error bodies and rate limits. A participant joining a room is played by
 `DailyEmulator.join` (or `POST /_emulator/rooms/{name}/join`), which checks a token the way
-Daily's media servers would. Not emulated: the up-to-15 s lag of `GET /presence`, webhooks,
-batch endpoints, recordings, knocking, and Daily's exact `info` strings (debug text only).
+Daily's media servers would; `GET /_emulator/rooms/{name}/participants` lists who is in it,
+for the daily-python stand-in (`tests/fakes/daily_python/`) to watch. Not emulated: the up-to-15 s
+lag of `GET /presence`, webhooks, batch endpoints, recordings, knocking, and Daily's exact `info`
+strings (debug text only).
 """
 
 from __future__ import annotations
@@ -533,6 +535,9 @@ class DailyEmulator:
             *(Route(path, self._endpoint(op, fn), methods=[verb]) for path, verb, op, fn in api),
             Route("/_emulator/rooms/{name}/join", self._control_join, methods=["POST"]),
             Route("/_emulator/rooms/{name}/leave", self._control_leave, methods=["POST"]),
+            Route(
+                "/_emulator/rooms/{name}/participants", self._control_participants, methods=["GET"]
+            ),
             *control_routes(self.faults, self.latency, self.limiter, self.state),
         ]
 
@@ -593,6 +598,14 @@ class DailyEmulator:
             return JSONResponse(self.leave(request.path_params["name"], str(data["id"])))
         except KeyError:
             return JSONResponse({"error": "not-found"}, 404)
+
+    async def _control_participants(self, request: Request) -> Response:
+        now = self.clock()
+        self._sweep(now)
+        room = self.rooms.get(request.path_params["name"])
+        if room is None:
+            return JSONResponse({"error": "not-found"}, 404)
+        return JSONResponse([p.to_json(now) for p in room.participants.values()])
 
     async def _http_error(self, request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500

@@ -65,6 +65,9 @@ from dispatcher.webhooks import MAX_WEBHOOK_BYTES, DailyWebhooks
 log = logging.getLogger(__name__)
 
 MAX_CALLBACK_BYTES = 4096
+# An ended report carries the bot's error (cut to 1000 characters once read): room for a much
+# longer one, escaped, so that a bot never loses its report to a long message.
+MAX_ENDED_BYTES = 64 * 1024
 MAX_LIST_LIMIT = 1000
 SESSION_STATES = (*ACTIVE_STATES, *TERMINAL_STATES)
 MAX_IDEMPOTENCY_KEY = 255
@@ -351,7 +354,7 @@ def create_app(
 
     async def bot_ended(request: Request) -> Response:
         internal_only(request)
-        raw = await read_body(request, MAX_CALLBACK_BYTES)
+        raw = await read_body(request, MAX_ENDED_BYTES)
         try:
             data = json.loads(raw or b"{}")
         except ValueError:
@@ -363,6 +366,7 @@ def create_app(
             bearer_token(request.headers),
             data.get("reason"),
             data.get("exit_code"),
+            data.get("error"),
         )
         return JSONResponse({"ok": True})
 

@@ -25,6 +25,8 @@ from dispatcher.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 _REASON = re.compile(r"^[a-z0-9_]{1,64}$")
+# The longest `error` of an ended report kept; a longer one is cut there, never refused.
+MAX_ERROR_CHARS = 1000
 # How long an assignment request of a machine the pool does not know (yet) is held.
 UNKNOWN_MACHINE_WAIT_S = 1.0
 
@@ -43,6 +45,18 @@ def bot_env(
         "SESSION_MAX_DURATION_S": str(settings.session_max_duration_s),
         "TRACEPARENT": traceparent,
     }
+
+
+def bot_error(value: Any) -> str | None:
+    """The `error` of a bot's ended report as stored: None when absent, null or blank; else
+    stripped, made storable (NUL and lone surrogates replaced) and cut to MAX_ERROR_CHARS."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest("error must be a string or null", code="invalid-error")
+    text = value.strip().replace("\x00", "\ufffd")
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    return text[:MAX_ERROR_CHARS] or None
 
 
 class BotCallbacks:
@@ -130,28 +144,40 @@ class BotCallbacks:
             self._supervisor.notify_ready(session_id)
 
     async def bot_ended(
-        self, session_id: str, token: str | None, reason: Any, exit_code: Any
+        self,
+        session_id: str,
+        token: str | None,
+        reason: Any,
+        exit_code: Any,
+        error: Any = None,
     ) -> None:
-        """The bot is leaving, with its reason and exit code."""
+        """The bot is leaving, with its reason, exit code and error (why it failed). A session
+        already ending keeps the reason it had; the bot's exit code and error are recorded
+        where none is stored yet."""
         if not isinstance(reason, str) or not _REASON.match(reason):
             raise BadRequest("reason must match [a-z0-9_]{1,64}", code="invalid-reason")
         if exit_code is not None and (type(exit_code) is not int or not 0 <= exit_code <= 255):
             raise BadRequest("exit_code must be an integer 0..255", code="invalid-exit-code")
+        error = bot_error(error)
         with session_context(session_id):
-            session = await self._bot_session(session_id, token)
+            await self._bot_session(session_id, token)
             details = {"source": "bot", "reason": reason, "exit_code": exit_code}
+            if error is not None:
+                details["error"] = error
             moved = await self._store.transition(
                 session_id,
                 ENDING,
                 from_states=(STARTING, DISPATCHED, READY),
                 end_reason=reason,
                 exit_code=exit_code,
+                error=error,
                 details=details,
             )
             if moved is None:
                 await self._store.record(session_id, "bot_ended", details)
-                if session.exit_code is None and exit_code is not None:
-                    await self._store.update(session_id, exit_code=exit_code)
+                await self._store.fill(session_id, exit_code=exit_code, error=error)
+            if error is not None:
+                log.warning("the bot ended (%s): %s", reason, error)
 
     async def _bot_session(self, session_id: str, token: str | None) -> Session:
         """The session of a callback: refused unless the token matches and the session lives."""

@@ -36,6 +36,7 @@ OPERATOR = "operator"
 _RETRY = RetryPolicy(attempts=3, deadline_s=10.0)
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def add_commands(commands: Any) -> None:
@@ -80,16 +81,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
-    async with _clients(settings) as clients:
+    async with clients(settings) as opened:
         if args.command == "trace":
-            return await trace(clients, args.id, as_json=args.json)
+            return await trace(opened, args.id, as_json=args.json)
         if args.command == "pool":
-            return await pool_status(clients, since_s=args.since, as_json=args.json)
+            return await pool_status(opened, since_s=args.since, as_json=args.json)
         if args.verb == "list":
-            return await list_sessions(clients.store, args)
+            return await list_sessions(opened.store, args)
         if args.verb == "show":
-            return await show(clients.store, args.id, as_json=args.json)
-        return await stop(clients, args.id)
+            return await show(opened.store, args.id, as_json=args.json)
+        return await stop(opened, args.id)
 
 
 @dataclass
@@ -103,7 +104,8 @@ class Clients:
 
 
 @contextlib.asynccontextmanager
-async def _clients(settings: Settings) -> AsyncIterator[Clients]:
+async def clients(settings: Settings) -> AsyncIterator[Clients]:
+    """The store and the upstream clients `settings` configure, closed on exit."""
     store = await Store.open(settings.database_url)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(store.close)
@@ -257,7 +259,7 @@ async def show(store: Store, session_id: str, *, as_json: bool) -> int:
         _print_json({"session": _session_json(session), "events": events})
         return 0
     for key, value in _session_json(session).items():
-        print(f"{key + ':':<16}{'' if value is None else value}")
+        print(f"{key + ':':<16}{'' if value is None else _one_line(str(value))}")
     print()
     rows = [(_clock(e.at), e.kind, e.state or "", _details(e.details)) for e in log]
     print(_table(("at", "kind", "state", "details"), rows))
@@ -319,6 +321,8 @@ async def trace(clients: Clients, session_id: str, *, as_json: bool) -> int:
         f"  {_reason(session)}  machine {session.machine_id or '-'}"
         f" in {session.region or '-'}  trace {_trace_id(session) or '-'}"
     )
+    if session.error is not None:
+        print(f"error: {_one_line(session.error)}")
     rows = [
         (
             t["at"][11:23],
@@ -472,7 +476,14 @@ def _seconds(value: float | None) -> str:
 
 
 def _details(details: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in details.items() if v not in (None, "", []))
+    return " ".join(
+        f"{k}={_one_line(str(v))}" for k, v in details.items() if v not in (None, "", [])
+    )
+
+
+def _one_line(text: str) -> str:
+    """Text for one line of a terminal: control characters (newlines, escapes) as escapes."""
+    return _CONTROL.sub(lambda m: repr(m[0])[1:-1], text)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 from typing import Any
 
+from dispatcher.callbacks import MAX_ERROR_CHARS
 from dispatcher.config import JWT_ALGORITHMS, Settings
 from dispatcher.proxy import MAX_PROXY_BODY_BYTES, METHODS
 from dispatcher.rooms.daily import (
@@ -261,6 +262,15 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                     ),
                 },
                 "exitCode": {"type": ["integer", "null"]},
+                "error": {
+                    "type": ["string", "null"],
+                    "maxLength": MAX_ERROR_CHARS,
+                    "description": (
+                        "Why the bot failed, as its `ended` report said (e.g. its exception's "
+                        f"type and message), cut to {MAX_ERROR_CHARS} characters; null when it "
+                        "reported none."
+                    ),
+                },
                 "createdAt": timestamp,
                 "readyAt": {**timestamp, "type": ["string", "null"]},
                 "endedAt": {**timestamp, "type": ["string", "null"]},
@@ -276,6 +286,7 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 "roomUrl",
                 "endReason",
                 "exitCode",
+                "error",
                 "createdAt",
                 "readyAt",
                 "endedAt",

@@ -57,6 +57,7 @@ sessions = sa.Table(
     sa.Column("room_deleted_at", sa.Float),
     sa.Column("end_requested_at", sa.Float),
     sa.Column("traceparent", sa.String(64)),
+    sa.Column("error", sa.Text),
     sa.Index("ix_sessions_state", "state"),
     sa.Index("ix_sessions_user_state", "user_id", "state"),
 )
@@ -131,6 +132,7 @@ _ADDED_COLUMNS = {
         "room_deleted_at": "FLOAT",
         "end_requested_at": "FLOAT",
         "traceparent": "VARCHAR(64)",
+        "error": "TEXT",
     }
 }
 
@@ -163,6 +165,8 @@ class Session:
     # The W3C traceparent of its start: its bot's parent span, and the parent of the spans
     # made later for its readiness and its end (dispatcher/telemetry.py).
     traceparent: str | None = None
+    # Why its bot failed, in the bot's words: its ended report's `error` (dispatcher/callbacks.py).
+    error: str | None = None
 
     @property
     def active(self) -> bool:
@@ -181,6 +185,7 @@ class Session:
             "roomUrl": self.room_url,
             "endReason": self.end_reason,
             "exitCode": self.exit_code,
+            "error": self.error,
             "createdAt": iso(self.created_at),
             "readyAt": iso(self.ready_at),
             "endedAt": iso(self.ended_at),
@@ -383,6 +388,23 @@ class Store:
                 sessions.update()
                 .where(sessions.c.id == session_id)
                 .values(updated_at=time.time(), **values)
+            )
+
+    async def fill(self, session_id: str, **values: Any) -> None:
+        """Set fields of a session that are still unset, in one statement: a value already
+        stored is kept (None values are skipped)."""
+        given = {name: value for name, value in values.items() if value is not None}
+        if not given:
+            return
+        filled = {
+            name: sa.func.coalesce(sessions.c[name], sa.literal(value, sessions.c[name].type))
+            for name, value in given.items()
+        }
+        async with self.write() as conn:
+            await conn.execute(
+                sessions.update()
+                .where(sessions.c.id == session_id)
+                .values(updated_at=time.time(), **filled)
             )
 
     async def record(self, session_id: str, kind: str, details: dict[str, Any]) -> None:

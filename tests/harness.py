@@ -66,6 +66,22 @@ class Stack:
         assert response.status_code == 200, response.text
         return dict(response.json())
 
+    def bot_headers(self, sid: str) -> dict[str, str]:
+        """Authorization as the session's bot: the callback token in its machine's env."""
+        assert self.fly is not None
+        (token,) = {
+            m.config["env"]["BOT_CALLBACK_TOKEN"]
+            for m in self.fly.machines.values()
+            if m.config["env"].get("SESSION_ID") == sid
+        }
+        return {"Authorization": f"Bearer {token}"}
+
+    async def bot_ended(self, sid: str, **body: Any) -> httpx.Response:
+        """POST the session's `ended` callback as its bot, with `body`."""
+        return await self.http.post(
+            f"/internal/sessions/{sid}/ended", headers=self.bot_headers(sid), json=body
+        )
+
     async def wait_state(
         self, sid: str, *states: str, timeout: float = 15.0, user: str = "user-1"
     ) -> dict[str, Any]:

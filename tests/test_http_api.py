@@ -8,6 +8,7 @@ from pathlib import Path
 import jwt
 import pytest
 
+from dispatcher.callbacks import bot_error
 from dispatcher.start import MAX_BODY_BYTES
 from tests.conftest import JWT_SECRET
 from tests.harness import Stack, daily_emulator, dispatcher_stack, eventually
@@ -177,6 +178,86 @@ async def test_callbacks_need_the_sessions_own_token(stack: Stack) -> None:
     await stack.wait_state(one, "ended")
     replay = await stack.http.post(ready, headers=own)
     assert replay.status_code == 409 and replay.json()["code"] == "session-ended"
+
+
+# A bot that neither calls ready nor ended on its own: the tests send its callbacks.
+SILENT_BOT = {"testBot": {"skip_ready": True, "no_ended": True}}
+
+
+async def test_the_bots_error_is_shown_with_the_session(stack: Stack) -> None:
+    """The `error` of the bot's ended report, stripped, is the session's `error` in its JSON."""
+    sid = (await stack.start(SILENT_BOT)).json()["sessionId"]
+    assert (await stack.session(sid))["error"] is None
+    ended = await stack.bot_ended(
+        sid, reason="crashed", exit_code=1, error="  ValueError: no such voice\n"
+    )
+    assert ended.status_code == 200, ended.text
+    session = await stack.session(sid)
+    assert session["state"] == "ending" and session["endReason"] == "crashed"
+    assert session["exitCode"] == 1 and session["error"] == "ValueError: no such voice"
+
+
+async def test_an_error_that_is_not_a_string_is_400_and_changes_nothing(stack: Stack) -> None:
+    """An ended report whose `error` is not a string or null is 400 `invalid-error`, and the
+    session stays as it was."""
+    sid = (await stack.start(SILENT_BOT)).json()["sessionId"]
+    before = await stack.session(sid)
+    for error in (42, True, ["ValueError"], {"type": "ValueError"}):
+        refused = await stack.bot_ended(sid, reason="crashed", exit_code=1, error=error)
+        assert refused.status_code == 400, error
+        assert refused.json()["code"] == "invalid-error" and refused.json()["detail"]
+    assert await stack.session(sid) == before
+    assert before["state"] == "dispatched" and before["error"] is None
+
+
+async def test_a_long_error_is_stored_as_its_first_1000_characters(stack: Stack) -> None:
+    """A 5000-character error (a body over the other callbacks' limit) is accepted and stored
+    cut to its first 1000 characters."""
+    sid = (await stack.start(SILENT_BOT)).json()["sessionId"]
+    error = "ValueError: " + "é" * 4988
+    ended = await stack.bot_ended(sid, reason="crashed", exit_code=1, error=error)
+    assert ended.status_code == 200, ended.text
+    assert (await stack.session(sid))["error"] == error[:1000]
+
+
+async def test_the_bots_error_after_a_delete_is_stored_and_deleted_stays(stack: Stack) -> None:
+    """A bot that reports its error after a DELETE: its error is stored, the end reason stays
+    `deleted`, and a later report does not overwrite the error."""
+    sid = (await stack.start({"testBot": {"ignore_sigterm": True, "no_ended": True}})).json()[
+        "sessionId"
+    ]
+    await stack.wait_state(sid, "ready")
+    deleted = await stack.http.delete(f"/sessions/{sid}", headers=stack.headers())
+    assert deleted.json()["state"] == "ending"
+    error = "RuntimeError: the pipeline was cancelled"
+    ended = await stack.bot_ended(sid, reason="crashed", exit_code=1, error=error)
+    assert ended.status_code == 200, ended.text
+    again = await stack.bot_ended(sid, reason="crashed", exit_code=2, error="another error")
+    assert again.status_code == 200, again.text
+    session = await stack.session(sid)
+    assert session["state"] == "ending" and session["endReason"] == "deleted"
+    assert session["error"] == error and session["exitCode"] == 1
+    final = await stack.wait_state(sid, "ended")
+    assert final["endReason"] == "deleted" and final["error"] == error
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        (None, None),
+        ("", None),
+        (" \n\t ", None),
+        ("  ValueError: no such voice  ", "ValueError: no such voice"),
+        ("a\x00b", "a\ufffdb"),
+        ("lone \ud800 surrogate", "lone ? surrogate"),
+        ("x" * 1001, "x" * 1000),
+    ],
+    ids=["null", "empty", "blank", "stripped", "nul", "surrogate", "long"],
+)
+def test_the_error_is_made_storable(given: str | None, stored: str | None) -> None:
+    """An ended report's error is stripped, blank is none, NUL and lone surrogates (which no
+    database stores) are replaced, and it is cut to 1000 characters."""
+    assert bot_error(given) == stored
 
 
 async def test_unknown_routes_and_methods_are_json(stack: Stack) -> None:

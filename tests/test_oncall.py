@@ -189,6 +189,48 @@ async def test_trace_of_a_session_ended_by_max_duration(
         await assert_table_names_steps(trace, sid)
 
 
+async def test_show_and_trace_give_the_bots_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The error of the bot's ended report is in `sessions show` and `trace`, JSON and text:
+    on the session, in its summary and on the bot's ended step, on one line."""
+    error = "ValueError: no such voice\n  known voices: alloy, echo"
+    one_line = "ValueError: no such voice\\n  known voices: alloy, echo"
+    async with oncall_stack(tmp_path, monkeypatch) as (stack, _):
+        body = {"testBot": {"skip_ready": True, "no_ended": True}}
+        sid = (await stack.start(body)).json()["sessionId"]
+        ready = await stack.http.post(
+            f"/internal/sessions/{sid}/ready", headers=stack.bot_headers(sid)
+        )
+        assert ready.status_code == 200
+        ended = await stack.bot_ended(sid, reason="crashed", exit_code=1, error=error)
+        assert ended.status_code == 200, ended.text
+
+        shown = await cli_json("sessions", "show", sid)
+        assert shown["session"]["error"] == error
+        (ending,) = [e for e in shown["events"] if e["state"] == "ending"]
+        assert ending["details"] == {
+            "source": "bot",
+            "reason": "crashed",
+            "exit_code": 1,
+            "error": error,
+        }
+        code, text = await cli("sessions", "show", sid)
+        assert code == 0
+        assert f"error:          {one_line}" in text.splitlines()
+        assert f"error={one_line}" in text
+
+        trace = await cli_json("trace", sid)
+        assert trace["session"]["error"] == error
+        assert step(trace, "state ending")["details"]["error"] == error
+        code, table = await cli("trace", sid)
+        assert code == 0
+        assert table.splitlines()[1] == f"error: {one_line}"
+        (row,) = [line for line in table.splitlines() if "state ending" in line]
+        assert row.endswith(f"source=bot reason=crashed exit_code=1 error={one_line}")
+        await assert_table_names_steps(trace, sid)
+
+
 async def test_sessions_list_show_and_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`sessions list` filters, `sessions show`, `sessions stop` ends a running session as the
     operator (its machine destroyed), and an unknown id exits 1."""

@@ -227,6 +227,21 @@ async def test_real_answers_match_the_document(stack: Stack) -> None:
     check_answer(document, "/readyz", "get", await stack.http.get("/readyz"))
 
 
+async def test_a_session_with_the_bots_error_matches_the_document(stack: Stack) -> None:
+    """A session whose bot reported a (long) error is answered, read and listed, as documented."""
+    document = await served_document(stack)
+    started = await stack.start({"testBot": {"skip_ready": True, "no_ended": True}})
+    sid = started.json()["sessionId"]
+    ended = await stack.bot_ended(sid, reason="crashed", exit_code=1, error="E" * 5000)
+    assert ended.status_code == 200, ended.text
+    got = await stack.http.get(f"/sessions/{sid}", headers=stack.headers())
+    check_answer(document, "/sessions/{session_id}", "get", got)
+    assert got.json()["error"] == "E" * 1000
+    listed = await stack.http.get("/sessions", headers=admin_headers())
+    check_answer(document, "/sessions", "get", listed)
+    assert [s["error"] for s in listed.json()["sessions"]] == ["E" * 1000]
+
+
 async def test_a_webrtc_start_matches_the_document(tmp_path: Path) -> None:
     """A webrtc session's answer (local bots) is the documented webrtc answer."""
     async with dispatcher_stack(tmp_path, local=True) as stack:

@@ -349,6 +349,46 @@ async def test_open_adds_missing_columns(tmp_path: Path) -> None:
         await reopened.close()
 
 
+async def test_open_adds_the_error_column(store: Store) -> None:
+    """A database from before the bot's `error` (SQLite and PostgreSQL) gets the column on
+    open, its sessions intact and without one; opening it again adds nothing twice."""
+    async with store.write() as conn:
+        await conn.exec_driver_sql("ALTER TABLE sessions DROP COLUMN error")
+        await conn.exec_driver_sql(
+            "INSERT INTO sessions (id, user_id, state, transport, dispatcher, created_at, "
+            "updated_at, expires_at, end_reason, exit_code) "
+            "VALUES ('s-old', 'ann', 'ending', 'daily', 'test', 1, 2, 3, 'crashed', 1)"
+        )
+    assert "error" not in await session_columns(store)
+    async with second_store(store) as upgraded:
+        old = await upgraded.get("s-old")
+        assert old is not None and old.error is None and old.end_reason == "crashed"
+        await upgraded.fill("s-old", error="ValueError: no such voice")
+        await upgraded.create_session(new_session("s-new"), max_sessions=10)
+    async with second_store(store) as reopened:
+        assert (await reopened.get("s-old")).error == "ValueError: no such voice"  # type: ignore[union-attr]
+        assert (await reopened.get("s-new")).error is None  # type: ignore[union-attr]
+    assert (await session_columns(store)).count("error") == 1
+
+
+async def test_fill_keeps_what_is_stored(store: Store) -> None:
+    """`fill` sets only the fields still unset: a stored error or exit code is never
+    overwritten, and None values are skipped."""
+    await store.create_session(new_session("s-f"), max_sessions=10)
+    await store.fill("s-f", error="ValueError: no such voice", exit_code=None)
+    await store.fill("s-f", error="another error", exit_code=1)
+    await store.fill("s-f", error=None, exit_code=2)
+    got = await store.get("s-f")
+    assert got is not None and got.error == "ValueError: no such voice" and got.exit_code == 1
+
+
+async def session_columns(store: Store) -> list[str]:
+    """The columns of the sessions table as the database has them."""
+    async with store.read() as conn:
+        found = await conn.run_sync(lambda c: sa.inspect(c).get_columns("sessions"))
+    return [c["name"] for c in found]
+
+
 # -- leadership locks -----------------------------------------------------------------------
 
 
@@ -432,10 +472,14 @@ async def test_lock_is_freed_when_its_connection_dies(pg_store: Store) -> None:
 
 @contextlib.asynccontextmanager
 async def second_store(store: Store) -> AsyncIterator[Store]:
-    """Another Store on the same PostgreSQL schema as `store`: a second dispatcher instance."""
-    async with store._engine.connect() as conn:
-        schema = await conn.scalar(sa.text("SELECT current_schema()"))
-    other = await Store.open(PG_URL, schema=schema)
+    """Another Store on the same database as `store` (its SQLite file, or its PostgreSQL
+    schema): a second dispatcher instance."""
+    if store.sqlite:
+        other = await Store.open(f"sqlite:///{store._engine.url.database}")
+    else:
+        async with store._engine.connect() as conn:
+            schema = await conn.scalar(sa.text("SELECT current_schema()"))
+        other = await Store.open(PG_URL, schema=schema)
     try:
         yield other
     finally:

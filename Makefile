@@ -7,6 +7,8 @@ UV := $(PYTHON) -m uv
 endif
 HOST ?= 127.0.0.1
 PORT ?= 7860
+# The project's environment, where `make run` installs a bot's BOT_REQUIREMENTS.
+VENV := $(or $(UV_PROJECT_ENVIRONMENT),.venv)
 
 .PHONY: run test sync uv lint web
 
@@ -16,9 +18,18 @@ uv:
 sync: uv
 	$(UV) sync --locked
 
-# Logs for a terminal here (LOG_FORMAT=json for the service's JSON lines).
-run: sync
-	LOG_FORMAT=$${LOG_FORMAT:-text} $(UV) run dispatcher serve --host $(HOST) --port $(PORT)
+# Logs for a terminal here (LOG_FORMAT=json for the service's JSON lines). A team's bot runs
+# as the local bots (they inherit BOT_ENTRYPOINT), its requirements installed first on top of
+# the locked packages, which they may not change (as in the bot image); see bots/README.md:
+#   BOT_ENTRYPOINT=bots/mybot/bot.py BOT_REQUIREMENTS=bots/mybot/requirements.txt make run
+# The sync is inexact, so that it keeps those extra packages.
+run: uv
+	$(UV) sync --locked --inexact
+ifdef BOT_REQUIREMENTS
+	$(UV) export --frozen --quiet --no-hashes --no-emit-project -o $(VENV)/locked.txt
+	$(UV) pip install --python $(VENV)/bin/python -c $(VENV)/locked.txt -r $(BOT_REQUIREMENTS)
+endif
+	LOG_FORMAT=$${LOG_FORMAT:-text} $(UV) run --no-sync dispatcher serve --host $(HOST) --port $(PORT)
 
 lint: sync
 	$(UV) run ruff check .

@@ -3,8 +3,9 @@
     .venv/bin/python bench/image_sizes.py
 
 Installs the dispatcher's set (`uv sync --frozen --no-default-groups --no-editable`) and the
-bot's (`uv sync --frozen --only-group bot --no-install-project`) with bytecode compiled, as the
-Dockerfiles do, then prints each environment's size on disk, its gzip size (what a registry
+bot's (`uv sync --frozen --only-group bot --no-install-project`, then the example bot's
+requirements on top, constrained to the runtime's locked versions) with bytecode compiled, as
+the Dockerfiles do, then prints each environment's size on disk, its gzip size (what a registry
 layer roughly weighs), and its biggest packages. The base image (python:3.11-slim-bookworm) is
 not measured here: add Docker Hub's published figure (about 125 MB unpacked, 45 MB compressed).
 """
@@ -25,6 +26,8 @@ IMAGES = {
     "dispatcher": ["--no-default-groups", "--no-editable"],
     "bot": ["--only-group", "bot", "--no-install-project"],
 }
+# What the bot image installs on top of its locked set by default (Dockerfile.bot's BOT_DIR).
+BOT_REQUIREMENTS = ROOT / "examples" / "bot" / "requirements.txt"
 
 
 def uv() -> list[str]:
@@ -63,6 +66,28 @@ class _Counter:
         pass
 
 
+def install_on_top(env_dir: Path, requirements: Path, env: dict[str, str]) -> None:
+    """Install a bot folder's requirements into the bot's environment, as Dockerfile.bot does:
+    never changing a version the runtime locks."""
+    constraints = env_dir / "runtime-constraints.txt"
+    export = ["export", "--frozen", "--quiet", "--only-group", "bot", "--no-emit-project"]
+    subprocess.run(  # noqa: S603 (uv, with our own flags)
+        [*uv(), *export, "--no-hashes", "--output-file", str(constraints)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
+    python = str(env_dir / "bin" / "python")
+    install = ["pip", "install", "--quiet", "--python", python, "--constraints", str(constraints)]
+    subprocess.run(  # noqa: S603
+        [*uv(), *install, "--requirements", str(requirements)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
+    constraints.unlink()
+
+
 def main() -> int:
     mb = 1024 * 1024
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,6 +97,8 @@ def main() -> int:
             subprocess.run(  # noqa: S603 (uv, with our own flags)
                 [*uv(), "sync", "--frozen", "--quiet", *flags], cwd=ROOT, env=env, check=True
             )
+            if name == "bot":
+                install_on_top(env_dir, BOT_REQUIREMENTS, env)
             site = next(env_dir.glob("lib/python*/site-packages"))
             packages = sorted(
                 ((size(p), p.name) for p in site.iterdir() if p.is_dir()), reverse=True

@@ -358,7 +358,7 @@ def bot_image(bot: str, workdir: Path) -> dict[str, Any]:
     """The Fly emulator's options for the bot image: the test bot's (default) or a light one."""
     if bot == "testbot":
         return {}
-    package = workdir / "lightbot" / "bot"
+    package = workdir / "lightbot" / "bot_runtime"
     package.mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text("")
     (package / "__main__.py").write_text(LIGHT_BOT)

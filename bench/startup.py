@@ -669,7 +669,7 @@ def reference_machine(image: str, room_url: str, bot_token: str, env: dict[str, 
         "config": {
             "image": image,
             "auto_destroy": True,
-            "init": {"cmd": ["python", "-m", "bot", "--room-url", room_url]},
+            "init": {"cmd": ["python", "-m", "bot_runtime", "--room-url", room_url]},
             "restart": {"policy": "no"},
             "guest": {"cpu_kind": "shared", "cpus": 1, "memory_mb": 1024},
             "env": env | {"DAILY_ROOM_URL": room_url, "DAILY_TOKEN": bot_token},

@@ -18,7 +18,7 @@ from tests.fakes.recorder import CallbackRecorder
 from tests.otlp_collector import OtlpCollector
 
 if TYPE_CHECKING:
-    from tests.test_bot_webrtc import BotProcess
+    from tests.bot_process import BotProcess
 
 PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 JWT_SECRET = "test-jwt-secret-" + "x" * 32
@@ -116,7 +116,7 @@ def otlp_collector() -> Iterator[OtlpCollector]:
 
 @pytest.fixture
 async def bots() -> AsyncIterator[list[BotProcess]]:
-    """Real bot processes (tests/test_bot_webrtc.py's `start_bot`) started by a test; killed
+    """Real bot runtime processes (tests/bot_process.py's `start_bot`) started by a test; killed
     if a test leaves one running."""
     started: list[BotProcess] = []
     yield started

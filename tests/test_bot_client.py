@@ -1,4 +1,5 @@
-"""The bot's contract client: its environment (`BotEnv`) and its callbacks (`DispatcherClient`)."""
+"""The runtime's side of the bot contract: its environment (`BotEnv`) and its callbacks
+(`DispatcherClient`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import httpx
 import pytest
 import respx
 
-from bot.dispatcher_client import BotEnv, DispatcherClient
+from bot_runtime.callbacks import DispatcherClient
+from bot_runtime.contract import BotEnv
 
 DISPATCHER = "http://dispatcher.internal:8080"
 READY = f"{DISPATCHER}/internal/sessions/s-abc123/ready"
@@ -87,6 +89,21 @@ async def test_ended_posts_reason_and_exit_code(
     assert json.loads(request.content) == {"reason": "participant_left", "exit_code": 0}
 
 
+async def test_ended_carries_the_error_when_there_is_one(
+    router: respx.Router, http: httpx.AsyncClient
+) -> None:
+    """A failed session's `ended` carries its error line; a clean one's has no `error` key."""
+    route = router.post(ENDED).respond(200, json={"ok": True})
+    assert await client(http).ended("error", 1, "ValueError: no such voice") is True
+    assert json.loads(route.calls.last.request.content) == {
+        "reason": "error",
+        "exit_code": 1,
+        "error": "ValueError: no such voice",
+    }
+    assert await client(http).ended("completed", 0, None) is True
+    assert "error" not in json.loads(route.calls.last.request.content)
+
+
 async def test_retries_5xx_then_succeeds(router: respx.Router, http: httpx.AsyncClient) -> None:
     """A 503 (and a 429) is retried until the dispatcher accepts the callback."""
     route = router.post(READY).mock(
@@ -102,7 +119,7 @@ async def test_final_statuses_are_not_retried(
 ) -> None:
     """A final status is tried once, reported as not accepted, and logged by status only."""
     route = router.post(ENDED).respond(status, json={"detail": "no", "code": "x"})
-    with caplog.at_level(logging.INFO, logger="bot.dispatcher_client"):
+    with caplog.at_level(logging.INFO, logger="bot_runtime.callbacks"):
         assert await client(http).ended("sigterm", 0) is False
     assert route.call_count == 1
     assert f"status {status}" in caplog.text
@@ -115,7 +132,7 @@ async def test_gives_up_on_connection_errors_after_its_attempts(
     """Repeated connection errors are retried a bounded number of times, then reported."""
     route = router.post(ENDED).mock(side_effect=httpx.ConnectError("refused"))
     started = time.monotonic()
-    with caplog.at_level(logging.INFO, logger="bot.dispatcher_client"):
+    with caplog.at_level(logging.INFO, logger="bot_runtime.callbacks"):
         assert await client(http, max_attempts=4).ended("error", 1) is False
     assert route.call_count == 4
     assert time.monotonic() - started < 1.0
@@ -199,7 +216,7 @@ def test_bot_env_malformed_variable_is_named(name: str, value: str) -> None:
 def test_bot_env_command_line_room_url_wins(caplog: pytest.LogCaptureFixture) -> None:
     """`--room-url` may stand in for DAILY_ROOM_URL, and wins (with a warning) when they differ."""
     other = "https://example.daily.co/other"
-    with caplog.at_level(logging.WARNING, logger="bot.dispatcher_client"):
+    with caplog.at_level(logging.WARNING, logger="bot_runtime.contract"):
         assert BotEnv.from_environ(ENVIRON, argv_room_url=other).room_url == other
     assert "differs" in caplog.text
     environ = {k: v for k, v in ENVIRON.items() if k != "DAILY_ROOM_URL"}
@@ -257,7 +274,7 @@ def test_bot_env_transport_defaults_to_daily_and_argv_wins(
     """Without BOT_TRANSPORT the transport is daily; `--transport` wins (with a warning)."""
     assert BotEnv.from_environ(ENVIRON).transport == "daily"
     environ = {**WEBRTC_ENVIRON, "BOT_TRANSPORT": "daily"}
-    with caplog.at_level(logging.WARNING, logger="bot.dispatcher_client"):
+    with caplog.at_level(logging.WARNING, logger="bot_runtime.callbacks"):
         assert BotEnv.from_environ(environ, argv_transport="webrtc").transport == "webrtc"
     assert "differs" in caplog.text
     environ = {k: v for k, v in WEBRTC_ENVIRON.items() if k != "BOT_TRANSPORT"}

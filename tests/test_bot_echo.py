@@ -1,4 +1,4 @@
-"""The echo bot's processor: frames in, frames out, and the real VAD on real speech."""
+"""The example bot's echo processor: frames in, frames out, and the real VAD on real speech."""
 
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ with warnings.catch_warnings():
     from pipecat.processors.audio.vad_processor import VADProcessor
     from pipecat.tests.utils import run_test
 
-    from bot.echo import EchoProcessor, chime
+    from tests.bots import example_module
+
+    echo_module = example_module("echo")
+    EchoProcessor, chime = echo_module.EchoProcessor, echo_module.chime
 
 RATE = 16000
 FRAME = 320  # 20 ms

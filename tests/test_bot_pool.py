@@ -23,8 +23,8 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from bot.outcome import EXIT_CONFIG
-from bot.pool import (
+from bot_runtime.outcome import EXIT_CONFIG
+from bot_runtime.pool import (
     Assignment,
     AssignmentClient,
     AssignmentError,
@@ -32,10 +32,7 @@ from bot.pool import (
     PoolEnv,
     is_pooled,
 )
-from tests.fakes.recorder import CALLBACK_TOKEN, TRACEPARENT, CallbackRecorder
-from tests.fixtures.peer import Peer, Speaker, utterance
-from tests.otlp_collector import OtlpCollector
-from tests.test_bot_webrtc import (
+from tests.bot_process import (
     BOOT_TIMEOUT_S,
     ROOT,
     SESSION_ID,
@@ -43,6 +40,11 @@ from tests.test_bot_webrtc import (
     free_port,
     webrtc_env,
 )
+from tests.bots import OWN_TRANSPORT
+from tests.fakes.recorder import CALLBACK_TOKEN, TRACEPARENT, CallbackRecorder
+from tests.fixtures.peer import Peer, Speaker, utterance
+from tests.harness import eventually
+from tests.otlp_collector import OtlpCollector
 
 POOL_TOKEN = "pool-secret-token-0123456789"
 MACHINE_ID = "148ed193b95e89"
@@ -187,7 +189,7 @@ async def start_pooled(
     }
     with (tmp_path / "stdout.log").open("w") as out, (tmp_path / "stderr.log").open("w") as err:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot", cwd=ROOT, env=env, stdout=out, stderr=err
+            sys.executable, "-m", "bot_runtime", cwd=ROOT, env=env, stdout=out, stderr=err
         )
     bot = BotProcess(proc, free_port(), tmp_path, httpx.AsyncClient(timeout=30))
     bots.append(bot)
@@ -216,10 +218,10 @@ async def test_preloads_then_runs_its_assignment(
     assignments: AssignmentServer,
     tmp_path: Path,
 ) -> None:
-    """The bot loads Pipecat and VAD before its first poll, asks with its token at its
-    machine's path, asks again after 204s, then runs the assigned session: a peer connects
-    (ready with the assigned callback token), SIGTERM ends it (ended). Log lines carry
-    machine_id and `pooled`, the session's fields only from the assignment on; no token
+    """The bot loads Pipecat, the bot's module and VAD before its first poll, asks with its
+    token at its machine's path, asks again after 204s, then runs the assigned session: a peer
+    connects (ready with the assigned callback token), SIGTERM ends it (ended). Log lines
+    carry machine_id and `pooled`, the session's fields only from the assignment on; no token
     appears in the output."""
     seen_at_first_poll: list[str] = []
     assignments.script = [204, 204]
@@ -358,21 +360,79 @@ async def test_traces_of_a_pooled_session_join_its_traceparent(
     tmp_path: Path,
     otlp_collector: OtlpCollector,
 ) -> None:
-    """With tracing configured on the machine, the assigned session's spans are in its
-    TRACEPARENT's trace, with the session and the machine in their resource, as a cold bot's."""
+    """With tracing configured on the machine (the example bot's ENABLE_TRACING, set up at
+    boot), the assigned session's spans are in its TRACEPARENT's trace, each carrying the
+    session's and the machine's IDs, as a cold bot's."""
     bot = await start_pooled(
-        bots, assignments, tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT=otlp_collector.endpoint
+        bots,
+        assignments,
+        tmp_path,
+        ENABLE_TRACING="1",
+        OTEL_EXPORTER_OTLP_ENDPOINT=otlp_collector.endpoint,
+        LOG_LEVEL="DEBUG",
     )
     await assignments.polled()
     assignments.assign(assignment(recorder, bot.port))
+    # Pipecat begins the conversation's span once the pipeline has started, in a task of its
+    # own that may trail the port opening: stop the session after that.
+    await eventually(
+        lambda: "Started tracing for Conversation" in bot.output(),
+        timeout=BOOT_TIMEOUT_S,
+        what="the conversation's tracing to begin",
+    )
     await stop_session(bot, recorder)
     spans = otlp_collector.spans()
     trace_id = TRACEPARENT.split("-")[1]
     assert {s["trace_id"] for s in spans} == {trace_id}, spans
     assert {"conversation", "bot.ended"} <= {s["name"] for s in spans}
     for span in spans:
-        assert span["resource"]["session.id"] == SESSION_ID
-        assert span["resource"]["fly.machine.id"] == MACHINE_ID
+        assert span["attributes"]["session.id"] == SESSION_ID
+        assert span["attributes"]["fly.machine.id"] == MACHINE_ID
+
+
+async def test_the_bots_module_is_imported_before_the_first_poll(
+    bots: list[BotProcess],
+    recorder: CallbackRecorder,
+    assignments: AssignmentServer,
+    tmp_path: Path,
+) -> None:
+    """A pooled bot imports the team's module (its module-level work runs) before it asks for
+    a session, once: the module's marker is written before the first poll, and no later."""
+    marker = tmp_path / "imported"
+    polls_marker: list[bool] = []
+    assignments.on_poll = lambda _poll: polls_marker.append(marker.exists())
+    bot = await start_pooled(
+        bots,
+        assignments,
+        tmp_path,
+        BOT_ENTRYPOINT=f"{OWN_TRANSPORT}:bot",
+        BOT_IMPORT_MARKER=str(marker),
+    )
+    await assignments.polled(2)
+    assignments.assign(assignment(recorder, bot.port))
+    await stop_session(bot, recorder)
+    assert polls_marker[0] is True
+    assert len(marker.read_text().splitlines()) == 1
+
+
+async def test_a_broken_entry_point_fails_its_session_at_once(
+    bots: list[BotProcess],
+    recorder: CallbackRecorder,
+    assignments: AssignmentServer,
+    tmp_path: Path,
+) -> None:
+    """A pooled bot whose module raises at import still waits for its session, then ends it
+    at once: exit 2, `ended` with entrypoint_error and the error's own words."""
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('no model file')\n")
+    bot = await start_pooled(bots, assignments, tmp_path, BOT_ENTRYPOINT=str(broken))
+    await assignments.polled()
+    assignments.assign(assignment(recorder, bot.port))
+    assert await bot.exit_code(BOOT_TIMEOUT_S) == EXIT_CONFIG, bot.output()
+    ended = await recorder.wait_for("ended")
+    assert (ended.body["reason"], ended.body["exit_code"]) == ("entrypoint_error", 2)
+    assert "RuntimeError: no model file" in ended.body["error"]
+    assert recorder.of("ready") == []
 
 
 # The assignment client and its waiter alone, over httpx.MockTransport.

@@ -17,7 +17,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "'audioop' is deprecated", DeprecationWarning)
     from aiortc import RTCIceCandidate
 
-    from bot.webrtc import MAX_BODY_BYTES, OfferServer
+    from bot_runtime.webrtc import MAX_BODY_BYTES, OfferServer
 
 SESSION = {"X-Session-Id": "s-test1"}
 OFFER_SDP = (

@@ -21,16 +21,16 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from bot.logs import MASK, JsonLogSink, TextLogSink
-from bot.tracing import ENDED_SPAN, Tracing, exporters, remote_parent
-from tests.fakes.recorder import CallbackRecorder
-from tests.harness import eventually
-from tests.otlp_collector import OtlpCollector, Span
-from tests.test_bot_webrtc import (
+from bot_runtime.logs import MASK, JsonLogSink, TextLogSink
+from bot_runtime.tracing import ENDED_SPAN, Tracing, exporters, remote_parent
+from tests.bot_process import (
     SESSION_ID,
     BotProcess,
     start_bot,
 )
+from tests.fakes.recorder import CallbackRecorder
+from tests.harness import eventually
+from tests.otlp_collector import OtlpCollector, Span
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN_ID = "00f067aa0ba902b7"
@@ -70,8 +70,10 @@ async def stopped_session(
 
 
 def traced(collector: OtlpCollector, traceparent: str | None = SAMPLED) -> dict[str, str | None]:
-    """The bot's environment additions: tracing to `collector`, on a Fly machine."""
+    """The bot's environment additions: the example bot's tracing on (its ENABLE_TRACING),
+    exporting to `collector`, on a Fly machine."""
     return {
+        "ENABLE_TRACING": "1",
         "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
         "TRACEPARENT": traceparent,
         "FLY_MACHINE_ID": MACHINE_ID,
@@ -98,9 +100,10 @@ async def test_conversation_and_turns_join_the_dispatch_trace(
     tmp_path: Path,
     otlp_collector: OtlpCollector,
 ) -> None:
-    """Every span the bot exports is in TRACEPARENT's trace: the conversation (conversation.id
-    and session.id the session's) and `bot.ended` are children of the dispatcher's span, the
-    turns children of the conversation; the resource names the service, session and machine."""
+    """The example bot sets up Pipecat's tracing itself (ENABLE_TRACING): every span it exports
+    is in TRACEPARENT's trace, the conversation (conversation.id the session's) and the
+    runtime's `bot.ended` children of the dispatcher's span, the turns children of the
+    conversation; every span carries the session's and the machine's IDs."""
     await stopped_session(bots, recorder, tmp_path, **traced(otlp_collector))
     spans = otlp_collector.spans()  # The bot exports before it exits.
 
@@ -108,7 +111,6 @@ async def test_conversation_and_turns_join_the_dispatch_trace(
     conversation = only(spans, "conversation")
     assert conversation["parent_span_id"] == PARENT_SPAN_ID
     assert conversation["attributes"]["conversation.id"] == SESSION_ID
-    assert conversation["attributes"]["session.id"] == SESSION_ID
     turns = [s for s in spans if s["name"] == "turn"]
     assert turns, spans
     assert all(t["parent_span_id"] == conversation["span_id"] for t in turns)
@@ -120,13 +122,33 @@ async def test_conversation_and_turns_join_the_dispatch_trace(
         "session.id": SESSION_ID,
         "session.end_reason": "sigterm",
         "process.exit.code": 0,
+        "fly.machine.id": MACHINE_ID,
+        "cloud.region": REGION,
     }
     for span in spans:
         assert span["resource"]["service.name"] == "pipecat-bot"
-        assert span["resource"]["session.id"] == SESSION_ID
-        assert span["resource"]["fly.machine.id"] == MACHINE_ID
-        assert span["resource"]["cloud.region"] == REGION
+        assert span["attributes"]["session.id"] == SESSION_ID
+        assert span["attributes"]["fly.machine.id"] == MACHINE_ID
+        assert span["attributes"]["cloud.region"] == REGION
     assert otlp_collector.rejected == 0
+
+
+async def test_without_the_bots_tracing_the_runtime_traces_its_own_end(
+    bots: list[BotProcess],
+    recorder: CallbackRecorder,
+    tmp_path: Path,
+    otlp_collector: OtlpCollector,
+) -> None:
+    """A bot that sets up no tracing of its own (no ENABLE_TRACING) still has the runtime's:
+    `bot.ended` under TRACEPARENT, its resource naming the service, session and machine."""
+    env = {**traced(otlp_collector), "ENABLE_TRACING": None}
+    await stopped_session(bots, recorder, tmp_path, conversation=False, **env)
+    spans = otlp_collector.spans()
+    assert [s["name"] for s in spans] == [ENDED_SPAN]
+    assert spans[0]["parent_span_id"] == PARENT_SPAN_ID
+    resource = spans[0]["resource"]
+    assert (resource["service.name"], resource["session.id"]) == ("pipecat-bot", SESSION_ID)
+    assert (resource["fly.machine.id"], resource["cloud.region"]) == (MACHINE_ID, REGION)
 
 
 @pytest.mark.parametrize(
@@ -188,7 +210,7 @@ async def test_log_lines_carry_the_session_machine_trace_and_span(
     ended_span_id = only(otlp_collector.spans(), ENDED_SPAN)["span_id"]
     by_msg = {line["msg"]: line for line in lines}
     assert by_msg["ended callback accepted"]["span_id"] == ended_span_id
-    assert by_msg["Ending session: sigterm"]["span_id"] == PARENT_SPAN_ID
+    assert by_msg["Session ending: sigterm"]["span_id"] == PARENT_SPAN_ID
     assert {line["span_id"] for line in lines if "span_id" in line} == {
         PARENT_SPAN_ID,
         ended_span_id,

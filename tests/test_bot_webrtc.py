@@ -1,23 +1,25 @@
-"""The real bot process over SmallWebRTC: an aiortc peer talks to it, as a browser would."""
+"""The example bot under the runtime over SmallWebRTC: an aiortc peer talks to it, as a
+browser would."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import signal
-import socket
-import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.fakes.recorder import CALLBACK_TOKEN, CallbackRecorder, contract_env
+from tests.bot_process import (
+    BOOT_TIMEOUT_S,
+    SESSION_ID,
+    BotProcess,
+    booted,
+    start_bot,
+)
+from tests.fakes.recorder import CALLBACK_TOKEN, CallbackRecorder
 from tests.fixtures.peer import (
     Peer,
     Speaker,
@@ -28,118 +30,11 @@ from tests.fixtures.peer import (
     utterance,
 )
 
-ROOT = Path(__file__).parent.parent
-SESSION_ID = "s-test1"
-# Generous bounds for a loaded machine: a bot boots in ~2 s, a stop takes ~1 s.
-BOOT_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
 FAKE_KEYS = {
     "OPENAI_API_KEY": "sk-fake-openai-key-0123456789",
     "DEEPGRAM_API_KEY": "fake-deepgram-key-0123456789",
     "CARTESIA_API_KEY": "fake-cartesia-key-0123456789",
 }
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class BotProcess:
-    """`python -m bot --transport webrtc` with its logs in files."""
-
-    proc: asyncio.subprocess.Process
-    port: int
-    logs: Path
-    http: httpx.AsyncClient
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api/offer"
-
-    def output(self) -> str:
-        """Everything the bot wrote on stdout and stderr so far."""
-        return "".join(p.read_text() for p in sorted(self.logs.glob("*.log")))
-
-    async def listening(self) -> bool:
-        """Wait until the bot's port accepts connections (True) or the bot exits (False)."""
-        async with asyncio.timeout(BOOT_TIMEOUT_S):
-            while self.proc.returncode is None:
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                except OSError:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.proc.wait(), 0.05)
-                    continue
-                writer.close()
-                await writer.wait_closed()
-                return True
-        return False
-
-    async def post(self, body: Any, session: str | None = SESSION_ID, **kw: Any) -> httpx.Response:
-        headers = {} if session is None else {"X-Session-Id": session}
-        content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return await self.http.request(
-            kw.pop("method", "POST"), self.url, content=content, headers=headers
-        )
-
-    async def exit_code(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
-        return await asyncio.wait_for(self.proc.wait(), timeout_s)
-
-
-def webrtc_env(dispatcher_url: str, port: int) -> dict[str, str]:
-    """The contract env of a webrtc session (Daily's variables removed), its bot on `port`."""
-    return contract_env(
-        dispatcher_url,
-        BOT_TRANSPORT="webrtc",
-        BOT_HOST="127.0.0.1",
-        BOT_PORT=str(port),
-        ICE_SERVERS="[]",
-        DAILY_ROOM_URL=None,
-        DAILY_TOKEN=None,
-    )
-
-
-async def start_bot(
-    recorder: CallbackRecorder,
-    tmp_path: Path,
-    argv: tuple[str, ...] = ("--transport", "webrtc"),
-    **overrides: str | None,
-) -> BotProcess:
-    """Start the real bot with the webrtc contract env (Daily's variables removed)."""
-    port = free_port()
-    env = webrtc_env(recorder.url, port)
-    env.update({"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
-    for name, value in overrides.items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    with (tmp_path / "stdout.log").open("w") as out, (tmp_path / "stderr.log").open("w") as err:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bot",
-            *argv,
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=err,
-        )
-    return BotProcess(proc, port, tmp_path, httpx.AsyncClient(timeout=30))
-
-
-async def booted(
-    bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path, **overrides: str | None
-) -> BotProcess:
-    """A bot that listens for its offer."""
-    bot = await start_bot(recorder, tmp_path, **overrides)
-    bots.append(bot)
-    assert await bot.listening(), bot.output()
-    return bot
 
 
 @pytest.fixture
@@ -153,8 +48,9 @@ async def peer() -> AsyncIterator[Peer]:
 async def test_peer_hears_its_utterance_echoed_then_leaves(
     bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path, peer: Peer
 ) -> None:
-    """An aiortc peer connects (ready, with the callback token), gets RTVI's bot-ready, hears
-    its utterance back with the same envelope, and closing it ends the bot participant_left."""
+    """An aiortc peer connects (ready, with the callback token), gets RTVI's bot-ready and the
+    greeting chime, hears its utterance back with the same envelope, and closing it ends the
+    bot participant_left."""
     bot = await booted(bots, recorder, tmp_path)
     await peer.connect(bot)
     ready = await recorder.wait_for("ready", timeout_s=30)
@@ -170,6 +66,7 @@ async def test_peer_hears_its_utterance_echoed_then_leaves(
         }
     )
     assert (await peer.message("bot-ready"))["label"] == "rtvi-ai"
+    await asyncio.wait_for(heard_echo(peer), 30)  # the greeting chime
 
     peer.heard.clear()
     peer.speaker.speak()
@@ -302,7 +199,7 @@ async def test_no_secret_in_the_output(
     await bot.exit_code()
     await recorder.wait_for("ended")
     output = bot.output()
-    assert "conversation mode" in output
+    assert "Starting bot: conversation" in output
     for secret in (CALLBACK_TOKEN, *FAKE_KEYS.values()):
         assert secret not in output
     lines = [json.loads(line) for line in output.splitlines() if line.startswith('{"ts"')]
@@ -325,9 +222,12 @@ async def test_bad_webrtc_env_exits_2(
     overrides: dict[str, str | None],
     named: str,
 ) -> None:
-    """A missing or malformed webrtc variable exits 2 naming it, and calls nothing back."""
+    """A missing or malformed webrtc variable exits 2 naming it, and the session's `ended`
+    says so: reason contract_error, exit code 2, the error naming the variable."""
     bot = await start_bot(recorder, tmp_path, (), **overrides)
     bots.append(bot)
     assert await bot.exit_code(BOOT_TIMEOUT_S) == 2
     assert named in bot.output()
-    assert recorder.calls == []
+    [ended] = [c.body for c in recorder.calls]
+    assert (ended["reason"], ended["exit_code"]) == ("contract_error", 2)
+    assert named in ended["error"]

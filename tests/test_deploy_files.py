@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,14 +38,22 @@ DISPATCHER_SECRETS = {
     "BOT_IMAGE": "registry.fly.io/my-pipecat-bots:deployment-1",
 }
 PASSWORD_BEARING = {"DATABASE_URL"}
+# A team's bot folder that the bot image builds instead of the example (tests/test_images.py).
+TEAM_BOT_ARGS = {"BOT_DIR": "tests/fixtures/team_bot", "BOT_REQUIREMENTS": "pyproject.toml"}
+# `$NAME` or `${NAME}` in an instruction.
+VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+# The instructions whose arguments Docker (or, for RUN, the shell) expands ARG values in.
+EXPANDED = {"COPY", "ENV", "WORKDIR", "USER", "EXPOSE", "RUN"}
 
 
 @dataclass
 class Stage:
-    """One stage of a Dockerfile: its base, name and instructions (continuations joined)."""
+    """One stage of a Dockerfile: its base, name, the build arguments it declares (with their
+    values) and its instructions (continuations joined, those arguments expanded)."""
 
     base: str
     name: str | None
+    args: dict[str, str] = field(default_factory=dict)
     instructions: list[tuple[str, str]] = field(default_factory=list)
 
     def all(self, keyword: str) -> list[str]:
@@ -63,7 +72,7 @@ class Stage:
 
 @dataclass
 class Dockerfile:
-    """A parsed Dockerfile: global ARG defaults and its stages."""
+    """A parsed Dockerfile: its global ARG values (defaults, or the build's) and its stages."""
 
     args: dict[str, str]
     stages: list[Stage]
@@ -102,8 +111,17 @@ def logical_lines(text: str) -> list[str]:
     return lines
 
 
-def parse_dockerfile(path: Path) -> Dockerfile:
-    """Parse the instructions these tests read (ARG, FROM and the rest, per stage)."""
+def expand(text: str, values: Mapping[str, str]) -> str:
+    """`text` with `$NAME` and `${NAME}` replaced by their values; names not in `values` (the
+    base image's PATH) are left as written."""
+    return VARIABLE.sub(lambda m: values.get(m.group(1) or m.group(2), m.group(0)), text)
+
+
+def parse_dockerfile(path: Path, build_args: Mapping[str, str] | None = None) -> Dockerfile:
+    """Parse the instructions these tests read (ARG, FROM and the rest, per stage), as a build
+    with these `--build-arg` values would: a stage sees the ARGs it declares, with the global
+    default when it declares one without its own."""
+    given = dict(build_args or {})
     args: dict[str, str] = {}
     stages: list[Stage] = []
     for line in logical_lines(path.read_text()):
@@ -112,15 +130,21 @@ def parse_dockerfile(path: Path) -> Dockerfile:
         rest = rest.strip()
         if keyword == "FROM":
             words = rest.split()
-            base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], words[0])
+            base = expand(words[0], args)
             name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
             stages.append(Stage(base=base, name=name))
-        elif keyword == "ARG" and not stages:
-            key, _, value = rest.partition("=")
-            args[key] = value
+        elif keyword == "ARG":
+            key, has_default, default = rest.partition("=")
+            scope = stages[-1].args if stages else args
+            scope[key] = given.get(key, default if has_default or not stages else args.get(key, ""))
         else:
             assert stages, f"{keyword} before the first FROM in {path.name}"
-            stages[-1].instructions.append((keyword, rest))
+            stage = stages[-1]
+            stage.instructions.append(
+                (keyword, expand(rest, stage.args) if keyword in EXPANDED else rest)
+            )
+    declared = set(args).union(*(stage.args for stage in stages))
+    assert set(given) <= declared, f"build arguments {path.name} never declares"
     return Dockerfile(args=args, stages=stages)
 
 
@@ -363,14 +387,40 @@ def test_bot_app_has_no_services_and_builds_the_bot_image() -> None:
 
 
 def test_bot_image_runs_the_command_the_dispatcher_sends() -> None:
-    """The bot image runs the dispatcher's bot command with the environment's python, and
-    onnxruntime's telemetry off."""
+    """The bot image runs the dispatcher's bot command with the environment's python and the
+    runtime on PYTHONPATH, checks the bot's entry point at build time, and keeps onnxruntime's
+    telemetry off."""
     image = parse_dockerfile(BOT_DOCKERFILE)
     assert tuple(image.cmd()) == BOT_COMMAND
-    env = image.final.env()
-    venv = image.stage("build").env()["UV_PROJECT_ENVIRONMENT"]
-    assert env["PATH"].split(":")[0] == f"{venv}/bin"
+    build, env = image.stage("build"), image.final.env()
+    assert env["PATH"].split(":")[0] == f"{build.env()['UV_PROJECT_ENVIRONMENT']}/bin"
+    assert f"bot_runtime {env['PYTHONPATH']}/bot_runtime" in build.all("COPY")
+    assert f"{shlex.join(BOT_COMMAND)} --check" in image.final.all("RUN")
     assert env["ORT_DISABLE_TELEMETRY"] == "1", "onnxruntime's telemetry stays off"
+
+
+@pytest.mark.parametrize("build_args", [{}, TEAM_BOT_ARGS], ids=["example", "team_bot"])
+def test_bot_image_runs_the_folder_it_is_built_from(build_args: dict[str, str]) -> None:
+    """The bot folder (BOT_DIR, the example by default) is the image's working directory, its
+    requirements file and bot file exist, and BOT_ENTRYPOINT names that bot file."""
+    assert parse_dockerfile(BOT_DOCKERFILE).args["BOT_DIR"] == "examples/bot"
+    image = parse_dockerfile(BOT_DOCKERFILE, build_args)
+    args = image.args
+    folder = ROOT / args["BOT_DIR"]
+    assert (folder / args["BOT_REQUIREMENTS"]).is_file()
+    assert (folder / args["BOT_FILE"]).is_file()
+    (workdir,) = image.final.all("WORKDIR")
+    assert f"{args['BOT_DIR']} {workdir}" in image.stage("build").all("COPY")
+    assert image.final.env()["BOT_ENTRYPOINT"] == f"{workdir}/{args['BOT_FILE']}"
+
+
+def test_bot_app_names_the_images_build_arguments() -> None:
+    """The build arguments fly.bot.toml's comments show are the bot image's own."""
+    text = BOT_FLY.read_text()
+    shown = set(re.findall(r"\b(BOT_[A-Z_]+) ?= ?", text))
+    assert shown >= {"BOT_DIR", "BOT_REQUIREMENTS"}
+    assert shown <= set(parse_dockerfile(BOT_DOCKERFILE).args)
+    assert "python -m bot_runtime" in text
 
 
 # --- both images ----------------------------------------------------------------------------
@@ -445,7 +495,9 @@ def in_build_context(path: str) -> bool:
     "path",
     [
         "tests/test_config.py",
-        "tests/fakes/images/testbot/bot/__main__.py",
+        "tests/fakes/images/testbot/bot_runtime/__main__.py",
+        "tests/bots/pipecat_style/bot.py",
+        "tests/fixtures/utterance_16k.wav",
         "bench/run.py",
         "web/node_modules/react/index.js",
         "web/src/main.ts",
@@ -455,25 +507,52 @@ def in_build_context(path: str) -> bool:
         ".ruff_cache/CACHEDIR.TAG",
         ".pytest_cache/v/cache/lastfailed",
         "dispatcher/__pycache__/app.cpython-311.pyc",
-        "bot/__pycache__/bot.cpython-311.pyc",
+        "bot_runtime/__pycache__/session.cpython-311.pyc",
+        "examples/bot/__pycache__/bot.cpython-311.pyc",
+        "bots/mybot/.venv/bin/python",
+        "bots/mybot/.ruff_cache/CACHEDIR.TAG",
         "dispatcher.db",
         "dispatcher.db-wal",
         ".env",
-        "bot/.env",
+        "examples/bot/.env",
+        "bots/mybot/.env",
         "Makefile",
     ],
 )
 def test_dockerignore_keeps_out(path: str) -> None:
     """Tests, benchmarks, the web client's sources, environments, caches, databases and .git
-    never reach either image."""
+    never reach either image, not even from inside a bot folder."""
     assert not in_build_context(path)
 
 
-@BOTH_DOCKERFILES
-def test_dockerignore_keeps_what_the_images_copy(dockerfile: Path) -> None:
+@pytest.mark.parametrize(
+    "path",
+    [
+        "bot_runtime/__main__.py",
+        "examples/bot/bot.py",
+        "examples/bot/requirements.txt",
+        "bots/mybot/bot.py",
+        "bots/mybot/pyproject.toml",
+        "tests/fixtures/team_bot/bot.py",
+    ],
+)
+def test_dockerignore_lets_bot_folders_in(path: str) -> None:
+    """The runtime and the folders a bot image can be built from are in the build context: the
+    example, teams' folders under bots/, and the tests' team folder."""
+    assert in_build_context(path)
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "build_args"),
+    [(DISPATCHER_DOCKERFILE, {}), (BOT_DOCKERFILE, {}), (BOT_DOCKERFILE, TEAM_BOT_ARGS)],
+    ids=["dispatcher", "bot", "bot-team_bot"],
+)
+def test_dockerignore_keeps_what_the_images_copy(
+    dockerfile: Path, build_args: dict[str, str]
+) -> None:
     """Every file a COPY takes from the build context is in it (the web page included)."""
     sources: list[str] = []
-    for stage in parse_dockerfile(dockerfile).stages:
+    for stage in parse_dockerfile(dockerfile, build_args).stages:
         for args in stage.all("COPY"):
             words = [w for w in args.split() if not w.startswith("--")]
             if not args.startswith("--from"):

@@ -61,9 +61,11 @@ Start = Callable[..., Awaitable[Fly]]
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
     root = tmp_path / "image"
-    (root / "bot").mkdir(parents=True)
-    (root / "bot" / "__init__.py").write_text("")  # a regular package: shadows the repo's `bot`
-    (root / "bot" / "__main__.py").write_text(BOT)
+    (root / "bot_runtime").mkdir(parents=True)
+    (root / "bot_runtime" / "__init__.py").write_text(
+        ""
+    )  # a regular package: shadows the repo's `bot_runtime`
+    (root / "bot_runtime" / "__main__.py").write_text(BOT)
     return root
 
 
@@ -476,7 +478,7 @@ async def test_create_validates_its_body(fly: Fly) -> None:
     bad_configs: list[Any] = [
         {"env": {"A": 1}},
         {"metadata": ["x"]},
-        {"init": {"cmd": "python -m bot"}},
+        {"init": {"cmd": "python -m bot_runtime"}},
         {"guest": {"cpu_kind": "shared", "cpus": 1, "memory_mb": 1000}},
         {"restart": {"policy": "sometimes"}},
         {"stop_config": {"timeout": "soon"}},
@@ -766,7 +768,7 @@ async def test_start_of_a_skip_launch_machine_runs_its_cmd_with_its_env(
     machine = await create(
         fly,
         body={"skip_launch": True},
-        init={"cmd": ["python", "-m", "bot"]},
+        init={"cmd": ["python", "-m", "bot_runtime"]},
         env={"POOL_SLOT": "7"},
     )
     record = fly.record(machine)

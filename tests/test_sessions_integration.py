@@ -74,7 +74,7 @@ async def test_machine_config_carries_the_bot_contract(tmp_path: Path) -> None:
         assert config["init"]["cmd"] == [
             "python",
             "-m",
-            "bot",
+            "bot_runtime",
             "--room-url",
             config["env"]["DAILY_ROOM_URL"],
         ]

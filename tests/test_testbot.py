@@ -24,7 +24,7 @@ from tests.test_bot_pool import DROP, HANG, AssignmentServer
 
 
 class BotProcess:
-    """The test bot run as its image would be: `python -m bot --room-url URL`."""
+    """The test bot run as its image would be: `python -m bot_runtime --room-url URL`."""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
@@ -50,7 +50,7 @@ class BotProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "bot",
+            "bot_runtime",
             *(("--room-url", room_url) if argv is None else argv),
             cwd=TESTBOT_DIR,
             env=full_env,

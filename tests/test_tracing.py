@@ -266,12 +266,14 @@ async def test_the_real_bots_spans_join_the_dispatch_trace(
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    """The real bot (`python -m bot`, a local process, webrtc with no peer) exports to a
-    collector the test runs: its conversation span's parent is the dispatcher's start span,
-    its turn under the conversation, its `bot.ended` under the start span, all one trace with
-    the dispatcher's own spans (in memory here)."""
+    """The example bot under the runtime (`python -m bot_runtime`, a local process, webrtc
+    with no peer, its tracing on) exports to a collector the test runs: its conversation
+    span's parent is the dispatcher's start span, its turn under the conversation, its
+    `bot.ended` under the start span, all one trace with the dispatcher's own spans (in memory
+    here)."""
     # Local bots inherit the dispatcher's environment (its secrets excepted): on Fly the bot
     # app's own secrets set these.
+    monkeypatch.setenv("ENABLE_TRACING", "1")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_collector.endpoint)
     # The bot logs (to this process's stderr) when Pipecat has begun the conversation's span.
     monkeypatch.setenv("LOG_LEVEL", "DEBUG")
@@ -309,4 +311,4 @@ async def test_the_real_bots_spans_join_the_dispatch_trace(
     assert conversation["attributes"]["conversation.id"] == sid
     assert turn["parent_span_id"] == conversation["span_id"]
     assert goodbye["parent_span_id"] == start_span_id
-    assert conversation["resource"]["session.id"] == sid
+    assert conversation["attributes"]["session.id"] == sid

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-BOT_COMMAND = ("python", "-m", "bot")
+BOT_COMMAND = ("python", "-m", "bot_runtime")
 
 
 @dataclass(frozen=True)

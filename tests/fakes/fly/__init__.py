@@ -26,10 +26,11 @@ Follows /work/shared/reference/fly-machines.md. Choices where the reference is s
 - Stop on a machine that is not running answers `{"ok":true}`; start/stop on a destroyed machine,
   412; destroy of a destroyed machine, 404. An empty stop body counts as `{}`.
 - A wait that can no longer be satisfied (started, on a stopped machine) runs to its 408.
-- The image's CMD is `default_cmd` (`python -m bot`); `init.exec` replaces it, `init.entrypoint`
-  runs with `init.cmd` only. Each process gets `PYTHONUNBUFFERED=1`, as the image's ENV would.
-  An image directory's `bot/` needs an `__init__.py`: a namespace package loses to the repo's
-  `bot` package, which the editable install puts on every interpreter's path.
+- The image's CMD is `default_cmd` (`python -m bot_runtime`); `init.exec` replaces it,
+  `init.entrypoint` runs with `init.cmd` only. Each process gets `PYTHONUNBUFFERED=1`, as the
+  image's ENV would. An image directory's `bot_runtime/` needs an `__init__.py`: a namespace
+  package loses to the repo's `bot_runtime` package, which the editable install puts on every
+  interpreter's path. Without one, the repo's real runtime runs (the image holds a bot file).
 - A fault with `status=0` closes uvicorn's transport: an ASGI app that returns without
   answering gets a 500 from uvicorn, not a dropped connection.
 """

@@ -103,7 +103,7 @@ class FlyEmulator(MachineHandlers):
         apps: Iterable[str] = (DEFAULT_APP,),
         images: Mapping[str, Path] | None = None,
         default_image_root: Path | None = None,
-        default_cmd: Iterable[str] = ("python", "-m", "bot"),
+        default_cmd: Iterable[str] = ("python", "-m", "bot_runtime"),
         regions: Mapping[str, int | None] | None = None,
         secrets: Mapping[str, str] | None = None,
         boot_delay_s: float = 0.05,

@@ -1,5 +1,5 @@
-"""A stand-in bot image that plays the bot contract offline: `python -m bot --room-url URL`
-(daily) or `python -m bot --transport webrtc` (webrtc).
+"""A stand-in bot image that plays the bot contract offline: `python -m bot_runtime --room-url URL`
+(daily) or `python -m bot_runtime --transport webrtc` (webrtc).
 
 Standard library only. It checks the contract (the command line and every environment
 variable), calls `ready`, waits for SIGTERM or its time limit, and calls `ended`. In webrtc

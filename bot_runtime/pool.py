@@ -1,12 +1,13 @@
 """The warm pool's bot side: boot, load everything, then learn the session from the dispatcher.
 
 A pooled machine is created before any session: its env has DISPATCHER_URL, POOL_TOKEN (this
-machine's secret), BOT_TRANSPORT and Fly's FLY_MACHINE_ID, and no SESSION_ID. The bot imports
-Pipecat, its transport and services, loads Silero's model and builds its trace exporters
-(`preload`), then long-polls `GET /internal/machines/{id}/assignment` until the dispatcher
+machine's secret), BOT_TRANSPORT and Fly's FLY_MACHINE_ID, and no SESSION_ID. The runtime
+imports Pipecat and its transport, then the team's module (its module-level work runs, as
+Pipecat Cloud's docs advise for loading models), loads Silero's model and builds its trace
+exporters (`preload`), then long-polls `GET /internal/machines/{id}/assignment` until the dispatcher
 answers with a session: the contract's variables (`env`) and command line (`args`) a cold bot
-would have been started with. `bot.__main__` then runs that session as if started cold, with
-the machine's env overlaid with the assignment's: only joining the room is left to do.
+would have been started with. `bot_runtime.__main__` then runs that session as if started
+cold, with the machine's env overlaid with the assignment's: only joining the room is left.
 
 Each poll asks the dispatcher to hold it `POLL_WAIT_S` and gives up `POLL_MARGIN_S` later, on
 a fresh connection. A machine of POOL_MODE=suspended is frozen with its poll outstanding, and
@@ -29,13 +30,14 @@ from urllib.parse import quote
 import httpx
 from loguru import logger
 
-from bot.dispatcher_client import BOT_TRANSPORT, DAILY, DISPATCHER_URL, SESSION_ID
-from bot.outcome import EXIT_CONFIG, EXIT_ERROR, EXIT_OK
-from bot.tracing import span_exporters
+from bot_runtime.contract import BOT_TRANSPORT, DAILY, DISPATCHER_URL, SESSION_ID, WEBRTC
+from bot_runtime.entrypoint import EntryPoint, EntryPointError, EntryPointSpec, load
+from bot_runtime.outcome import EXIT_CONFIG, EXIT_ERROR, EXIT_OK
+from bot_runtime.signals import StopSignals
+from bot_runtime.tracing import span_exporters
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
-    from pipecat.audio.vad.vad_analyzer import VADAnalyzer
 
 POOL_TOKEN = "POOL_TOKEN"  # noqa: S105 (a variable name, not a secret)
 FLY_MACHINE_ID = "FLY_MACHINE_ID"
@@ -280,48 +282,67 @@ class AssignmentWaiter:
             monotonic, wall = now_monotonic, now_wall
 
 
+# What a session of each transport imports before the team's module runs (Pipecat's runner
+# types and utilities come with it).
+TRANSPORT_MODULES = {
+    DAILY: ("pipecat.transports.daily.transport",),
+    WEBRTC: ("pipecat.transports.smallwebrtc.transport", "bot_runtime.webrtc"),
+}
+RUNNER_MODULES = ("pipecat.runner.types", "pipecat.runner.utils", "bot_runtime.session")
+
+
 @dataclass(frozen=True)
 class Preloaded:
-    """What a pooled bot loads before its session, and how long each part took."""
+    """What a pooled bot loaded before its session, and how long each part took.
 
-    vad_analyzer: VADAnalyzer
+    `entry` is the team's bot, or `error` says why it could not be loaded: the session it
+    is assigned then fails at once with that error, as a cold bot's would.
+    """
+
+    entry: EntryPoint | None
+    error: str | None
     span_exporters: tuple[SpanExporter, ...]
     imports_s: float
+    entry_s: float
     vad_s: float
     tracing_s: float
 
     def describe(self) -> str:
         """One log line's worth."""
-        total = self.imports_s + self.vad_s + self.tracing_s
+        total = self.imports_s + self.entry_s + self.vad_s + self.tracing_s
         return (
-            f"Preloaded in {total:.2f} s: imports {self.imports_s:.2f} s, "
-            f"VAD {self.vad_s:.2f} s, tracing {self.tracing_s:.2f} s"
+            f"Preloaded in {total:.2f} s: Pipecat and the transport {self.imports_s:.2f} s, "
+            f"the bot's module {self.entry_s:.2f} s, VAD {self.vad_s:.2f} s, "
+            f"tracing {self.tracing_s:.2f} s"
         )
 
 
-def preload(environ: Mapping[str, str], transport: str) -> Preloaded:
-    """Import what a session of `transport` needs, load Silero's model, build the exporters."""
+def preload(environ: Mapping[str, str], transport: str, spec: EntryPointSpec) -> Preloaded:
+    """Import Pipecat, the transport and the team's module, load Silero, build the exporters."""
     started = time.perf_counter()
-    from bot.bot import TRANSPORT_MODULES  # Pipecat's core, the pipeline and the session.
-    from bot.services import CONVERSATION, CONVERSATION_MODULES, Providers
-
-    modules = list(TRANSPORT_MODULES.get(transport, ()))
-    if Providers.from_environ(environ).mode == CONVERSATION:
-        modules += CONVERSATION_MODULES
-    for module in modules:
+    for module in (*RUNNER_MODULES, *TRANSPORT_MODULES.get(transport, ())):
         importlib.import_module(module)
+    imported = time.perf_counter()
+    entry, error = None, None
+    try:
+        entry = load(spec)
+    except EntryPointError as exc:
+        error = str(exc)
+        logger.error(f"The bot cannot run: {error}")
+    loaded = time.perf_counter()
     from pipecat.audio.vad.silero import SileroVADAnalyzer
 
-    imported = time.perf_counter()
-    vad_analyzer = SileroVADAnalyzer()
-    loaded = time.perf_counter()
+    SileroVADAnalyzer()  # the model's first load: onnxruntime's session, the file in cache
+    vad = time.perf_counter()
     exporters = span_exporters(environ)
     return Preloaded(
-        vad_analyzer,
+        entry,
+        error,
         exporters,
         imports_s=imported - started,
-        vad_s=loaded - imported,
-        tracing_s=time.perf_counter() - loaded,
+        entry_s=loaded - imported,
+        vad_s=vad - loaded,
+        tracing_s=time.perf_counter() - vad,
     )
 
 
@@ -334,28 +355,35 @@ class Assigned:
     preloaded: Preloaded
 
 
-def boot_then_wait(
-    environ: Mapping[str, str], stop_requested: Callable[[], str | None]
-) -> Assigned | int:
-    """Preload, then wait for the assignment; the session, or the exit code if none came.
+def boot(environ: Mapping[str, str], spec: EntryPointSpec) -> tuple[PoolEnv, Preloaded] | int:
+    """Read the machine's own variables and preload; the exit code if that failed.
 
-    Exit codes: 0 retired or stopped, 1 preloading failed, 2 misconfigured (a missing
-    variable, a refused token, an unknown machine). No callback in any case: no session.
+    Exit codes: 1 preloading failed, 2 a missing variable. The team's module is imported
+    here, before the runtime takes over the logs (see `bot_runtime.logs`).
     """
     try:
         pool = PoolEnv.from_environ(environ)
     except ValueError as exc:
         logger.error(f"Pooled bot misconfigured: {exc}")
         return EXIT_CONFIG
-    logger.info(f"Pooled machine {pool.machine_id}: loading before any session")
     try:
-        preloaded = preload(environ, pool.transport)
+        return pool, preload(environ, pool.transport, spec)
     except Exception:
         logger.exception("Preloading failed")
         return EXIT_ERROR
+
+
+def wait_for_session(
+    pool: PoolEnv, preloaded: Preloaded, *, environ: Mapping[str, str], signals: StopSignals
+) -> Assigned | int:
+    """Wait for the assignment; the session, or the exit code if none came.
+
+    Exit codes: 0 retired or stopped, 2 refused (a bad token, an unknown machine). No
+    callback in any case: there is no session.
+    """
     logger.info(preloaded.describe())
     try:
-        assignment = asyncio.run(_wait(pool, stop_requested))
+        assignment = asyncio.run(_wait(pool, lambda: signals.reason))
     except AssignmentError as exc:
         if exc.retired:
             logger.info(f"Retired by the dispatcher ({exc}): exiting")
@@ -363,7 +391,7 @@ def boot_then_wait(
         logger.error(f"Pooled bot misconfigured ({exc}): exiting")
         return EXIT_CONFIG
     if assignment is None:
-        logger.info(f"Stopped ({stop_requested()}) before any assignment: exiting")
+        logger.info(f"Stopped ({signals.reason}) before any assignment: exiting")
         return EXIT_OK
     return Assigned(assignment.environ(environ), assignment.args, preloaded)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Mapping
@@ -31,21 +32,17 @@ _MIN_SECRET_LENGTH = 8
 # What a text line shows in its own columns rather than as `key=value`.
 _TEXT_COLUMNS = frozenset({"ts", "level", "logger", "msg", "exc"})
 
-# The environment variables whose values never appear in a log line: the contract's tokens
-# and the providers' API keys (secrets of the bot app). TURN credentials in ICE_SERVERS too.
-SECRET_VARIABLES = (
-    "DAILY_TOKEN",
-    "BOT_CALLBACK_TOKEN",
-    "POOL_TOKEN",
-    "DEEPGRAM_API_KEY",
-    "OPENAI_API_KEY",
-    "CARTESIA_API_KEY",
-)
+# The environment variables whose values never appear in a log line: the contract's tokens,
+# and every variable named like a credential (the providers' API keys, any secret of the bot
+# app's). TURN credentials in ICE_SERVERS too.
+SECRET_VARIABLES = ("DAILY_TOKEN", "BOT_CALLBACK_TOKEN", "POOL_TOKEN")
+_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)$", re.IGNORECASE)
 
 
 def environ_secrets(environ: Mapping[str, str]) -> list[str]:
     """Every secret value of `environ`, read leniently (a malformed value is masked whole)."""
-    secrets = [environ.get(name, "") for name in SECRET_VARIABLES]
+    names = {*SECRET_VARIABLES, *(name for name in environ if _SECRET_NAME.search(name))}
+    secrets = [environ.get(name, "") for name in sorted(names)]
     raw = environ.get("ICE_SERVERS", "")
     try:
         servers = json.loads(raw) if raw.strip() else []

@@ -1,13 +1,17 @@
 """The bot's OpenTelemetry traces: exported only when the standard `OTEL_*` variables ask.
 
+A bot module that sets up tracing itself (Pipecat's `setup_tracing`, at import) keeps its
+provider: the runtime's spans go through it too. Otherwise the runtime sets up its own:
+
 With OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) set, spans go over
 OTLP/HTTP (the exporter reads the endpoint, headers, timeout and compression itself);
 OTEL_TRACES_EXPORTER=console prints them on stdout instead or as well. Otherwise, or with
 OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none, no provider is set up at all.
 
 The dispatcher's `/start` span arrives as TRACEPARENT: `remote_parent` makes it the current
-context, so Pipecat's conversation span (started under the current context) and the bot's own
-spans join the dispatch trace; the SDK's default sampler (ParentBased) honours its sampled flag.
+context of `bot()`, so Pipecat's conversation span (started under the current context, when
+the bot's worker has `enable_tracing`) and the runtime's own spans join the dispatch trace;
+the SDK's default sampler (ParentBased) honours its sampled flag.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 
 from opentelemetry import context, trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -47,11 +51,6 @@ def exporters(environ: Mapping[str, str]) -> frozenset[str]:
     return frozenset(names & {"otlp", "console"})
 
 
-def tracing_configured(environ: Mapping[str, str]) -> bool:
-    """Whether `environ` turns tracing on (what decides Pipecat's `enable_tracing`)."""
-    return bool(exporters(environ))
-
-
 def span_exporters(environ: Mapping[str, str]) -> tuple[SpanExporter, ...]:
     """The span exporters `environ` asks for, built (and their modules imported); () when off."""
     names = exporters(environ)
@@ -63,6 +62,17 @@ def span_exporters(environ: Mapping[str, str]) -> tuple[SpanExporter, ...]:
     if "console" in names:
         built.append(ConsoleSpanExporter())
     return tuple(built)
+
+
+class SessionAttributes(SpanProcessor):
+    """Sets the session's attributes on every span as it starts."""
+
+    def __init__(self, attributes: Mapping[str, str]) -> None:
+        self._attributes = dict(attributes)
+
+    def on_start(self, span: Span, parent_context: context.Context | None = None) -> None:
+        """Stamp the span."""
+        span.set_attributes(self._attributes)
 
 
 @dataclass(frozen=True)
@@ -98,9 +108,22 @@ class Tracing:
             provider.add_span_processor(BatchSpanProcessor(exporter))
         return cls(provider)
 
+    @classmethod
+    def installed(cls) -> Tracing | None:
+        """The SDK provider already set for the process (by the bot's module), if any."""
+        provider = trace.get_tracer_provider()
+        return cls(provider) if isinstance(provider, TracerProvider) else None
+
     def install(self) -> None:
         """Make it the global tracer provider (the one Pipecat's tracers use)."""
         trace.set_tracer_provider(self.provider)
+
+    def stamp(self, environ: Mapping[str, str], session_id: str) -> None:
+        """Give every span started from now on the session's ID and its machine's (a provider
+        the bot's module made knows nothing of them)."""
+        attributes = {"session.id": session_id}
+        attributes |= {key: environ[var] for var, key in _FLY_RESOURCE.items() if environ.get(var)}
+        self.provider.add_span_processor(SessionAttributes(attributes))
 
     def shutdown(self, timeout_s: float = FLUSH_TIMEOUT_S) -> bool:
         """Export the spans still queued and stop; False if that took over `timeout_s`.

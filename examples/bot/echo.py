@@ -1,4 +1,4 @@
-"""The offline bot's voice: the user's last utterance played back, and a chime to say goodbye."""
+"""The echo bot's voice: the user's last utterance played back, and a chime to greet and part."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
+# The echo plays back what it heard: the same rate in and out, no resampling.
+ECHO_SAMPLE_RATE = 16000
 # Audio kept from before the VAD noticed speech: it confirms a start `start_secs` (0.2 s)
 # late, plus an analysis window, and the first syllable should not be cut.
 PRE_ROLL_S = 0.5
@@ -115,5 +117,5 @@ def chime(sample_rate: int, *, duration_s: float = 0.4, volume: float = 0.3) -> 
 
 
 def chime_frame(sample_rate: int) -> OutputAudioRawFrame:
-    """The goodbye chime as an output frame."""
+    """The chime as an output frame."""
     return OutputAudioRawFrame(audio=chime(sample_rate), sample_rate=sample_rate, num_channels=1)

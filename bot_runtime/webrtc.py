@@ -144,7 +144,7 @@ class OfferServer:
                 logger.info(f"Offer refused: {type(exc).__name__}: {exc}")
                 raise SignallingError(400, "invalid-sdp", "the offer's SDP was refused") from None
             self._peer = True
-            answer = self._connection.get_answer()
+            answer = self._connection.get_answer()  # type: ignore[no-untyped-call]
         return web.json_response(answer)
 
     async def _candidates(self, request: web.Request) -> web.Response:
@@ -157,7 +157,7 @@ class OfferServer:
         if not self._peer or self._closed or body.get("pc_id") != self._connection.pc_id:
             raise SignallingError(404, "peer-not-found", "no such peer connection")
         for candidate in candidates:
-            await self._connection.add_ice_candidate(candidate)
+            await self._connection.add_ice_candidate(candidate)  # type: ignore[no-untyped-call]
         return web.json_response({"status": "success"})
 
     def _check_session(self, request: web.Request) -> None:

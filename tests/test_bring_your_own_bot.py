@@ -185,6 +185,7 @@ def assert_ended_cleanly(ended: dict[str, dict[str, Any]], where: str) -> None:
         assert found == ("ended", end, 0, None), (where, end, session)
 
 
+@pytest.mark.timeout(600)  # nine sessions booting at once, three of them to their time limit
 @pytest.mark.parametrize("name", BOTS)
 async def test_a_bot_file_runs_unchanged_on_both_backends(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jwt
@@ -84,38 +85,43 @@ def tampered() -> str:
     return f"{header}.{forged.decode()}.{signature}"
 
 
-@pytest.mark.parametrize(
-    ("headers", "code"),
-    [
-        ({}, "missing-credentials"),
-        ({"Authorization": "Bearer garbage"}, "invalid-token"),
-        (
-            {
-                "Authorization": "Bearer "
-                + jwt.encode(
-                    {"sub": "u", "exp": int(time.time()) + 600},
-                    "wrong-secret-" + "z" * 32,
-                    algorithm="HS256",
-                )
-            },
-            "invalid-token",
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# The credentials, made when the test runs (a token's times are relative to then, however long
+# the suite has run before it), and the code each gets.
+BAD_CREDENTIALS: dict[str, tuple[Callable[[], dict[str, str]], str]] = {
+    "none": (dict, "missing-credentials"),
+    "garbage": (lambda: bearer("garbage"), "invalid-token"),
+    "wrong-key": (
+        lambda: bearer(
+            jwt.encode(
+                {"sub": "u", "exp": int(time.time()) + 600},
+                "wrong-secret-" + "z" * 32,
+                algorithm="HS256",
+            )
         ),
-        ({"Authorization": "Bearer " + expired_token()}, "token-expired"),
-        (
-            {
-                "Authorization": "Bearer "
-                + jwt.encode({"sub": "u", "exp": int(time.time()) + 600}, None, algorithm="none")
-            },
-            "invalid-token",
+        "invalid-token",
+    ),
+    "expired": (lambda: bearer(expired_token()), "token-expired"),
+    "alg-none": (
+        lambda: bearer(
+            jwt.encode({"sub": "u", "exp": int(time.time()) + 600}, None, algorithm="none")
         ),
-        ({"Authorization": "Bearer " + tampered()}, "invalid-token"),
-        ({"Authorization": "Bearer " + signed(sub=None)}, "invalid-token"),
-        ({"Authorization": "Bearer " + signed(nbf=int(time.time()) + 600)}, "invalid-token"),
-    ],
-    ids=["none", "garbage", "wrong-key", "expired", "alg-none", "tampered", "no-sub", "nbf"],
-)
-async def test_no_or_bad_jwt_is_401_json(stack: Stack, headers: dict[str, str], code: str) -> None:
+        "invalid-token",
+    ),
+    "tampered": (lambda: bearer(tampered()), "invalid-token"),
+    "no-sub": (lambda: bearer(signed(sub=None)), "invalid-token"),
+    "nbf": (lambda: bearer(signed(nbf=int(time.time()) + 600)), "invalid-token"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_CREDENTIALS)
+async def test_no_or_bad_jwt_is_401_json(stack: Stack, kind: str) -> None:
     """Missing or bad credentials answer 401 JSON on /start and /sessions; nothing is made."""
+    make, code = BAD_CREDENTIALS[kind]
+    headers = make()
     response = await stack.http.post("/start", json={}, headers=headers)
     assert response.status_code == 401 and response.json()["code"] == code
     for method in ("GET", "DELETE"):

@@ -22,14 +22,17 @@ sync: uv
 # as the local bots (they inherit BOT_ENTRYPOINT), its requirements installed first on top of
 # the locked packages, which they may not change (as in the bot image); see bots/README.md:
 #   BOT_ENTRYPOINT=bots/mybot/bot.py BOT_REQUIREMENTS=bots/mybot/requirements.txt make run
-# The sync is inexact, so that it keeps those extra packages.
+# The sync is inexact, so that it keeps those extra packages. The installs are quiet (their
+# errors still show), so that the first screen is where to open the page. The dispatcher is
+# exec'd: no shell stands between make and it, so that Ctrl-C ends it, and `make run` with
+# it, quietly (it exits 0 after ending its bots); see "Command line" in the README.
 run: uv
-	$(UV) sync --locked --inexact
+	@$(UV) sync --quiet --locked --inexact
 ifdef BOT_REQUIREMENTS
-	$(UV) export --frozen --quiet --no-hashes --no-emit-project -o $(VENV)/locked.txt
-	$(UV) pip install --python $(VENV)/bin/python -c $(VENV)/locked.txt -r $(BOT_REQUIREMENTS)
+	@$(UV) export --frozen --quiet --no-hashes --no-emit-project -o $(VENV)/locked.txt
+	@$(UV) pip install --quiet --python $(VENV)/bin/python -c $(VENV)/locked.txt -r $(BOT_REQUIREMENTS)
 endif
-	LOG_FORMAT=$${LOG_FORMAT:-text} $(UV) run --no-sync dispatcher serve --host $(HOST) --port $(PORT)
+	@LOG_FORMAT=$${LOG_FORMAT:-text} exec $(UV) run --no-sync dispatcher serve --host $(HOST) --port $(PORT)
 
 lint: sync
 	$(UV) run ruff check .

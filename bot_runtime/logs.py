@@ -31,6 +31,17 @@ TEXT = "text"
 _MIN_SECRET_LENGTH = 8
 # What a text line shows in its own columns rather than as `key=value`.
 _TEXT_COLUMNS = frozenset({"ts", "level", "logger", "msg", "exc"})
+# The fields a text line names first, in this order (the dispatcher's text lines name its
+# context's ids the same way: dispatcher/logs.py), the others after them.
+_TEXT_FIELDS = ("session_id", "machine_id", "trace_id", "span_id")
+# Pipecat's SmallWebRTC transport looks up a screen-share track on every connect, whatever the
+# transport's params, and warns when the peer offered none. @pipecat-ai/small-webrtc-transport
+# offers that transceiver only when its media manager can share a screen; a voice page (ours)
+# cannot, and offering a transceiver it never uses would be the wrong fix. The warning says
+# nothing about the session, every session: it is dropped, and only it.
+_NOISE = frozenset(
+    {("pipecat.transports.smallwebrtc.connection", "No screen video transceiver is available")}
+)
 
 # The environment variables whose values never appear in a log line: the contract's tokens,
 # and every variable named like a credential (the providers' API keys, any secret of the bot
@@ -87,6 +98,8 @@ class JsonLogSink:
 
     def __call__(self, message: Message) -> None:
         record = message.record
+        if (record["name"], record["message"]) in _NOISE:
+            return
         line: dict[str, Any] = {
             "ts": record["time"].isoformat(),
             "level": record["level"].name,
@@ -117,8 +130,11 @@ class TextLogSink(JsonLogSink):
     """The same records for a terminal: time, level, logger, message, then the fields."""
 
     def render(self, line: dict[str, Any]) -> str:
-        """`HH:MM:SS.mmm LEVEL logger: message key=value ...`, the traceback below."""
-        fields = " ".join(f"{k}={v}" for k, v in line.items() if k not in _TEXT_COLUMNS)
+        """`HH:MM:SS.mmm LEVEL   logger: message  key=value ...`, the traceback below; the
+        dispatcher's text lines have the same columns and field order."""
+        known = [k for k in _TEXT_FIELDS if k in line]
+        others = [k for k in line if k not in _TEXT_COLUMNS and k not in _TEXT_FIELDS]
+        fields = " ".join(f"{k}={line[k]}" for k in [*known, *others])
         text = f"{line['ts'][11:23]} {line['level']:<7} {line['logger']}: {line['msg']}"
         text = f"{text}  {fields}" if fields else text
         return f"{text}\n{line['exc'].rstrip()}" if "exc" in line else text

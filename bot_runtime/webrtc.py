@@ -168,7 +168,8 @@ class OfferServer:
 async def _json_object(request: web.Request) -> dict[str, Any]:
     try:
         body = json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        # RecursionError: arrays or objects nested past the interpreter's limit (a 4 KB body).
         raise SignallingError(400, "invalid-json", "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise SignallingError(400, "invalid-json", "the body must be a JSON object")

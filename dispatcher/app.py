@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -32,12 +31,12 @@ from dispatcher.errors import (
     BadRequest,
     DispatcherError,
     NotFound,
-    PayloadTooLarge,
     Unavailable,
     error_body,
     http_status,
 )
 from dispatcher.fly_api import FlyAPI
+from dispatcher.http_input import read_body, read_json_object, whole_number
 from dispatcher.janitor import RoomJanitor
 from dispatcher.logs import session_context
 from dispatcher.machines import MachineBackend
@@ -57,7 +56,7 @@ from dispatcher.rooms.webrtc import WebRTCRooms
 from dispatcher.sessions import Idempotency, SessionService
 from dispatcher.start import MAX_BODY_BYTES, parse_start
 from dispatcher.store import ACTIVE_STATES, TERMINAL_STATES, Store
-from dispatcher.supervisor import Supervisor
+from dispatcher.supervisor import DISPATCHER_STOPPED, Supervisor
 from dispatcher.telemetry import Telemetry, Tracing
 from dispatcher.upstream import RetryPolicy
 from dispatcher.webhooks import MAX_WEBHOOK_BYTES, DailyWebhooks
@@ -69,6 +68,7 @@ MAX_CALLBACK_BYTES = 4096
 # longer one, escaped, so that a bot never loses its report to a long message.
 MAX_ENDED_BYTES = 64 * 1024
 MAX_LIST_LIMIT = 1000
+DEFAULT_LIST_LIMIT = 100
 SESSION_STATES = (*ACTIVE_STATES, *TERMINAL_STATES)
 MAX_IDEMPOTENCY_KEY = 255
 READINESS_TTL_S = 5.0
@@ -95,6 +95,8 @@ class Services:
     proxy: BotProxy
     reconciler: Reconciler
     limiter: StartLimiter
+    machines: MachineBackend
+    supervisor: Supervisor
     webhooks: DailyWebhooks | None = None
 
 
@@ -224,6 +226,8 @@ def create_app(
                 proxy=BotProxy(http, boot_wait_s=min(settings.ready_timeout_s, BOOT_WAIT_S)),
                 reconciler=reconciler,
                 limiter=StartLimiter(db, settings),
+                machines=bots,
+                supervisor=supervisor,
                 webhooks=(
                     DailyWebhooks(settings, db, bots, supervisor)
                     if settings.daily_webhook_secret is not None
@@ -258,8 +262,12 @@ def create_app(
         return holder["s"]
 
     async def start(request: Request) -> Response:
+        """`POST /start`, and the same at Pipecat Cloud's path (any agent name: one dispatcher
+        runs one bot); one span name for both, `http.route` telling which."""
         began = time.monotonic()
-        with tracing.span("POST /start", kind=SpanKind.SERVER, attributes=START_SPAN) as span:
+        route = PIPECAT_CLOUD_START if "agent" in request.path_params else "/start"
+        attributes = {**START_SPAN, "http.route": route}
+        with tracing.span("POST /start", kind=SpanKind.SERVER, attributes=attributes) as span:
             try:
                 answer = await start_session(request)
             except DispatcherError as exc:
@@ -282,7 +290,10 @@ def create_app(
         s = services()
         raw = await read_body(request, MAX_BODY_BYTES)
         start_request = parse_start(
-            raw, default_transport=settings.default_transport, regions=settings.fly_regions
+            raw,
+            default_transport=settings.default_transport,
+            regions=settings.fly_regions,
+            roomless_transport=settings.roomless_transport,
         )
         idempotency = idempotency_of(request.headers.get("idempotency-key"), raw)
         peer = request.client.host if request.client else None
@@ -298,17 +309,19 @@ def create_app(
             raise BadRequest(
                 f"state must be one of {', '.join(SESSION_STATES)}", code="invalid-state"
             )
-        raw_limit = query.get("limit", "100")
-        # ASCII digits only: "²" is a digit to isdigit() but not to int().
-        if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 9) or not (
-            1 <= int(raw_limit) <= MAX_LIST_LIMIT
-        ):
-            raise BadRequest(f"limit must be 1 to {MAX_LIST_LIMIT}", code="invalid-limit")
+        limit = whole_number(
+            query.get("limit"),
+            name="limit",
+            minimum=1,
+            maximum=MAX_LIST_LIMIT,
+            default=DEFAULT_LIST_LIMIT,
+            code="invalid-limit",
+        )
         user = query.get("user") or None
         if user is not None and len(user) > 256:
             raise BadRequest("user is at most 256 characters", code="invalid-user")
         found = await services().service.list_sessions(
-            principal, state=state, user=user, limit=int(raw_limit)
+            principal, state=state, user=user, limit=limit
         )
         return JSONResponse({"sessions": [s.public() for s in found]})
 
@@ -332,7 +345,7 @@ def create_app(
 
     async def bot_ready(request: Request) -> Response:
         internal_only(request)
-        await read_body(request, MAX_CALLBACK_BYTES)
+        await read_json_object(request, MAX_CALLBACK_BYTES)
         await services().callbacks.bot_ready(
             request.path_params["session_id"], bearer_token(request.headers)
         )
@@ -340,11 +353,14 @@ def create_app(
 
     async def assignment(request: Request) -> Response:
         internal_only(request)
-        wait = request.query_params.get("wait", str(ASSIGNMENT_WAIT_S))
-        if not wait.isascii() or not wait.isdigit() or not 0 <= int(wait) <= ASSIGNMENT_WAIT_S:
-            raise BadRequest(
-                f"wait must be whole seconds, 0 to {ASSIGNMENT_WAIT_S}", code="invalid-wait"
-            )
+        wait = whole_number(
+            request.query_params.get("wait"),
+            name="wait (seconds)",
+            minimum=0,
+            maximum=ASSIGNMENT_WAIT_S,
+            default=ASSIGNMENT_WAIT_S,
+            code="invalid-wait",
+        )
         answer = await services().callbacks.assignment(
             request.path_params["machine_id"], bearer_token(request.headers), float(wait)
         )
@@ -354,13 +370,7 @@ def create_app(
 
     async def bot_ended(request: Request) -> Response:
         internal_only(request)
-        raw = await read_body(request, MAX_ENDED_BYTES)
-        try:
-            data = json.loads(raw or b"{}")
-        except ValueError:
-            raise BadRequest("body is not valid JSON", code="invalid-json") from None
-        if not isinstance(data, dict):
-            raise BadRequest("body must be a JSON object", code="invalid-json")
+        data = await read_json_object(request, MAX_ENDED_BYTES)
         await services().callbacks.bot_ended(
             request.path_params["session_id"],
             bearer_token(request.headers),
@@ -429,6 +439,7 @@ def create_app(
 
     routes: list[BaseRoute] = [
         Route("/start", start, methods=["POST"]),
+        Route(PIPECAT_CLOUD_START, start, methods=["POST"]),
         Route("/sessions", list_sessions, methods=["GET"]),
         Route("/sessions/{session_id}", get_session, methods=["GET"]),
         Route("/sessions/{session_id}", delete_session, methods=["DELETE"]),
@@ -451,7 +462,9 @@ def create_app(
         routes.append(Route("/webhooks/daily", daily_webhook, methods=["POST"]))
 
     async def drain() -> bool:
-        """Stop taking starts and let those in flight finish, within DRAIN_TIMEOUT_S."""
+        """Stop taking starts and let those in flight finish, within DRAIN_TIMEOUT_S; then, for
+        bots that cannot outlive the dispatcher (local processes), end their sessions while
+        it still serves their `ended` callbacks."""
         s = holder.get("s")
         if s is None:
             return True
@@ -463,7 +476,24 @@ def create_app(
         finished = await s.service.drain(settings.drain_timeout_s)
         if not finished:
             log.warning("drain time is up with starts in flight: the reconciler will finish them")
+        if s.machines.bots_outlive_dispatcher or not s.supervisor.watching:
+            return finished
+        live = s.supervisor.watching
+        log.info(
+            "ending %d session%s: local bots stop with this dispatcher", live, "s"[live == 1 :]
+        )
+        try:
+            if not await s.supervisor.end_all(DISPATCHER_STOPPED):
+                log.warning("bots still running after their stop: they are killed")
+        except Exception:
+            log.exception("ending the sessions failed: their bots are stopped as it exits")
         return finished
+
+    def halt() -> None:
+        """Kill at once the bots that cannot outlive the dispatcher (it stops with no drain)."""
+        s = holder.get("s")
+        if s is not None:
+            s.machines.kill_all()
 
     app = Starlette(
         routes=routes,
@@ -476,6 +506,7 @@ def create_app(
         },
     )
     app.state.drain = drain
+    app.state.halt = halt
     return app
 
 
@@ -504,6 +535,8 @@ def _pool_states(pool: Pool) -> Callable[[], Awaitable[list[tuple[str, str]]]]:
 
 
 START_SPAN = {"http.request.method": "POST", "http.route": "/start"}
+# Where the pipecatcloud SDK posts a start (`PIPECAT_API_HOST` + this): the same start.
+PIPECAT_CLOUD_START = "/v1/public/{agent}/start"
 
 
 def _outcome(span: Span, status: int, outcome: str) -> None:
@@ -520,21 +553,6 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over `limit` bytes before reading it all."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is over {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def _dispatcher_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DispatcherError)
     status = http_status(exc)
@@ -547,7 +565,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
     return JSONResponse(
-        {"detail": str(exc.detail), "code": code},
+        error_body(DispatcherError(str(exc.detail), code=code)),
         status_code=exc.status_code,
         headers=exc.headers,
     )
@@ -555,7 +573,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"detail": "internal error", "code": "internal-error"}, status_code=500)
+    return JSONResponse(error_body(DispatcherError("internal error")), status_code=500)
 
 
 def _machine_backend(
@@ -598,5 +616,5 @@ def _room_backends(
                 DailyAPI(http, retry, telemetry), settings.daily_api_key, retry
             )
         else:
-            backends[transport] = WebRTCRooms(settings.ice_servers)
+            backends[transport] = WebRTCRooms(settings.ice_servers, settings.default_ice_servers)
     return backends

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from types import FrameType
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import uvicorn
 
@@ -19,6 +20,7 @@ from dispatcher.app import create_app
 from dispatcher.config import DEFAULT_HOST, DEFAULT_PORT, Settings
 from dispatcher.errors import ConfigError
 from dispatcher.logs import configure_logging
+from dispatcher.signals import StopSignals
 from dispatcher.telemetry import Tracing, tracer_provider_from_env
 
 log = logging.getLogger("dispatcher")
@@ -78,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(level, settings.log_format)
     if not serving:
         return oncall.run(args, settings)
+    stops = StopSignals()
+    stops.block()  # before any thread starts (the tracer's exporter, the event loop's)
     if settings.auth == "none":
         log.warning(
             "authentication is off (DISPATCHER_AUTH=none): anyone who reaches %s:%s "
@@ -117,40 +121,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         proxy_headers=False,
     )
     try:
-        DrainingServer(config, app.state.drain).run(sockets=sockets)
+        DrainingServer(config, stops, app.state.drain, app.state.halt).run(sockets=sockets)
     finally:
         tracing.shutdown()
+    if stops.first == signal.SIGTERM:
+        stops.end_as(signal.SIGTERM)
     return 0
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, draining on the first SIGTERM/SIGINT before it stops serving.
+    """uvicorn, draining on the first stop (SIGTERM, or Ctrl-C's SIGINT) before it stops.
 
     While it drains it still answers: `/readyz` is 503 (load balancers stop sending work) and
-    `/start` answers 503 `draining`, while the starts in flight finish. Then it shuts down as
-    uvicorn does. A second signal stops it at once.
+    `/start` answers 503 `draining`, while the starts in flight finish; then the sessions of
+    bots that cannot outlive it (local processes) end, their `ended` callbacks still taken.
+    Then it shuts down as uvicorn does; the process ends as the SIGTERM asked (killed by it),
+    or with status 0 after a Ctrl-C (no traceback). A second stop (an echo of the first
+    excepted, see dispatcher/signals.py) kills those bots and ends the process at once.
     """
 
-    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[bool]]) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        stops: StopSignals,
+        drain: Callable[[], Awaitable[bool]],
+        halt: Callable[[], None],
+    ) -> None:
         super().__init__(config)
+        self._stops = stops
         self._drain = drain
+        self._halt = halt
         self._draining: asyncio.Task[None] | None = None
-        self._drain_requested = False
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._draining is not None or self._drain_requested or self.should_exit:
-            super().handle_exit(sig, frame)
-            self.force_exit = True  # no graceful wait for open connections either
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with self._stops.delivered(asyncio.get_running_loop(), self._on_stop):
+            yield
+
+    def _on_stop(self, signum: int, at_once: bool) -> None:
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if at_once:
+            log.warning("%s again: stopping at once", name)
+            self._halt()
+            self.should_exit = self.force_exit = True
+            # Ends the process now, as killed by the signal (unless it is a container's init,
+            # which such a signal cannot kill: uvicorn then stops without waiting for anything).
+            self._stops.end_as(signum)
             return
-        self._drain_requested = True
-        # Re-raised once uvicorn has shut down, as it does for the signals it handles itself.
-        self._captured_signals.append(sig)
-        # A signal handler may run inside the loop's select(): wake the loop to start the drain.
-        asyncio.get_event_loop().call_soon_threadsafe(self._begin_drain)
-
-    def _begin_drain(self) -> None:
-        if self._draining is None:
-            self._draining = asyncio.create_task(self._drain_then_exit())
+        log.info("%s: stopping (%s again stops at once)", name, name)
+        self._draining = asyncio.create_task(self._drain_then_exit())
 
     async def _drain_then_exit(self) -> None:
         try:

@@ -28,6 +28,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 _REGION = re.compile(r"^[a-z]{3}$")
 _STUN = re.compile(r"^stuns?:[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
+# What a webrtc start with `enableDefaultIceServers: true` gets: Pipecat's runner's STUN server.
+DEFAULT_ICE_SERVERS = ("stun:stun.l.google.com:19302",)
 _APP = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 # Signature algorithms a client token may use: HMAC with JWT_SECRET, or RSA/ECDSA keys from
 # JWT_JWKS_URL. Never `none`, and never an HMAC keyed with a public key.
@@ -107,6 +109,7 @@ class Settings:
     auth_explicit: bool = False
     local_bot_dir: str | None = None
     ice_servers: tuple[str, ...] = ()
+    default_ice_servers: tuple[str, ...] = DEFAULT_ICE_SERVERS
     internal_port: int | None = None
     internal_host: str = "::"
     start_rate_per_user: Rate | None = Rate(10, 60.0)
@@ -179,6 +182,9 @@ class Settings:
             auth_explicit="DISPATCHER_AUTH" in env,
             local_bot_dir=r.text("LOCAL_BOT_DIR"),
             ice_servers=r.ice_servers("ICE_SERVERS"),
+            default_ice_servers=r.ice_servers(
+                "DEFAULT_ICE_SERVERS", cls.default_ice_servers, off="none"
+            ),
             internal_port=r.optional_integer("INTERNAL_PORT", 1, 65535),
             internal_host=r.text("INTERNAL_HOST") or cls.internal_host,
             start_rate_per_user=r.rate("START_RATE_PER_USER", cls.start_rate_per_user),
@@ -261,6 +267,13 @@ class Settings:
     def default_transport(self) -> Transport:
         """The transport of a `/start` that names none: Daily when configured, else webrtc."""
         return self.transports[0] if self.transports else "daily"
+
+    @property
+    def roomless_transport(self) -> Transport:
+        """The transport of a `/start` with `createDailyRoom: false` that names none: webrtc
+        where it is offered (no Daily room, as Pipecat Cloud and the runner answer it), else
+        the default, whose room the bot needs (a bot here always has a transport)."""
+        return "webrtc" if "webrtc" in self.transports else self.default_transport
 
     def listening_on(self, host: str, port: int) -> Settings:
         """These settings for a server on host:port: checks the bind, fills DISPATCHER_URL."""
@@ -385,13 +398,19 @@ class _Reader:
             raise ConfigError(f"{name} must be a comma list of Fly region codes, got {raw!r}")
         return regions
 
-    def ice_servers(self, name: str) -> tuple[str, ...]:
+    def ice_servers(
+        self, name: str, default: tuple[str, ...] = (), *, off: str | None = None
+    ) -> tuple[str, ...]:
+        """A comma list of stun: URLs; `off` (when given) alone means none."""
         raw = self.text(name)
         if raw is None:
+            return default
+        if off is not None and raw.lower() == off:
             return ()
-        urls = tuple(part.strip() for part in raw.split(",") if part.strip())
+        urls = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
         if not urls or not all(_STUN.match(u) for u in urls):
-            raise ConfigError(f"{name} must be a comma list of stun: URLs, got {raw!r}")
+            also = f" or {off}" if off else ""
+            raise ConfigError(f"{name} must be a comma list of stun: URLs{also}, got {raw!r}")
         return urls
 
     def rate(self, name: str, default: Rate | None) -> Rate | None:

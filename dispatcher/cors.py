@@ -1,12 +1,12 @@
 """CORS on the public routes, for an explicit allowlist of origins (`CORS_ORIGINS`).
 
-Only `/start` and `/sessions/...` take part; the bot callbacks (`/internal/...`) and the
-health routes never get CORS headers. A request from an allowed origin gets
-`Access-Control-Allow-Origin` (and `Retry-After` exposed, for 429s and 503s); a preflight from
-an allowed origin is answered 204 with the methods of the route it asks about and the headers a
-client sends (`Authorization`, `Content-Type`, `Idempotency-Key`). No credentials mode: tokens
-are bearer headers, never cookies. A request from another origin gets no CORS header at all,
-and its preflight 403 `origin-not-allowed`.
+Only `/start`, its Pipecat Cloud path (`/v1/public/{agent}/start`) and `/sessions/...` take
+part; the bot callbacks (`/internal/...`) and the health routes never get CORS headers. A
+request from an allowed origin gets `Access-Control-Allow-Origin` (and `Retry-After` exposed,
+for 429s and 503s); a preflight from an allowed origin is answered 204 with the methods of the
+route it asks about and the headers a client sends (`Authorization`, `Content-Type`,
+`Idempotency-Key`). No credentials mode: tokens are bearer headers, never cookies. A request
+from another origin gets no CORS header at all, and its preflight 403 `origin-not-allowed`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dispatcher.errors import Forbidden, error_body
+
 ALLOW_HEADERS = "Authorization, Content-Type, Idempotency-Key"
 EXPOSE_HEADERS = "Retry-After"
 MAX_AGE_S = 600
@@ -26,7 +28,7 @@ MAX_AGE_S = 600
 
 def is_public(path: str) -> bool:
     """Whether a path is one of the public routes that CORS applies to."""
-    return path in ("/start", "/sessions") or path.startswith("/sessions/")
+    return path in ("/start", "/sessions") or path.startswith(("/sessions/", "/v1/public/"))
 
 
 def cors_middleware(origins: Sequence[str], routes: Sequence[BaseRoute]) -> list[Middleware]:
@@ -79,7 +81,7 @@ class CORS:
             response: Response
             if allowed is None:
                 response = JSONResponse(
-                    {"detail": "this origin is not allowed", "code": "origin-not-allowed"},
+                    error_body(Forbidden("this origin is not allowed", code="origin-not-allowed")),
                     status_code=403,
                     headers={"Vary": "Origin"},
                 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -14,6 +14,7 @@ from dispatcher.upstream import RetryPolicy, json_or_none, status_error, transpo
 
 API = "daily"
 REQUEST_ID = "x-request-id"
+ROOMS_PAGE = 100
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,11 @@ class Room:
     name: str
     url: str
     privacy: str
+
+
+class _ListedRoom(NamedTuple):
+    name: str
+    id: str | None
 
 
 class DailyAPI:
@@ -141,20 +147,48 @@ class DailyAPI:
                 raise
 
     async def list_rooms(self, *, max_pages: int = 10) -> list[str]:
-        """Names of the domain's rooms, newest first, 100 a page, at most `max_pages` pages."""
-        names: list[str] = []
-        params: dict[str, str] = {"limit": "100"}
-        for _ in range(max_pages):
-            data = (await self._retried("list_rooms", "GET", "rooms", params=params)).json()
-            page = data.get("data") if isinstance(data, dict) else None
-            if not isinstance(page, list) or not page:
-                break
-            names += [str(r["name"]) for r in page if isinstance(r, dict) and "name" in r]
-            last = page[-1].get("id") if isinstance(page[-1], dict) else None
-            if len(page) < 100 or not isinstance(last, str):
-                break
-            params = {"limit": "100", "starting_after": last}
-        return names
+        """Names of the domain's rooms, 100 a page, at most `max_pages` pages.
+
+        Daily documents the list as newest first, with `ending_before=<id>` for the rooms
+        created before that one and `starting_after=<id>` for those created after it; a cursor
+        API may as well read `starting_after` as "listed after it". The sweep relies on
+        neither: from the last room of the latest page that brought new rooms it asks with the
+        cursor that brought them (the documented one, `ending_before`, first), tries the other
+        cursor when a page brings none (a repeated page, or no progress), and stops when
+        neither does, or after a short page that did.
+        """
+        names: dict[str, None] = {}
+        cursors = ["ending_before", "starting_after"]
+        params: dict[str, str] = {"limit": str(ROOMS_PAGE)}
+        last: str | None = None
+        pages = barren = 0
+        while pages < max_pages and barren < len(cursors):
+            page = await self._rooms_page(params)
+            fresh = [r for r in page if r.name not in names]
+            names.update(dict.fromkeys(r.name for r in fresh))
+            if fresh:
+                pages, barren = pages + 1, 0
+                last = next((r.id for r in reversed(page) if r.id), None)
+                if len(page) < ROOMS_PAGE or last is None:
+                    break
+            else:
+                barren += 1
+                if last is None:
+                    break
+                cursors.append(cursors.pop(0))
+            params = {"limit": str(ROOMS_PAGE), cursors[0]: last}
+        return list(names)
+
+    async def _rooms_page(self, params: dict[str, str]) -> list[_ListedRoom]:
+        data = (await self._retried("list_rooms", "GET", "rooms", params=params)).json()
+        page = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(page, list):
+            return []
+        return [
+            _ListedRoom(str(r["name"]), r["id"] if isinstance(r.get("id"), str) else None)
+            for r in page
+            if isinstance(r, dict) and "name" in r
+        ]
 
     async def presence(self, name: str) -> list[dict[str, Any]]:
         """Who is in the room now."""

@@ -215,5 +215,6 @@ def http_status(exc: DispatcherError) -> int:
 
 
 def error_body(exc: DispatcherError) -> dict[str, str]:
-    """The JSON body of an error answer."""
-    return {"detail": exc.detail, "code": exc.code}
+    """The JSON body of every error answer: `detail` (Pipecat's JS client reads it), `code`,
+    and `error`, the same text, which Pipecat Cloud's SDK reads."""
+    return {"detail": exc.detail, "code": exc.code, "error": exc.detail}

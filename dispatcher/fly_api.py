@@ -76,12 +76,28 @@ class ExitEvent:
         exits = [e for e in events if e.get("type") == "exit"]
         if not exits:
             return None
-        newest = max(exits, key=lambda e: e.get("timestamp") or 0)
-        info = (newest.get("request") or {}).get("exit_event") or {}
+        return cls.of(max(exits, key=lambda e: e.get("timestamp") or 0))
+
+    @classmethod
+    def of(cls, event: dict[str, Any]) -> ExitEvent | None:
+        """The exit an event records, or None when it records none.
+
+        Its details are in `request.MonitorEvent.exit_event` or in `request.exit_event`: both
+        shapes occur, and fly-go's GetExitCode reads the first before the second, as here.
+        """
+        request = event.get("request")
+        if not isinstance(request, dict):
+            return None
+        monitor = request.get("MonitorEvent")
+        info = monitor.get("exit_event") if isinstance(monitor, dict) else None
+        if not isinstance(info, dict):
+            info = request.get("exit_event")
+        if not isinstance(info, dict):
+            return None
         code = info.get("exit_code")
         signal = info.get("signal")
         return cls(
-            exit_code=code if isinstance(code, int) else None,
+            exit_code=code if isinstance(code, int) and not isinstance(code, bool) else None,
             oom_killed=bool(info.get("oom_killed")),
             requested_stop=bool(info.get("requested_stop")),
             signal=signal if isinstance(signal, int) and signal > 0 else None,

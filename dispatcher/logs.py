@@ -111,16 +111,20 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """A line for people: time, level, logger, the context's session and machine, message."""
-
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s%(context)s: %(message)s")
+    """A line for people, in the columns of the bot's text lines (bot_runtime/logs.py), so that
+    `make run`'s terminal reads as one log: `HH:MM:SS.mmm LEVEL   logger: message`, then the
+    context's ids as `key=value` (session, machine, trace, span), a traceback below."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = context_fields()
-        ids = [fields[k] for k in ("session_id", "machine_id") if k in fields]
-        record.context = f" [{' '.join(ids)}]" if ids else ""
-        return super().format(record)
+        time = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:12]
+        text = f"{time} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        fields = " ".join(f"{k}={v}" for k, v in context_fields().items())
+        text = f"{text}  {fields}" if fields else text
+        if record.exc_info:
+            text = f"{text}\n{self.formatException(record.exc_info)}"
+        if record.stack_info:
+            text = f"{text}\n{self.formatStack(record.stack_info)}"
+        return text
 
 
 def formatter(kind: LogFormat) -> logging.Formatter:

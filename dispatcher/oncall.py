@@ -14,7 +14,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dispatcher.config import Settings
 from dispatcher.daily_api import DailyAPI
 from dispatcher.errors import DispatcherError
-from dispatcher.fly_api import FlyAPI
+from dispatcher.fly_api import ExitEvent, FlyAPI
 from dispatcher.machines.fly import POOL_LABEL, FlyMachines
 from dispatcher.pool_store import PoolRows
 from dispatcher.sessions import end_session
@@ -307,8 +307,9 @@ async def trace(clients: Clients, session_id: str, *, as_json: bool) -> int:
     session = await clients.store.get(session_id)
     if session is None:
         return _unknown(session_id)
-    notes: list[str] = []
-    steps = store_steps(await clients.store.events(session_id))
+    log = await clients.store.events(session_id)
+    notes = lost_notes(log)
+    steps = store_steps(log)
     steps += await fly_steps(clients.fly, session, notes)
     steps += await room_steps(clients.daily, session, notes)
     steps.sort(key=lambda s: s.at)
@@ -348,6 +349,17 @@ def store_steps(log: Sequence[Event]) -> list[Step]:
     ]
 
 
+def lost_notes(log: Sequence[Event]) -> list[str]:
+    """A note for each bot whose end was never seen: it died with its dispatcher (a local
+    process of a dispatcher killed, or stopped before its bots had ended)."""
+    return [
+        f"the bot (machine {e.details.get('machine_id')}) was lost with its dispatcher, which "
+        "stopped before the bot's end was seen: how the bot ended is unknown"
+        for e in log
+        if e.kind == "state" and e.details.get("lost")
+    ]
+
+
 async def fly_steps(fly: FlyAPI | None, session: Session, notes: list[str]) -> list[Step]:
     """Fly's events of the session's machine (launch, start, stop, exit with its code, ...)."""
     if session.machine_id is None:
@@ -369,12 +381,9 @@ async def fly_steps(fly: FlyAPI | None, session: Session, notes: list[str]) -> l
         if at is None:
             continue
         details: dict[str, Any] = {"source": event.get("source")}
-        exit_info = (event.get("request") or {}).get("exit_event")
-        if isinstance(exit_info, dict):
-            keys = ("exit_code", "oom_killed", "requested_stop", "signal")
-            details |= {k: exit_info[k] for k in keys if k in exit_info}
-            if not isinstance(details.get("signal"), int) or details["signal"] <= 0:
-                details.pop("signal", None)  # -1: no signal
+        exit = ExitEvent.of(event)
+        if exit is not None:
+            details |= {k: v for k, v in asdict(exit).items() if v is not None}
         step = f"machine {event.get('type')} ({event.get('status')})"
         steps.append(Step(at, "fly", step, details))
     return steps

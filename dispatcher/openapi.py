@@ -14,14 +14,11 @@ from typing import Any
 
 from dispatcher.callbacks import MAX_ERROR_CHARS
 from dispatcher.config import JWT_ALGORITHMS, Settings
+from dispatcher.http_input import MAX_JSON_DEPTH
 from dispatcher.proxy import MAX_PROXY_BODY_BYTES, METHODS
-from dispatcher.rooms.daily import (
-    GEO_REGIONS,
-    MAX_PROPERTY_LENGTH,
-    ROOM_PROPERTIES,
-    TOKEN_PROPERTIES,
-)
-from dispatcher.start import MAX_BODY_BYTES, MAX_JSON_DEPTH, MAX_SESSION_BODY_BYTES, TRANSPORTS
+from dispatcher.rooms.daily import GEO_REGIONS, ROOM_PROPERTIES, TOKEN_PROPERTIES
+from dispatcher.rooms.daily_properties import Property
+from dispatcher.start import MAX_BODY_BYTES, MAX_SESSION_BODY_BYTES, TRANSPORTS
 from dispatcher.store import ACTIVE_STATES, TERMINAL_STATES
 from dispatcher.webhooks import MAX_WEBHOOK_BYTES, TOLERANCE_S
 
@@ -30,7 +27,6 @@ JSON = "application/json"
 _REF = "#/components/schemas/"
 # A proxied path's segment (see proxy.check_path), never `.` or `..`.
 _SEGMENT = r"[A-Za-z0-9_~-][A-Za-z0-9_.~-]*"
-_JSON_TYPES: dict[type, str] = {bool: "boolean", str: "string", int: "integer"}
 
 
 def openapi_document(settings: Settings) -> dict[str, Any]:
@@ -49,6 +45,9 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     }
     paths: dict[str, Any] = {
         "/start": {"post": _start_operation(settings, secured, MAX_IDEMPOTENCY_KEY)},
+        "/v1/public/{agent}/start": {
+            "post": _pipecat_cloud_start(_start_operation(settings, secured, MAX_IDEMPOTENCY_KEY))
+        },
         "/sessions": {"get": _list_operation(secured, MAX_LIST_LIMIT)},
         "/sessions/{session_id}": {
             "get": {
@@ -111,7 +110,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "description": (
                 "A VM-per-session dispatcher for Pipecat voice bots on Fly.io Machines. Every "
                 'answer is JSON, errors included: `{"detail": "<human text>", "code": '
-                '"<stable-code>"}`.'
+                '"<stable-code>", "error": "<the same text>"}`.'
             ),
         },
         "paths": paths,
@@ -199,8 +198,15 @@ def _schemas(settings: Settings) -> dict[str, Any]:
             "properties": {
                 "detail": {"type": "string", "description": "Human text."},
                 "code": {"type": "string", "description": "A stable kebab-case code."},
+                "error": {
+                    "type": "string",
+                    "description": (
+                        "The same text as `detail`: what Pipecat Cloud's SDK (`pipecatcloud`) "
+                        "reads."
+                    ),
+                },
             },
-            "required": ["detail", "code"],
+            "required": ["detail", "code", "error"],
             "additionalProperties": False,
         },
         "StartRequest": _start_request(settings),
@@ -256,12 +262,20 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 "endReason": {
                     "type": ["string", "null"],
                     "description": (
-                        "`deleted`, `max_duration`, `ready_timeout`, `start_interrupted`, the "
-                        "bot's own reason (`participant_left`, ...), `oom_killed`, `completed`, "
-                        "`crashed` or `exited_before_ready`."
+                        "`deleted`, `max_duration`, `ready_timeout`, `start_interrupted`, "
+                        "`dispatcher_stopped` (a local bot's dispatcher stopped), the bot's own "
+                        "reason (`participant_left`, ...), `oom_killed`, `dispatcher_lost` (a "
+                        "local bot died with its dispatcher), `completed`, `crashed` or "
+                        "`exited_before_ready`."
                     ),
                 },
-                "exitCode": {"type": ["integer", "null"]},
+                "exitCode": {
+                    "type": ["integer", "null"],
+                    "description": (
+                        "The bot's exit code: its machine's, except that the bot's own report "
+                        "wins over the stop signal the dispatcher sent it."
+                    ),
+                },
                 "error": {
                     "type": ["string", "null"],
                     "maxLength": MAX_ERROR_CHARS,
@@ -319,19 +333,9 @@ def _schemas(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _properties(rules: dict[str, Any]) -> dict[str, Any]:
-    """JSON schemas of allowlisted properties: a Python type, or a tuple of allowed values."""
-    schemas: dict[str, Any] = {}
-    for key, rule in rules.items():
-        if isinstance(rule, tuple) and all(isinstance(v, str) for v in rule):
-            schemas[key] = {"type": "string", "enum": list(rule)}
-        else:
-            kind = rule if isinstance(rule, type) else rule[0]
-            schema: dict[str, Any] = {"type": _JSON_TYPES[kind]}
-            if kind is str:
-                schema["maxLength"] = MAX_PROPERTY_LENGTH
-            schemas[key] = schema
-    return schemas
+def _properties(rules: dict[str, Property]) -> dict[str, Any]:
+    """JSON schemas of allowlisted properties: their type, values and length."""
+    return {key: rule.schema() for key, rule in rules.items()}
 
 
 def _start_request(settings: Settings) -> dict[str, Any]:
@@ -358,7 +362,21 @@ def _start_request(settings: Settings) -> dict[str, Any]:
         "properties": {
             "createDailyRoom": {
                 "type": "boolean",
-                "description": "`true` or absent: `false` is 400 `room-required` (daily).",
+                "description": (
+                    "`true`: a daily session (its own room). `false` without `transport`: "
+                    f"`{settings.roomless_transport}` here (webrtc where it is offered, else "
+                    "a daily session with its own room, which the bot needs); with "
+                    "`transport: daily` it is 400 `room-required`."
+                ),
+            },
+            "enableDefaultIceServers": {
+                "type": "boolean",
+                "description": (
+                    "webrtc sessions: `true` adds `DEFAULT_ICE_SERVERS` (here: "
+                    f"{', '.join(settings.default_ice_servers) or 'none'}) after "
+                    "`ICE_SERVERS`, for the client (`iceConfig`) and the bot; ignored for "
+                    "daily sessions."
+                ),
             },
             "transport": {
                 "type": "string",
@@ -455,6 +473,26 @@ def _start_operation(
                 (504, "`upstream-timeout`"),
             ),
         },
+    }
+
+
+def _pipecat_cloud_start(start: dict[str, Any]) -> dict[str, Any]:
+    """The start at the path Pipecat Cloud's SDK posts to (`PIPECAT_API_HOST` + it)."""
+    agent = {
+        "name": "agent",
+        "in": "path",
+        "required": True,
+        "description": (
+            "The agent's name, as the client knows it from Pipecat Cloud: any name starts this "
+            "dispatcher's bot."
+        ),
+        "schema": {"type": "string", "minLength": 1},
+    }
+    return {
+        **start,
+        "operationId": "startPipecatCloud",
+        "summary": "Start a session, at Pipecat Cloud's path: the same as `POST /start`",
+        "parameters": [agent, *start["parameters"]],
     }
 
 
@@ -620,7 +658,7 @@ def _webhook_operation(open_: list[dict[str, list[str]]]) -> dict[str, Any]:
                 },
             ),
             **_errors(
-                (400, "`invalid-json`"),
+                (400, "`invalid-json`, `json-too-deep`"),
                 (401, "`invalid-signature`, `stale-webhook`"),
                 (413, f"`payload-too-large` (over {MAX_WEBHOOK_BYTES} bytes)"),
             ),
@@ -659,9 +697,10 @@ def _readyz_operation(open_: list[dict[str, list[str]]]) -> dict[str, Any]:
                     "properties": {
                         "detail": {"type": "string"},
                         "code": {"enum": ["backend-unavailable", "draining"]},
+                        "error": {"type": "string"},
                         "checks": _ref("Checks"),
                     },
-                    "required": ["detail", "code", "checks"],
+                    "required": ["detail", "code", "error", "checks"],
                     "additionalProperties": False,
                 },
             ),

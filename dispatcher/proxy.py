@@ -18,7 +18,14 @@ from dataclasses import dataclass
 
 import httpx
 
-from dispatcher.errors import BadRequest, BotTimeout, BotUnreachable, Gone
+from dispatcher.errors import (
+    BadRequest,
+    BotTimeout,
+    BotUnreachable,
+    DispatcherError,
+    Gone,
+    error_body,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +113,8 @@ def _answer(response: httpx.Response) -> ProxyAnswer:
         raise BotUnreachable("the session's bot answered more than the proxy passes on")
     if response.status_code >= 400 and not content_type.startswith("application/json"):
         log.info("bot answered %s without a JSON body", response.status_code)
-        body = {"detail": f"the bot answered {response.status_code}", "code": "bot-error"}
+        body = error_body(
+            DispatcherError(f"the bot answered {response.status_code}", code="bot-error")
+        )
         return ProxyAnswer(response.status_code, json.dumps(body).encode(), "application/json")
     return ProxyAnswer(response.status_code, response.content, content_type)

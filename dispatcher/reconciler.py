@@ -252,8 +252,12 @@ class Reconciler:
                 report.sessions_ended += 1
             return
         if session.state == ENDING:
-            # Its dispatcher may have died before the stop, or the stop failed: stop it (its
-            # goodbye), and destroy it if it outlives the grace period.
+            # Whoever asked for the end stops the machine, and its bot is saying goodbye: a
+            # second SIGTERM would cut that short. Past the grace period its dispatcher died
+            # before the stop, or the stop failed: stop it, and destroy it if it outlives that.
+            requested = session.end_requested_at or session.updated_at
+            if now - requested < self._settings.bot_stop_timeout_s + EXIT_MARGIN_S:
+                return
             await self._stop_then_destroy(ref, now, report)
             return
         reason = None

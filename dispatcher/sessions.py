@@ -214,6 +214,7 @@ class SessionService:
             expires_at,
             request.room_properties,
             request.token_properties,
+            default_ice_servers=request.default_ice_servers,
         )
         callback_token, callback_hash = new_callback_token()
         traceparent = self._telemetry.tracing.traceparent()

@@ -8,24 +8,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dispatcher.errors import BadRequest
+from dispatcher.http_input import MAX_JSON_DEPTH, json_object
 from dispatcher.rooms.daily import check_room_properties, check_token_properties
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_SESSION_BODY_BYTES = 16 * 1024
-MAX_JSON_DEPTH = 32
 TRANSPORTS = ("daily", "webrtc")
 _REGION = re.compile(r"^[a-z]{3}$")
 
 
 @dataclass(frozen=True)
 class StartRequest:
-    """What a client asked for: transport, client-settable properties, the bot's body, region."""
+    """What a client asked for: transport, client-settable properties, the bot's body, region,
+    and whether a webrtc session gets the default ICE servers too (`enableDefaultIceServers`)."""
 
     transport: str
     room_properties: dict[str, Any] = field(default_factory=dict)
     token_properties: dict[str, Any] = field(default_factory=dict)
     body: Any = field(default_factory=dict)
     region: str | None = None
+    default_ice_servers: bool = False
 
     @property
     def body_json(self) -> str:
@@ -33,23 +35,37 @@ class StartRequest:
         return json.dumps(self.body, separators=(",", ":"))
 
 
-def parse_start(raw: bytes, *, default_transport: str, regions: tuple[str, ...]) -> StartRequest:
-    """Parse a `/start` body; unknown top-level keys are ignored, bad values are BadRequest."""
-    data = _json_object(raw)
-    create_room = data.get("createDailyRoom")
-    if create_room is not None and not isinstance(create_room, bool):
-        raise BadRequest("createDailyRoom must be a boolean", code="invalid-type")
+def parse_start(
+    raw: bytes,
+    *,
+    default_transport: str,
+    regions: tuple[str, ...],
+    roomless_transport: str | None = None,
+) -> StartRequest:
+    """Parse a `/start` body; unknown top-level keys are ignored, bad values are BadRequest.
+
+    The transport: `transport` if given, else `daily` for `createDailyRoom: true`, else
+    `roomless_transport` (default: `default_transport`) for `createDailyRoom: false`, else
+    `default_transport`. A daily session always gets its own room: `transport: daily` with
+    `createDailyRoom: false` is refused.
+    """
+    data = json_object(raw, max_depth=MAX_JSON_DEPTH)
+    create_room = _boolean(data, "createDailyRoom")
     transport = data.get("transport")
     if transport is None:
-        transport = "daily" if create_room else default_transport
+        if create_room is None:
+            transport = default_transport
+        else:
+            transport = "daily" if create_room else (roomless_transport or default_transport)
+    elif transport == "daily" and create_room is False:
+        raise BadRequest(
+            "transport daily with createDailyRoom false is not supported: every daily session "
+            "gets its own room (send createDailyRoom true, or leave it out)",
+            code="room-required",
+        )
     if transport not in TRANSPORTS:
         raise BadRequest(
             f"transport must be one of {', '.join(TRANSPORTS)}", code="unknown-transport"
-        )
-    if transport == "daily" and create_room is False:
-        raise BadRequest(
-            "createDailyRoom=false is not supported: every daily session gets its own room",
-            code="room-required",
         )
     body = data.get("body", {})
     if len(json.dumps(body, separators=(",", ":"))) > MAX_SESSION_BODY_BYTES:
@@ -62,36 +78,15 @@ def parse_start(raw: bytes, *, default_transport: str, regions: tuple[str, ...])
         token_properties=check_token_properties(_object(data, "dailyMeetingTokenProperties")),
         body=body,
         region=_region(data.get("region"), regions),
+        default_ice_servers=bool(_boolean(data, "enableDefaultIceServers")),
     )
 
 
-def _json_object(raw: bytes) -> dict[str, Any]:
-    if not raw.strip():
-        return {}
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise BadRequest("request body is not valid JSON", code="invalid-json") from None
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object", code="invalid-json")
-    if _depth(data) > MAX_JSON_DEPTH:
-        raise BadRequest(
-            f"request body is nested deeper than {MAX_JSON_DEPTH} levels", code="json-too-deep"
-        )
-    return data
-
-
-def _depth(value: Any) -> int:
-    """The nesting depth of a JSON value, without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-    return deepest
+def _boolean(data: dict[str, Any], key: str) -> bool | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"{key} must be a boolean", code="invalid-type")
+    return value
 
 
 def _object(data: dict[str, Any], key: str) -> dict[str, Any]:

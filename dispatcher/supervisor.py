@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dispatcher.config import Settings
+from dispatcher.errors import UpstreamError
 from dispatcher.janitor import RoomJanitor
 from dispatcher.logs import session_context
 from dispatcher.machines import MachineBackend, MachineExit, MachineRef
@@ -31,12 +33,19 @@ log = logging.getLogger(__name__)
 DELETED = "deleted"
 MAX_DURATION = "max_duration"
 READY_TIMEOUT = "ready_timeout"
-DISPATCHER_REASONS = frozenset({DELETED, MAX_DURATION, READY_TIMEOUT})
+# The dispatcher stopped (Ctrl-C, SIGTERM) and ended the sessions of bots that cannot outlive
+# it (local processes), each with its goodbye.
+DISPATCHER_STOPPED = "dispatcher_stopped"
+DISPATCHER_REASONS = frozenset({DELETED, MAX_DURATION, READY_TIMEOUT, DISPATCHER_STOPPED})
+# A session whose bot died with its dispatcher (a local process of a dispatcher killed, or
+# stopped before its bots had ended): recorded when the next dispatcher finds it.
+DISPATCHER_LOST = "dispatcher_lost"
 # End reasons from Daily's webhooks (dispatcher/webhooks.py): the user left or the meeting is
-# over. Like a DELETE, such an end before the bot was ready is the user's doing, not a failure.
+# over. Like a DELETE, or the operator stopping the dispatcher, such an end before the bot was
+# ready is a person's doing, not a failure.
 MEETING_ENDED = "meeting_ended"
 PARTICIPANT_LEFT = "participant_left"
-USER_ENDED = frozenset({DELETED, MEETING_ENDED, PARTICIPANT_LEFT})
+USER_ENDED = frozenset({DELETED, MEETING_ENDED, PARTICIPANT_LEFT, DISPATCHER_STOPPED})
 EXIT_MARGIN_S = 15
 
 
@@ -60,6 +69,7 @@ class Supervisor:
         self._settings = settings
         self._poll_s = poll_s
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._machines_of: dict[str, MachineRef] = {}
         self._ready: dict[str, asyncio.Event] = {}
 
     def follow(self, session: Session) -> None:
@@ -68,6 +78,7 @@ class Supervisor:
             return
         task = asyncio.create_task(self._follow(session), name=f"follow {session.id}")
         self._tasks[session.id] = task
+        self._machines_of[session.id] = _ref(session)
 
     def notify_ready(self, session_id: str) -> None:
         """The bot of a session called back ready on this instance."""
@@ -77,6 +88,22 @@ class Supervisor:
     def watching(self) -> int:
         """How many sessions this instance follows."""
         return len(self._tasks)
+
+    async def end_all(self, reason: str) -> bool:
+        """End every session this instance follows, for `reason` (one of the dispatcher's):
+        each live one moves to `ending` and its bot gets the stop (SIGTERM, SIGKILL after the
+        grace period); then wait until each has ended and is recorded, its bot's `ended`
+        callback taken meanwhile. Whether all were done within the grace period and margin."""
+        grace = self._settings.bot_stop_timeout_s
+        for session_id, ref in list(self._machines_of.items()):
+            with session_context(session_id, machine_id=ref.id):
+                if await self.ask_to_end(session_id, reason):
+                    await self._machines.stop(ref, grace)
+        tasks = list(self._tasks.values())
+        if not tasks:
+            return True
+        _, left = await asyncio.wait(tasks, timeout=grace + EXIT_MARGIN_S)
+        return not left
 
     async def aclose(self) -> None:
         """Stop watching (the bots themselves are not touched)."""
@@ -98,10 +125,11 @@ class Supervisor:
                 log.exception("watching the session failed")
         finally:
             self._tasks.pop(session.id, None)
+            self._machines_of.pop(session.id, None)
             self._ready.pop(session.id, None)
 
     async def _watch(self, session: Session) -> None:
-        ref = MachineRef(session.machine_id or "", session.region, session.machine_version)
+        ref = _ref(session)
         horizon = session.expires_at - time.time() + self._settings.bot_stop_timeout_s
         exit_task = asyncio.create_task(self._machines.wait_exit(ref, max(1.0, horizon)))
         try:
@@ -109,14 +137,14 @@ class Supervisor:
                 outcome = await self._until_ready(session, exit_task)
                 if outcome == "timeout" and await self.ask_to_end(session.id, READY_TIMEOUT):
                     log.warning("bot not ready after %.0f s", self._settings.ready_timeout_s)
-                    await self._machines.stop(ref, self._settings.bot_stop_timeout_s)
+                    await self._stop(ref, exit_task)
                     await self.finish(session.id, ref, await self._exit_within(exit_task, ref))
                     return
             remaining = session.expires_at - time.time()
             done, _ = await asyncio.wait({exit_task}, timeout=max(0.0, remaining))
             if not done:
                 await self.ask_to_end(session.id, MAX_DURATION)
-                await self._machines.stop(ref, self._settings.bot_stop_timeout_s)
+                await self._stop(ref, exit_task)
             exit = await self._exit_within(exit_task, ref)
             await self.finish(session.id, ref, exit)
         finally:
@@ -162,6 +190,31 @@ class Supervisor:
             is not None
         )
 
+    async def _stop(self, ref: MachineRef, exit_task: asyncio.Task[MachineExit | None]) -> None:
+        """The machine's stop: SIGTERM, SIGKILL after the grace period."""
+        grace_s = self._settings.bot_stop_timeout_s
+        await self._insist("stop", lambda: self._machines.stop(ref, grace_s), exit_task)
+
+    async def _insist(
+        self,
+        what: str,
+        call: Callable[[], Awaitable[None]],
+        exit_task: asyncio.Task[MachineExit | None],
+    ) -> None:
+        """Make a call on the machine (a stop, a destroy), again every poll through an upstream
+        outage, until it is taken or the machine has exited anyway."""
+        while True:
+            try:
+                await call()
+                return
+            except UpstreamError as exc:
+                if not exc.retryable:
+                    raise
+                log.warning("machine %s failed (%s): asking again", what, exc)
+            done, _ = await asyncio.wait({exit_task}, timeout=self._poll_s)
+            if done:
+                return
+
     async def _exit_within(
         self, exit_task: asyncio.Task[MachineExit | None], ref: MachineRef
     ) -> MachineExit:
@@ -171,12 +224,17 @@ class Supervisor:
         exit = exit_task.result() if done else None
         if exit is None:
             log.warning("machine outlived its stop grace period: destroying it")
-            await self._machines.destroy(ref)
+            await self._insist("destroy", lambda: self._machines.destroy(ref), exit_task)
             exit = MachineExit(requested_stop=True)
         return exit
 
     async def finish(self, session_id: str, ref: MachineRef, exit: MachineExit) -> Session | None:
-        """Record how the session ended, then delete its room and make sure its machine is gone."""
+        """Record how the session ended, then delete its room and make sure its machine is gone.
+
+        The exit code is the machine's, except when the bot reported its own and the machine
+        then died of the stop the dispatcher sent (SIGTERM, or SIGKILL after the grace): the
+        bot's report wins (the machine's code stays in the event). A machine lost with an
+        earlier dispatcher keeps what the store knew (ready or not, the bot's exit code)."""
         session = await self._store.get(session_id)
         if session is None or not session.active:
             return session
@@ -185,11 +243,18 @@ class Supervisor:
         if exit.oom_killed and reason not in DISPATCHER_REASONS:
             reason = "oom_killed"
         if reason is None:
-            if not reached_ready:
+            if exit.lost:
+                reason = DISPATCHER_LOST
+            elif not reached_ready:
                 reason = "exited_before_ready"
             else:
                 reason = "completed" if exit.exit_code in (0, None) else "crashed"
-        exit_code = exit.exit_code if exit.exit_code is not None else session.exit_code
+        stopped_after_report = (
+            session.exit_code is not None and exit.requested_stop and exit.signal is not None
+        )
+        exit_code = exit.exit_code
+        if exit_code is None or stopped_after_report:
+            exit_code = session.exit_code
         details: dict[str, Any] = {
             "machine_id": ref.id,
             "exit_code": exit_code,
@@ -197,6 +262,10 @@ class Supervisor:
             "requested_stop": exit.requested_stop,
             "signal": exit.signal,
         }
+        if exit_code != exit.exit_code and exit.exit_code is not None:
+            details["machine_exit_code"] = exit.exit_code
+        if exit.lost:
+            details["lost"] = True
         ended = await self._store.transition(
             session_id,
             ENDED if reached_ready and reason != READY_TIMEOUT else FAILED,
@@ -228,3 +297,7 @@ class Supervisor:
             )
             return False
         return True
+
+
+def _ref(session: Session) -> MachineRef:
+    return MachineRef(session.machine_id or "", session.region, session.machine_version)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,12 @@ class RetryPolicy:
             before_sleep=before_sleep,
             reraise=True,
         )
+
+    def backoff(self, failures: int) -> float:
+        """The pause after `failures` failed tries in a row, jittered and capped as between
+        attempts: for loops that outlast the policy's attempts (a follower in an outage)."""
+        delay = self.initial_backoff_s * 2.0 ** min(max(0, failures - 1), 30)
+        return min(self.max_backoff_s, delay + random.uniform(0, self.initial_backoff_s))
 
 
 def is_retryable(exc: BaseException) -> bool:

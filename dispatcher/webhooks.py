@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import logging
 import math
 import time
@@ -39,6 +38,7 @@ from typing import Any
 
 from dispatcher.config import Settings
 from dispatcher.errors import BadRequest, Unauthorized
+from dispatcher.http_input import json_object
 from dispatcher.logs import session_context
 from dispatcher.machines import MachineBackend, MachineRef
 from dispatcher.reconciler import SESSION_ROOM
@@ -138,23 +138,10 @@ def verify(
 def is_ping(raw: bytes) -> bool:
     """Whether a body is Daily's verification request rather than an event: empty, or a JSON
     object without `type`."""
-    if not raw.strip():
-        return True
     try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
+        return "type" not in json_object(raw)
+    except BadRequest:
         return False
-    return isinstance(data, dict) and "type" not in data
-
-
-def _event(raw: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise BadRequest("the webhook body is not valid JSON", code="invalid-json") from None
-    if not isinstance(data, dict):
-        raise BadRequest("the webhook body must be a JSON object", code="invalid-json")
-    return data
 
 
 def _dedupe_key(event_id: Any) -> str | None:
@@ -197,7 +184,7 @@ class DailyWebhooks:
             raw,
             now=self._clock(),
         )
-        event = _event(raw)
+        event = json_object(raw)
         kind = event.get("type")
         if not isinstance(kind, str) or kind not in ENDING_EVENTS:
             return {"ok": True, "ignored": "event"}

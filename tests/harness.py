@@ -200,12 +200,15 @@ class Emulators:
 async def emulators(
     *, fly: FlyEmulator | None, daily: DailyEmulator | None = None
 ) -> AsyncIterator[Emulators]:
-    """Serve the emulators (Fly is optional) on loopback."""
+    """Serve the emulators (Fly is optional) on loopback; on the way out, check that no request
+    to Fly carried a field its OpenAPI document does not declare."""
     daily = daily or daily_emulator()
     async with contextlib.AsyncExitStack() as stack:
         fly_url = await stack.enter_async_context(serve(fly.app)) if fly else None
         daily_url = await stack.enter_async_context(serve(daily.app))
         yield Emulators(fly, daily, fly_url, daily_url)
+    # Fly's spec is open, so the emulator accepts a misspelled field as Fly would: catch ours.
+    assert fly is None or not fly.undeclared, f"fields Fly's spec does not know: {fly.undeclared}"
 
 
 @contextlib.asynccontextmanager

@@ -139,6 +139,15 @@ async def test_an_oversized_body_is_413_json(served: Served) -> None:
     assert (response.status_code, response.json()["code"]) == (413, "payload-too-large")
 
 
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+async def test_deeply_nested_json_is_400_json(served: Served, method: str) -> None:
+    """4 KB of nested arrays (past the interpreter's recursion limit) is 400 invalid-json on
+    both routes, never a 500."""
+    body = b"[" * 2000 + b"]" * 2000
+    response = await served.http.request(method, "/api/offer", content=body)
+    assert (response.status_code, response.json()["code"]) == (400, "invalid-json")
+
+
 @pytest.mark.parametrize("served", [ValueError("no ice-ufrag")], indirect=True)
 async def test_an_sdp_aiortc_refuses_is_400(served: Served) -> None:
     """An offer aiortc cannot answer is 400 invalid-sdp, and makes no peer."""

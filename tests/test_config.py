@@ -51,6 +51,18 @@ def test_ice_servers_are_stun_urls() -> None:
             Settings.from_env({"ICE_SERVERS": bad})
 
 
+def test_default_ice_servers_are_stun_urls_or_none() -> None:
+    """DEFAULT_ICE_SERVERS defaults to Google's public STUN server (Pipecat's runner's), takes a
+    comma list of stun: URLs or `none`; anything else names the variable."""
+    assert Settings.from_env({}).default_ice_servers == ("stun:stun.l.google.com:19302",)
+    s = Settings.from_env({"DEFAULT_ICE_SERVERS": "stun:a.example:3478, stuns:b.example"})
+    assert s.default_ice_servers == ("stun:a.example:3478", "stuns:b.example")
+    assert Settings.from_env({"DEFAULT_ICE_SERVERS": "none"}).default_ice_servers == ()
+    for bad in ("turn:user@relay", "https://stun.example.org", ",", "none, stun:a.example"):
+        with pytest.raises(ConfigError, match="DEFAULT_ICE_SERVERS"):
+            Settings.from_env({"DEFAULT_ICE_SERVERS": bad})
+
+
 @pytest.mark.parametrize(
     ("missing", "named"),
     [

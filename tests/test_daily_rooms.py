@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 
 from dispatcher.config import Secret
@@ -13,7 +14,7 @@ from dispatcher.errors import UpstreamError
 from dispatcher.rooms.daily import MAX_USER_ID, DailyRooms, daily_user_id
 from dispatcher.upstream import RetryPolicy
 from tests.fakes.common import serve
-from tests.fakes.daily import DailyEmulator, JoinRefused
+from tests.fakes.daily import ROOM_PAGING, DailyEmulator, JoinRefused
 
 KEY = "k" * 64
 FAST = RetryPolicy(attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
@@ -115,3 +116,38 @@ async def test_presence_lists_who_is_in_the_room(
     assert await api.get_room("s-pres") is not None
     await rooms.delete("s-pres")
     assert await api.get_room("s-pres") is None
+
+
+@pytest.mark.parametrize("paging", ROOM_PAGING)
+async def test_inventory_finds_every_room_past_one_page(paging: str) -> None:
+    """The room inventory lists every room of a domain with more rooms than one page, whether
+    the API pages as Daily documents it, by list position, or oldest first."""
+    emu = DailyEmulator(api_key=KEY, rate_limits=False, rooms_paging=paging)
+    async with serve(emu.app) as url, DailyAPI.client(url, KEY) as http:
+        api = DailyAPI(http, FAST)
+        for i in range(250):
+            assert (await http.post("rooms", json={"name": f"s-{i:04d}"})).status_code == 200
+        assert sorted(await DailyRooms(api, Secret(KEY), FAST).inventory()) == sorted(emu.rooms)
+        assert len([r for r in emu.requests if r.path == "/rooms" and r.method == "GET"]) <= 5
+
+
+async def test_inventory_stops_on_a_repeated_page() -> None:
+    """An API that answers the same full page whatever the cursor: the sweep keeps its rooms and
+    stops once neither cursor brings a new one, instead of asking page after page."""
+    page = [{"id": f"id-{i}", "name": f"s-{i:04d}"} for i in range(100)]
+    asked: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(request)
+        return httpx.Response(200, json={"total_count": 500, "data": page})
+
+    transport = httpx.MockTransport(answer)
+    async with httpx.AsyncClient(
+        base_url="https://api.daily.test/v1/", transport=transport
+    ) as http:
+        names = await DailyAPI(http, FAST).list_rooms()
+    assert sorted(names) == [r["name"] for r in page]
+    assert len(asked) == 3
+    assert {k for r in asked[1:] for k in r.url.params} == {
+        "limit", "ending_before", "starting_after"
+    }  # fmt: skip

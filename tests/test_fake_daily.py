@@ -162,13 +162,58 @@ async def test_duplicate_name_is_refused(api: httpx.AsyncClient) -> None:
     assert response.json()["error"] == "invalid-request-error"
 
 
+async def names_of_page(api: httpx.AsyncClient, **params: Any) -> list[str]:
+    response = await api.get("/rooms", params=params)
+    assert response.status_code == 200, response.text
+    return [r["name"] for r in response.json()["data"]]
+
+
+async def test_room_list_is_newest_first_and_cursors_go_by_creation(
+    api: httpx.AsyncClient,
+) -> None:
+    """As Daily documents the list: newest first; `starting_after=<id>` gives the rooms created
+    after that room, `ending_before=<id>` those created before it, each the `limit` rooms next
+    to it, newest first."""
+    ids = {r["name"]: r["id"] for r in [await create_room(api, name=f"r{i}") for i in range(6)]}
+    assert await names_of_page(api) == ["r5", "r4", "r3", "r2", "r1", "r0"]
+    assert await names_of_page(api, limit=2) == ["r5", "r4"]
+    assert await names_of_page(api, limit=2, ending_before=ids["r4"]) == ["r3", "r2"]
+    assert await names_of_page(api, limit=2, ending_before=ids["r2"]) == ["r1", "r0"]
+    assert await names_of_page(api, limit=2, ending_before=ids["r0"]) == []
+    assert await names_of_page(api, limit=2, starting_after=ids["r1"]) == ["r3", "r2"]
+    assert await names_of_page(api, limit=10, starting_after=ids["r3"]) == ["r5", "r4"]
+    assert await names_of_page(api, limit=2, starting_after=ids["r5"]) == []
+    assert await names_of_page(api, limit=2, ending_before="OLDEST") == ["r1", "r0"]
+
+
+@pytest.mark.parametrize(
+    ("paging", "first", "after_r3", "before_r3"),
+    [
+        ("stripe", ["r5", "r4"], ["r2", "r1"], ["r5", "r4"]),
+        ("oldest_first", ["r0", "r1"], ["r4", "r5"], ["r1", "r2"]),
+    ],
+)
+async def test_room_list_other_pagings(
+    paging: str, first: list[str], after_r3: list[str], before_r3: list[str]
+) -> None:
+    """`rooms_paging` plays other readings of the list: cursors by list position (`stripe`:
+    `starting_after` gives older rooms), or the list oldest first (`oldest_first`)."""
+    emu = DailyEmulator(rooms_paging=paging)
+    headers = {"Authorization": f"Bearer {DEFAULT_API_KEY}"}
+    async with serve(emu.app) as url, httpx.AsyncClient(base_url=url, headers=headers) as api:
+        ids = {r["name"]: r["id"] for r in [await create_room(api, name=f"r{i}") for i in range(6)]}
+        assert await names_of_page(api, limit=2) == first
+        assert await names_of_page(api, limit=2, starting_after=ids["r3"]) == after_r3
+        assert await names_of_page(api, limit=2, ending_before=ids["r3"]) == before_r3
+
+
 async def test_get_list_and_delete(api: httpx.AsyncClient, emu: DailyEmulator) -> None:
     """Rooms are listed newest first with cursors; a deleted room is 404 and leaves the list."""
     rooms = [await create_room(api, name=f"r{i}") for i in range(3)]
     listing = (await api.get("/rooms")).json()
     assert listing["total_count"] == 3
     assert [r["name"] for r in listing["data"]] == ["r2", "r1", "r0"]
-    page = (await api.get("/rooms", params={"limit": 1, "starting_after": rooms[2]["id"]})).json()
+    page = (await api.get("/rooms", params={"limit": 1, "ending_before": rooms[2]["id"]})).json()
     assert [r["name"] for r in page["data"]] == ["r1"]
     page = (await api.get("/rooms", params={"limit": 1, "ending_before": "OLDEST"})).json()
     assert [r["name"] for r in page["data"]] == ["r0"]

@@ -97,9 +97,11 @@ async def fly(start_fly: Start) -> Fly:
 
 
 async def create(fly: Fly, *, expect: int = 200, body: Any = None, **config: Any) -> Any:
-    """POST a create with `config` on top of the image and a restart policy of "no"."""
+    """POST a create with `config` on top of the image and a restart policy of "no" (a key
+    given as None is left out)."""
     body = body or {}
-    body["config"] = {"image": IMAGE, "restart": {"policy": "no"}} | config
+    config = {"image": IMAGE, "restart": {"policy": "no"}} | config
+    body["config"] = {k: v for k, v in config.items() if v is not None}
     response = await fly.api.post("/machines", json=body)
     assert response.status_code == expect, response.text
     return response.json()
@@ -143,7 +145,7 @@ async def test_lifecycle_create_run_exit_auto_destroy(start_fly: Start, image: P
     assert machine["config"]["env"] == env
 
     started = await wait(fly, machine, "started")
-    assert (started.status_code, started.json()) == (200, {"ok": True, "state": "started"})
+    assert (started.status_code, started.json()["state"]) == (200, "started")
     stopped = await wait(fly, machine, "stopped", version=machine["instance_id"])
     assert stopped.status_code == 200, stopped.text
     destroyed = await wait(fly, machine, "destroyed")
@@ -178,6 +180,22 @@ async def test_lifecycle_create_run_exit_auto_destroy(start_fly: Start, image: P
     assert (method, path, body["config"]["env"]) == ("POST", "/v1/apps/bots/machines", env)
 
 
+@pytest.mark.parametrize("shape", ["exit_event", "MonitorEvent"])
+async def test_exit_events_come_in_the_configured_shape(start_fly: Start, shape: str) -> None:
+    """`exit_event_shape` puts an exit's details in `request.exit_event` (the default) or in
+    `request.MonitorEvent.exit_event`, and only there."""
+    fly = await start_fly(**({} if shape == "exit_event" else {"exit_event_shape": shape}))
+    machine = await create(fly, env={"BOT_SLEEP": "0", "BOT_EXIT": "3"})
+    stopped = await wait(fly, machine, "stopped", version=machine["instance_id"])
+    assert stopped.status_code == 200, stopped.text
+    got = (await fly.api.get(f"/machines/{machine['id']}")).json()
+    (request,) = [e["request"] for e in got["events"] if e["type"] == "exit"]
+    assert set(request) == {shape, "restart_count"}
+    details = request["MonitorEvent"]["exit_event"] if shape == "MonitorEvent" else request[shape]
+    assert (details["exit_code"], details["requested_stop"]) == (3, False)
+    assert fly.record(machine).exit_events() == [details]
+
+
 async def test_list_filters_by_metadata_state_and_summary(fly: Fly) -> None:
     """List matches every `metadata.<k>` filter, a state list and a region, and summary=true
     leaves out config, events and checks."""
@@ -206,8 +224,8 @@ async def test_wait_times_out_with_408_and_stopped_needs_a_version(fly: Fly) -> 
     version (or instance_id); a bad state or timeout is a 400."""
     machine = await create(fly, body={"skip_launch": True})
     began = time.monotonic()
-    response = await wait(fly, machine, "started", timeout=0.2)
-    assert time.monotonic() - began >= 0.2
+    response = await wait(fly, machine, "started", timeout=1)
+    assert time.monotonic() - began >= 1
     assert response.status_code == 408
     assert response.json() == {
         "error": "deadline_exceeded: timeout waiting for machine to be started"
@@ -216,9 +234,7 @@ async def test_wait_times_out_with_408_and_stopped_needs_a_version(fly: Fly) -> 
     assert (await wait(fly, machine, "stopped", version="01NOPE")).status_code == 400
     assert (await wait(fly, machine, "sleeping")).status_code == 400
     assert (await wait(fly, machine, "started", timeout="soon")).status_code == 400
-    older_name = await wait(
-        fly, machine, "stopped", instance_id=machine["instance_id"], timeout=0.1
-    )
+    older_name = await wait(fly, machine, "stopped", instance_id=machine["instance_id"], timeout=0)
     assert older_name.status_code == 408
 
 
@@ -378,6 +394,28 @@ async def test_faults_via_the_control_api_and_dropped_connections(fly: Fly) -> N
     assert (await fly.api.get(url)).status_code == 200
 
 
+async def test_an_outage_answers_every_call_and_cuts_open_waits(fly: Fly) -> None:
+    """During an outage every call answers its fault (503 by default), a long poll already open
+    included, and queued faults wait for its end; after it, calls go through again."""
+    machine = await create(fly, body={"skip_launch": True})
+    url = f"/machines/{machine['id']}"
+    fly.emu.faults.add("get", status=500)
+    open_wait = asyncio.create_task(wait(fly, machine, "started", timeout=60))
+    await until(lambda: any(r.path.endswith("/wait") for r in fly.emu.requests))
+    began = await fly.api.post(f"{fly.url}/_emulator/outage")
+    assert began.json() == {"outage": True}
+    cut = await open_wait
+    assert cut.status_code == 503 and cut.json()["status"] == "unknown"
+    assert (await fly.api.get(url)).status_code == 503
+    assert (await fly.api.get("/machines")).status_code == 503
+    assert (await fly.api.post(f"{url}/start")).status_code == 503
+    await create(fly, expect=503, body={"skip_launch": True})
+    assert len(fly.emu.machines) == 1
+    assert (await fly.api.delete(f"{fly.url}/_emulator/outage")).json() == {"outage": False}
+    assert (await fly.api.get(url)).status_code == 500
+    assert (await fly.api.get(url)).status_code == 200
+
+
 async def test_capacity_falls_through_a_priority_list(start_fly: Start) -> None:
     """A full first region sends a priority-list create to the next one; a full single region
     answers insufficient_capacity; region-scoped faults fire only for creates landing there."""
@@ -495,6 +533,94 @@ async def test_create_validates_its_body(fly: Fly) -> None:
     taken = await create(fly, expect=422, body={"skip_launch": True, "name": "s-1"})
     assert taken["status"] == "name_taken"
     assert len(fly.emu.machines) == 1
+
+
+async def test_requests_the_openapi_spec_rejects_are_400s(fly: Fly) -> None:
+    """Every request is checked against Fly's published OpenAPI document: a wrong type, a value
+    outside an enum, a body where the spec wants an object, a wait's `state` or `timeout` the
+    spec does not have, each answers 400 with Fly's error body, and changes nothing."""
+    machine = await create(fly, body={"skip_launch": True})
+    url = f"/machines/{machine['id']}"
+    guest = {"cpu_kind": "shared", "cpus": 1, "memory_mb": 1024}
+    config = {"image": IMAGE, "restart": {"policy": "no"}}
+    bad_configs: list[dict[str, Any]] = [
+        {"guest": guest | {"kernel_args": "quiet"}},
+        {"restart": {"policy": ""}},
+        {"stop_config": {"signal": "TERM"}},
+        {"stop_config": {"timeout": 5_000_000_000}},
+        {"standbys": "m1"},
+        {"checks": []},
+        {"init": {"cmd": ["python"], "tty": "yes"}},
+        {"schedule": 5},
+    ]
+    requests: list[tuple[str, str, dict[str, Any]]] = [
+        *(("POST", "/machines", {"json": {"config": config | extra}}) for extra in bad_configs),
+        ("POST", "/machines", {"json": {"config": config, "lease_ttl": "10"}}),
+        ("POST", "/machines", {"json": {"config": config, "skip_service_registration": 1}}),
+        ("POST", "/machines", {"json": {"config": config, "region": ["iad"]}}),
+        ("POST", f"{url}/stop", {"json": {"signal": "TERM"}}),
+        ("POST", f"{url}/stop", {"json": {"timeout": 5}}),
+        ("POST", f"{url}/stop", {"json": ["SIGTERM"]}),
+        ("POST", f"{url}/metadata/k", {"json": {"value": 2}}),
+        ("DELETE", url, {"params": {"force": "yes"}}),
+        ("GET", "/machines", {"params": {"summary": "maybe"}}),
+        ("GET", "/machines", {"params": {"limit": "ten"}}),
+        ("GET", f"{url}/events", {"params": {"limit": "1.5"}}),
+        ("GET", f"{url}/wait", {"params": {"state": "started", "timeout": "0.5"}}),
+        ("GET", f"{url}/wait", {"params": {"state": "started", "timeout": "1s"}}),
+        ("GET", f"{url}/wait", {"params": {"state": "sleeping"}}),
+        ("GET", f"{url}/wait", {"params": {"state": "started,sleeping"}}),
+    ]
+    for method, path, options in requests:
+        response = await fly.api.request(method, path, **options)
+        assert response.status_code == 400, (method, path, options, response.text)
+        body = response.json()
+        assert isinstance(body["error"], str) and set(body) <= {"error", "status"}, body
+    assert list(fly.emu.machines) == [machine["id"]]
+    assert fly.record(machine).state == "created"
+    assert fly.record(machine).metadata == {}
+
+
+async def test_unknown_fields_pass_where_the_spec_is_open(fly: Fly) -> None:
+    """The spec closes none of the request schemas, so a misspelled or unknown field is accepted
+    (Fly's Go server ignores it too) and has no effect; the emulator lists each one in
+    `undeclared`, never a key of a map (env, metadata) or of a part the spec does not detail."""
+    body = {"skip_launch": True, "nmae": "x", "config": {"image": IMAGE, "auto_destory": True}}
+    body["config"] |= {"env": {"ANY_NAME": "1"}, "metadata": {"any_key": "1"}}
+    body["config"] |= {"guest": {"cpu_kind": "shared", "cpus": 1, "memroy_mb": 512}}
+    body["config"] |= {"services": [{"ports": [{"port": 443}]}], "restart": {"policy": "no"}}
+    machine = (await fly.api.post("/machines", json=body)).json()
+    assert fly.record(machine).config.get("auto_destroy") is None
+    await fly.api.post(f"/machines/{machine['id']}/stop", json={"signal": "SIGTERM", "grace": 1})
+    route = "/v1/apps/{app_name}/machines"
+    assert fly.emu.undeclared == [
+        f"POST {route}: nmae",
+        f"POST {route}: config.auto_destory",
+        f"POST {route}: config.guest.memroy_mb",
+        f"POST {route}/{{machine_id}}/stop: grace",
+    ]
+
+
+async def test_wait_takes_the_specs_states_and_answers_version_and_event_id(fly: Fly) -> None:
+    """A wait takes every state of the spec (`failed` and `settled` too) and comma lists, and its
+    answer carries the state reached, the machine's version and its latest event's id."""
+    machine = await create(fly, body={"skip_launch": True})
+    record = fly.record(machine)
+    settled = await wait(fly, machine, "settled")
+    assert settled.json() == {
+        "ok": True,
+        "state": "created",
+        "version": record.instance_id,
+        "event_id": record.events[0]["id"],
+    }
+    assert (await wait(fly, machine, "failed", timeout=1)).status_code == 408
+    await fly.api.post(f"/machines/{machine['id']}/start")
+    either = await wait(fly, machine, "stopped,started", version=record.instance_id)
+    assert (either.status_code, either.json()["state"]) == (200, "started")
+    repeated = await fly.api.get(
+        f"/machines/{machine['id']}/wait", params=[("state", "suspended"), ("state", "started")]
+    )
+    assert (repeated.status_code, repeated.json()["state"]) == (200, "started")
 
 
 async def test_bad_auth_is_401_and_both_schemes_work(fly: Fly) -> None:
@@ -626,7 +752,7 @@ async def test_suspend_freezes_the_process_and_start_resumes_it(fly: Fly, tmp_pa
     answer = await suspend(fly, machine)
     assert (answer.status_code, answer.json()) == (200, {"ok": True})
     suspended = await waiter
-    assert (suspended.status_code, suspended.json()) == (200, {"ok": True, "state": "suspended"})
+    assert (suspended.status_code, suspended.json()["state"]) == (200, "suspended")
     await until(lambda: proc_state(pid) == "T")
     frozen_at = ticks(path)
     await asyncio.sleep(0.2)
@@ -691,7 +817,7 @@ async def test_suspend_is_refused_over_2048_mb_and_unless_started(fly: Fly, tmp_
     assert refused.json()["status"] == "invalid_argument"
     assert "2048" in refused.json()["error"]
     assert (await fly.api.get(f"/machines/{big['id']}")).json()["state"] == "started"
-    swap = await create(fly, body={"skip_launch": True}, swap_size_mb=512)
+    swap = await create(fly, body={"skip_launch": True}, init={"swap_size_mb": 512})
     assert (await suspend(fly, swap)).status_code == 400
 
     created = await create(fly, body={"skip_launch": True})

@@ -197,6 +197,29 @@ def test_exit_event_is_the_newest_exit() -> None:
     assert ExitEvent.latest([{"type": "launch"}]) is None
 
 
+def test_exit_event_reads_monitor_event_first() -> None:
+    """An exit's details come from `request.MonitorEvent.exit_event` when it is there, else from
+    `request.exit_event`, as fly-go's GetExitCode reads them."""
+    both = {
+        "type": "exit",
+        "timestamp": 2,
+        "request": {
+            "MonitorEvent": {"exit_event": {"exit_code": 137, "oom_killed": True, "signal": 9}},
+            "exit_event": {"exit_code": 0},
+        },
+    }
+    exit = ExitEvent.latest([both])
+    assert exit == ExitEvent(exit_code=137, oom_killed=True, signal=9)
+    details = {"exit_code": 4, "requested_stop": True, "signal": -1}
+    monitor_only = {"type": "exit", "request": {"MonitorEvent": {"exit_event": details}}}
+    assert ExitEvent.latest([monitor_only]) == ExitEvent(exit_code=4, requested_stop=True)
+    empty_monitor = {
+        "type": "exit",
+        "request": {"MonitorEvent": {}, "exit_event": {"exit_code": 5}},
+    }
+    assert ExitEvent.latest([empty_monitor]) == ExitEvent(exit_code=5)
+
+
 def test_retry_after_forms() -> None:
     """Retry-After is read as seconds or as an HTTP date."""
     assert parse_retry_after("2") == 2.0

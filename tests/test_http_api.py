@@ -274,6 +274,44 @@ async def test_unknown_routes_and_methods_are_json(stack: Stack) -> None:
     assert wrong.status_code == 405 and wrong.json()["code"] == "method-not-allowed"
 
 
+async def test_every_error_body_carries_error_beside_detail_and_code(stack: Stack) -> None:
+    """Error answers (400, 401, 404, 405, 413) are `{"detail", "code", "error"}`, `error` being
+    the `detail` text: what the pipecatcloud SDK reads."""
+    answers = [
+        await stack.http.post("/start", content=b"{oops", headers=stack.headers()),
+        await stack.http.post("/start", json={}),
+        await stack.http.get("/sessions/s-0123456789abcdef", headers=stack.headers()),
+        await stack.http.get("/nope"),
+        await stack.http.put("/start"),
+        await stack.http.post(
+            "/start", content=b" " * (MAX_BODY_BYTES + 1), headers=stack.headers()
+        ),
+    ]
+    assert [a.status_code for a in answers] == [400, 401, 404, 404, 405, 413]
+    for answer in answers:
+        body = answer.json()
+        assert set(body) == {"detail", "code", "error"} and body["error"] == body["detail"]
+
+
+async def test_create_daily_room_false_is_a_daily_session_on_a_daily_only_dispatcher(
+    stack: Stack,
+) -> None:
+    """`createDailyRoom: false` without a transport (the pipecatcloud SDK's default) on a
+    dispatcher with Daily alone is a Daily session with its own room (a bot here always needs a
+    transport); with `transport: "daily"` it stays 400 `room-required`."""
+    started = await stack.http.post(
+        "/start", json={"createDailyRoom": False}, headers=stack.headers()
+    )
+    assert started.status_code == 200, started.text
+    assert set(started.json()) == {"dailyRoom", "dailyToken", "sessionId"}
+    session = await stack.wait_state(started.json()["sessionId"], "ready")
+    assert session["transport"] == "daily" and session["roomUrl"] == started.json()["dailyRoom"]
+    refused = await stack.http.post(
+        "/start", json={"transport": "daily", "createDailyRoom": False}, headers=stack.headers()
+    )
+    assert refused.status_code == 400 and refused.json()["code"] == "room-required"
+
+
 async def test_health_and_readiness(stack: Stack) -> None:
     """/healthz answers while alive; /readyz is 200 with every backend reachable."""
     health = (await stack.http.get("/healthz")).json()

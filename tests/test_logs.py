@@ -92,7 +92,7 @@ def test_a_recording_span_gives_the_records_its_ids() -> None:
 def test_text_lines_for_people() -> None:
     with session_context("s-1", machine_id="m-1"):
         text = line_of(TextFormatter())
-    assert "WARNING dispatcher.x [s-1 m-1]: hello" in text
+    assert text.endswith(" WARNING dispatcher.x: hello %s  session_id=s-1 machine_id=m-1")
     assert "WARNING dispatcher.x: hello" in line_of(TextFormatter())
     with pytest.raises(json.JSONDecodeError):
         json.loads(text)
@@ -135,7 +135,7 @@ async def test_the_service_logs_json_unless_asked_for_text(tmp_path: Path) -> No
             line = json.loads(lines[0])
             assert line["logger"] == "dispatcher.app" and line["level"] == "INFO"
         else:
-            assert " INFO dispatcher.app: dispatcher ready: machines=local" in lines[0]
+            assert " INFO    dispatcher.app: dispatcher ready: machines=local" in lines[0]
 
 
 async def test_every_record_of_a_session_carries_its_session_id(

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from dispatcher.cli import main
+from tests.fakes.fly import FlyEmulator
 from tests.harness import (
     Stack,
     dispatcher_env,
@@ -28,11 +29,14 @@ from tests.harness import (
 
 @contextlib.asynccontextmanager
 async def oncall_stack(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str] | None = None
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str] | None = None,
+    fly: FlyEmulator | None = None,
 ) -> AsyncIterator[tuple[Stack, dict[str, str]]]:
     """A dispatcher on the emulators; its environment is also this process's (for the CLI)."""
     async with (
-        emulators(fly=fly_emulator()) as urls,
+        emulators(fly=fly or fly_emulator()) as urls,
         run_dispatcher(tmp_path, urls, env=env) as stack,
     ):
         values = dispatcher_env(
@@ -143,11 +147,14 @@ async def test_trace_of_a_normal_session(tmp_path: Path, monkeypatch: pytest.Mon
         assert "state ended" in steps(purged)
 
 
+@pytest.mark.parametrize("shape", ["exit_event", "MonitorEvent"])
 async def test_trace_of_a_crash_before_ready(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: str
 ) -> None:
-    """A bot that exits 3 before ready: Fly's exit event with code 3, then the failed state."""
-    async with oncall_stack(tmp_path, monkeypatch) as (stack, _):
+    """A bot that exits 3 before ready: Fly's exit event with code 3 (in either of its shapes),
+    then the failed state."""
+    fly = fly_emulator(exit_event_shape=shape)
+    async with oncall_stack(tmp_path, monkeypatch, fly=fly) as (stack, _):
         sid = (await stack.start({"testBot": {"exit_before_ready": 3}})).json()["sessionId"]
         await stack.wait_state(sid, "failed")
         trace = await cli_json("trace", sid)

@@ -137,6 +137,20 @@ def test_the_start_request_comes_from_the_code() -> None:
     assert [p["name"] for p in start["parameters"]] == ["Idempotency-Key"]
 
 
+def test_errors_are_described_with_error_beside_detail_and_code() -> None:
+    """The Error schema (and readyz's 503) require `error`, the key the pipecatcloud SDK reads,
+    and the Pipecat Cloud path is the start operation under another path."""
+    document = openapi_document(Settings.from_env(FLY_ENV))
+    error = document["components"]["schemas"]["Error"]
+    assert error["required"] == ["detail", "code", "error"]
+    readyz = answer_schema(document, "/readyz", "get", 503)
+    assert {"detail", "code", "error"} <= set(readyz["required"])
+    pcc = document["paths"]["/v1/public/{agent}/start"]["post"]
+    start = document["paths"]["/start"]["post"]
+    assert pcc["responses"] == start["responses"] and pcc["requestBody"] == start["requestBody"]
+    assert [p["name"] for p in pcc["parameters"]] == ["agent", "Idempotency-Key"]
+
+
 def test_the_session_schema_is_session_public() -> None:
     """The Session schema lists exactly the keys of Session.public(), all required."""
     schema = openapi_document(Settings.from_env({}))["components"]["schemas"]["Session"]

@@ -36,7 +36,7 @@ from dispatcher.machines.fly import FlyMachines
 from dispatcher.reconciler import START_INTERRUPTED, Reconciler
 from dispatcher.rooms.daily import DailyRooms
 from dispatcher.sessions import new_session_id
-from dispatcher.store import ENDED, FAILED, READY, STARTING, Event, Session, Store
+from dispatcher.store import ENDED, ENDING, FAILED, READY, STARTING, Event, Session, Store
 from dispatcher.supervisor import Supervisor
 from dispatcher.telemetry import random_traceparent
 from tests.fakes.common import serve
@@ -134,11 +134,12 @@ def inventory_lists(fly: FlyEmulator) -> int:
     )
 
 
-async def test_machine_exit_of_an_unfollowed_session_ends_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shape", ["exit_event", "MonitorEvent"])
+async def test_machine_exit_of_an_unfollowed_session_ends_it(tmp_path: Path, shape: str) -> None:
     """A bot that exits while no dispatcher follows its session: the reconciler ends the session
-    as crashed with the exit code from Fly's events, and deletes the room."""
+    as crashed with the exit code from Fly's events (in either shape), and deletes the room."""
     script = {"exit_after_s": 3, "exit_code": 3, "no_ended": True}
-    async with emulators(fly=fly_emulator()) as upstream:
+    async with emulators(fly=fly_emulator(exit_event_shape=shape)) as upstream:
         sid, machine = await abandoned_session(tmp_path, upstream, script)
         async with run_dispatcher(tmp_path, upstream, env=LOOP) as second:
             ended = await second.wait_state(sid, "ended", "failed")
@@ -560,6 +561,33 @@ async def test_stuck_start_fails_and_is_cleaned_up(tmp_path: Path) -> None:
         assert not requests_to(r.fly, machines[fresh].id, "stop")
         assert not requests_to(r.fly, machines[fresh].id, "destroy")
         await r.destroy(machines[fresh])
+
+
+async def test_ending_session_is_left_to_its_goodbye(tmp_path: Path) -> None:
+    """A session already `ending` is being stopped by whoever asked for its end, its bot saying
+    goodbye: a pass within the stop's grace period sends no second SIGTERM. Past it (its
+    dispatcher died before the stop), the pass stops the machine itself."""
+    async with rig(tmp_path) as r:
+        sid = new_session_id()
+        await r.room(sid)
+        machine = await r.machine(r.bot_config(sid), name=sid)
+        await r.session(sid, READY, age_s=30)
+        await r.store.update(sid, machine_id=machine.id, region=machine.region)
+        ending = await r.store.transition(sid, ENDING, from_states=(READY,))
+        assert ending is not None and ending.end_requested_at is not None
+
+        first = await r.reconciler.reconcile()
+        assert first.stops == 0 and not first.errors
+        assert not requests_to(r.fly, machine.id, "stop")
+        assert machine.state == "started"
+
+        grace = r.settings.bot_stop_timeout_s + dispatcher.reconciler.EXIT_MARGIN_S
+        await r.store.update(sid, end_requested_at=time.time() - grace - 1)
+        second = await r.reconciler.reconcile()
+        assert second.stops == 1 and not second.errors
+        (stop,) = requests_to(r.fly, machine.id, "stop")
+        assert stop.body == {"signal": "SIGTERM", "timeout": "2s"}
+        await eventually(lambda: machine.state in ("stopped", "destroyed"), what="stopped")
 
 
 async def test_orphan_machines_are_stopped_then_destroyed(tmp_path: Path) -> None:

@@ -38,6 +38,8 @@ from tests.conftest import JWT_SECRET
 from tests.harness import Stack, dispatcher_env, dispatcher_stack, eventually, fly_emulator
 
 MAX_EXAMPLES = 25
+# The operations that start a session (each one made is deleted at once).
+STARTS = ("POST /start", "POST /v1/public/{agent}/start")
 SEED = 20240607
 CHECKS = [
     not_a_server_error,
@@ -147,7 +149,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         served = requests.get(f"{running.url}/openapi.json", timeout=10).json()
         assert served == openapi_document(SETTINGS)
         yield running
-        if any(label == "POST /start" for label, _ in running.answers):
+        if any(label in STARTS for label, _ in running.answers):
             # The run reached real starts (each deleted at once), not only refusals.
             assert running.started, sorted(running.answers.items())
     # Every start the run made was a real machine: all of them are gone now.
@@ -189,7 +191,7 @@ def test_api(case: schemathesis.Case, live: LiveStack) -> None:
     response = case.call(base_url=live.url, headers=live.auth, timeout=30)
     live.answers[case.operation.label, response.status_code] += 1
     case.validate_response(response, checks=CHECKS)
-    if case.operation.label == "POST /start" and response.status_code == 200:
+    if case.operation.label in STARTS and response.status_code == 200:
         session_id = response.json()["sessionId"]
         live.started.append(session_id)
         ended = requests.delete(f"{live.url}/sessions/{session_id}", headers=live.auth, timeout=30)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 from pathlib import Path
 
 import httpx
@@ -10,9 +13,12 @@ import jwt
 import pytest
 
 from dispatcher.upstream import RetryPolicy
+from tests.fakes.fly import MachineRecord
 from tests.harness import (
+    BOT_APP,
     BOT_IMAGE,
     DAILY_KEY,
+    FAST_RETRY,
     SECRETS,
     Stack,
     daily_emulator,
@@ -121,6 +127,19 @@ async def test_crash_before_ready(tmp_path: Path) -> None:
         await eventually(lambda: not live_machines(stack), what="machine destroyed")
 
 
+@pytest.mark.parametrize("shape", ["exit_event", "MonitorEvent"])
+async def test_exit_code_is_read_from_either_event_shape(tmp_path: Path, shape: str) -> None:
+    """A bot that exits 3 before ready without reporting it fails its session with exit code 3,
+    read from Fly's exit event whichever shape (`exit_event` or `MonitorEvent`) carries it."""
+    fly = fly_emulator(exit_event_shape=shape)
+    async with dispatcher_stack(tmp_path, fly=fly) as stack:
+        script = {"exit_before_ready": 3, "no_ended": True}
+        sid = (await stack.start({"testBot": script})).json()["sessionId"]
+        session = await stack.wait_state(sid, "failed")
+        assert session["endReason"] == "exited_before_ready"
+        assert session["exitCode"] == 3
+
+
 async def test_ready_timeout(tmp_path: Path) -> None:
     """No ready callback in time: the machine is stopped and destroyed, the session fails."""
     async with dispatcher_stack(tmp_path, env={"READY_TIMEOUT_S": "1"}) as stack:
@@ -153,6 +172,92 @@ async def test_max_duration_stops_the_bot(tmp_path: Path, ignores_sigterm: bool)
         assert session["exitCode"] == (137 if ignores_sigterm else 0)
         await eventually(lambda: machine.state == "destroyed", what="machine destroyed")
         await eventually(lambda: sid not in stack.daily.rooms, what="room deleted")
+
+
+async def test_followers_survive_a_fly_outage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every Fly call answering 503 for longer than one call's retries during live sessions:
+    each follower waits the outage out, and then ends its session itself (no reconciler pass
+    runs), after a DELETE, the bot's own exit, or a bot killed during the outage, each with its
+    exit code from Fly's events."""
+    env = {"RECONCILE_INTERVAL_S": "3600"}  # its one pass runs at start-up, before any session
+    async with dispatcher_stack(tmp_path, env=env) as stack:
+        fly = stack.fly
+        assert fly is not None
+        scripts = {"deleted": {}, "exits": {"no_ended": True}, "killed": {}}
+        sids = {
+            k: (await stack.start({"testBot": v})).json()["sessionId"] for k, v in scripts.items()
+        }
+        machines = {}
+        for kind, sid in sids.items():
+            session = await stack.wait_state(sid, "ready")
+            machines[kind] = fly.machines[session["machineId"]]
+
+        began = len(fly.requests)
+        fly.faults.begin_outage(status=503)
+
+        def refused(machine: MachineRecord) -> int:
+            """Calls a follower made about its machine since the outage began (all 503s)."""
+            path = f"/v1/apps/{BOT_APP}/machines/{machine.id}"
+            return sum(
+                1
+                for r in fly.requests[began:]
+                if r.method == "GET" and r.path in (path, f"{path}/wait")
+            )
+
+        await eventually(
+            lambda: all(refused(m) >= FAST_RETRY.attempts for m in machines.values()),
+            what="every follower refused as often as one call's retries allow",
+        )
+        killed = machines["killed"]
+        assert killed.process is not None
+        os.killpg(killed.process.pid, signal.SIGKILL)
+        await eventually(lambda: killed.state == "destroyed", what="killed machine destroyed")
+        fly.faults.end_outage()
+
+        deleted = await stack.http.delete(f"/sessions/{sids['deleted']}", headers=stack.headers())
+        assert deleted.status_code == 202, deleted.text
+        exits = machines["exits"].process
+        assert exits is not None
+        os.killpg(exits.pid, signal.SIGTERM)
+        ends = {kind: await stack.wait_state(sid, "ended", "failed") for kind, sid in sids.items()}
+        assert {k: (s["state"], s["endReason"], s["exitCode"]) for k, s in ends.items()} == {
+            "deleted": ("ended", "deleted", 0),
+            "exits": ("ended", "completed", 0),
+            "killed": ("ended", "crashed", 137),
+        }
+        await eventually(
+            lambda: all(m.state == "destroyed" for m in machines.values()), what="all destroyed"
+        )
+        await eventually(lambda: not set(sids.values()) & set(stack.daily.rooms), what="no rooms")
+    failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not failures, [r.getMessage() for r in failures]
+
+
+async def test_a_ready_timeout_during_a_fly_outage_still_stops_the_bot(tmp_path: Path) -> None:
+    """A bot not ready in time while every Fly call answers 503: its follower keeps asking Fly
+    to stop it past one call's retries, and once Fly is back the bot is stopped and the session
+    fails as ready_timeout through its follower."""
+    env = {"RECONCILE_INTERVAL_S": "3600", "READY_TIMEOUT_S": "1"}
+    async with dispatcher_stack(tmp_path, env=env) as stack:
+        fly = stack.fly
+        assert fly is not None
+        started = await stack.start({"testBot": {"skip_ready": True}})
+        assert started.status_code == 200, started.text
+        sid = started.json()["sessionId"]
+        fly.faults.begin_outage(status=503)
+        (machine,) = fly.machines.values()
+        stop_path = f"/v1/apps/{BOT_APP}/machines/{machine.id}/stop"
+        await eventually(
+            lambda: sum(r.path == stop_path for r in fly.requests) >= FAST_RETRY.attempts,
+            what="the stop refused as often as one call's retries allow",
+        )
+        fly.faults.end_outage()
+        session = await stack.wait_state(sid, "failed")
+        assert session["endReason"] == "ready_timeout"
+        await eventually(lambda: machine.state == "destroyed", what="machine destroyed")
+        assert machine.exit_events()[0]["requested_stop"] is True
 
 
 async def test_fly_429_then_success(tmp_path: Path) -> None:

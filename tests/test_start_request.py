@@ -11,10 +11,14 @@ from dispatcher.start import MAX_JSON_DEPTH, MAX_SESSION_BODY_BYTES, StartReques
 
 
 def parse(
-    data: object, *, default: str = "daily", regions: tuple[str, ...] = ("iad", "ord")
+    data: object,
+    *,
+    default: str = "daily",
+    regions: tuple[str, ...] = ("iad", "ord"),
+    **options: str,
 ) -> StartRequest:
     raw = data if isinstance(data, bytes) else json.dumps(data).encode()
-    return parse_start(raw, default_transport=default, regions=regions)
+    return parse_start(raw, default_transport=default, regions=regions, **options)
 
 
 def test_empty_body_is_a_default_session() -> None:
@@ -41,6 +45,7 @@ def test_pipecat_cloud_request_is_accepted() -> None:
     assert req.token_properties == {"user_name": "Ada"}
     assert req.body_json == '{"persona":"pirate"}'
     assert req.region == "ord"
+    assert req.default_ice_servers is True
 
 
 @pytest.mark.parametrize(
@@ -49,6 +54,7 @@ def test_pipecat_cloud_request_is_accepted() -> None:
         (b"{not json", "invalid-json"),
         (b"[1, 2]", "invalid-json"),
         ({"createDailyRoom": "yes"}, "invalid-type"),
+        ({"enableDefaultIceServers": "yes"}, "invalid-type"),
         ({"transport": "carrier-pigeon"}, "unknown-transport"),
         ({"transport": "daily", "createDailyRoom": False}, "room-required"),
         ({"dailyRoomProperties": []}, "invalid-type"),
@@ -93,3 +99,21 @@ def test_region_refused_when_no_regions_are_configured() -> None:
     with pytest.raises(BadRequest) as info:
         parse({"region": "iad"}, regions=())
     assert info.value.code == "region-not-allowed"
+
+
+def test_create_daily_room_false_without_a_transport_is_the_roomless_transport() -> None:
+    """`createDailyRoom: false` with no `transport` is webrtc where it is offered, else the
+    default (Daily, with its own room); an explicit `transport: daily` with it is refused."""
+    assert parse({"createDailyRoom": False}).transport == "daily"
+    assert parse({"createDailyRoom": False}, roomless_transport="webrtc").transport == "webrtc"
+    assert parse({}, roomless_transport="webrtc").transport == "daily"
+    with pytest.raises(BadRequest) as info:
+        parse({"createDailyRoom": False, "transport": "daily"}, roomless_transport="webrtc")
+    assert info.value.code == "room-required"
+
+
+def test_default_ice_servers_are_asked_for_with_a_boolean() -> None:
+    """`enableDefaultIceServers` is off unless it is `true`."""
+    assert parse({"transport": "webrtc"}).default_ice_servers is False
+    assert parse({"enableDefaultIceServers": False}).default_ice_servers is False
+    assert parse({"enableDefaultIceServers": True}).default_ice_servers is True

@@ -105,6 +105,58 @@ async def test_ice_servers_reach_the_client_and_the_bot(tmp_path: Path) -> None:
         assert offer.json()["ice"] == servers
 
 
+async def ice_of(stack: Stack, request: dict[str, Any]) -> tuple[Any, Any]:
+    """The ICE servers a webrtc start gives the client (`iceConfig`) and the bot (its env)."""
+    response = await stack.http.post("/start", json=request, headers=stack.headers())
+    assert response.status_code == 200, response.text
+    sid = response.json()["sessionId"]
+    offer = await stack.http.post(f"/sessions/{sid}/api/offer", json=OFFER, headers=stack.headers())
+    assert offer.status_code == 200, offer.text
+    return response.json()["iceConfig"]["iceServers"], offer.json()["ice"]
+
+
+async def test_default_ice_servers_are_given_when_asked_for(tmp_path: Path) -> None:
+    """`enableDefaultIceServers: true` gives the client and the bot DEFAULT_ICE_SERVERS
+    (Google's public STUN server unless set, as Pipecat's runner); without it, none."""
+    async with local_stack(tmp_path) as stack:
+        google = [{"urls": ["stun:stun.l.google.com:19302"]}]
+        asked = {"transport": "webrtc", "enableDefaultIceServers": True}
+        assert await ice_of(stack, asked) == (google, google)
+        assert await ice_of(stack, {"transport": "webrtc"}) == ([], [])
+
+
+async def test_default_ice_servers_are_merged_after_ice_servers(tmp_path: Path) -> None:
+    """With ICE_SERVERS and DEFAULT_ICE_SERVERS set, asking for the defaults gives ICE_SERVERS
+    then the defaults it lacks; not asking gives ICE_SERVERS alone."""
+    env = {
+        "ICE_SERVERS": "stun:stun.example.org:3478",
+        "DEFAULT_ICE_SERVERS": "stun:stun.example.org:3478, stun:stun.example.net",
+    }
+    async with local_stack(tmp_path, **env) as stack:
+        merged = [{"urls": ["stun:stun.example.org:3478", "stun:stun.example.net"]}]
+        asked = {"transport": "webrtc", "enableDefaultIceServers": True}
+        assert await ice_of(stack, asked) == (merged, merged)
+        own = [{"urls": ["stun:stun.example.org:3478"]}]
+        assert await ice_of(stack, {"transport": "webrtc"}) == (own, own)
+
+
+async def test_create_daily_room_false_is_webrtc_where_webrtc_is_offered(tmp_path: Path) -> None:
+    """With local bots (webrtc offered beside Daily), `createDailyRoom: false` without a
+    transport is a webrtc session, as Pipecat Cloud (no Daily room) and the runner (webrtc
+    by default) answer it; no Daily room is made."""
+    async with local_stack(tmp_path) as stack:
+        response = await stack.http.post(
+            "/start",
+            json={"createDailyRoom": False, "enableDefaultIceServers": True},
+            headers=stack.headers(),
+        )
+        assert response.status_code == 200, response.text
+        assert set(response.json()) == {"sessionId", "iceConfig"}
+        session = await stack.wait_state(response.json()["sessionId"], "ready")
+        assert session["transport"] == "webrtc" and session["roomUrl"] is None
+        assert stack.daily is not None and not stack.daily.rooms
+
+
 async def test_ready_when_the_bot_is_connected(tmp_path: Path) -> None:
     """A bot that reports ready once connected is ready only after the offer went through."""
     async with local_stack(tmp_path) as stack:

@@ -38,6 +38,9 @@ class MachineExit:
     oom_killed: bool = False
     requested_stop: bool = False
     signal: int | None = None
+    # Nothing is known of its end: a local bot of an earlier dispatcher process, which died
+    # with it (the machine backend cannot see how).
+    lost: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class MachineBackend(Protocol):
     """Launches one bot per session and follows it to its exit."""
 
     name: str
+    # Whether bots keep running when the dispatcher stops (Fly machines do; local processes
+    # do not: the dispatcher ends their sessions as it stops).
+    bots_outlive_dispatcher: bool
 
     async def launch(self, spec: BotSpec) -> MachineRef:
         """Start the bot; never two machines for one session, even after ambiguous failures."""
@@ -91,6 +97,9 @@ class MachineBackend(Protocol):
 
     async def check(self) -> None:
         """Raise if the backend cannot be reached."""
+
+    def kill_all(self) -> None:
+        """Kill at once every bot that cannot outlive the dispatcher (a stop with no goodbye)."""
 
     async def aclose(self) -> None:
         """Release what the backend holds (bots on Fly are never touched)."""

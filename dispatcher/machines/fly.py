@@ -22,12 +22,15 @@ INSUFFICIENT_CAPACITY = "insufficient_capacity"
 # The metadata key that marks a warm pool machine (it has no session_id until claimed).
 POOL_LABEL = "pool"
 NAME_TAKEN = "name_taken"
+# How long a follower tries to read a stopped machine's exit through an outage.
+EXIT_PATIENCE_S = 60.0
 
 
 class FlyMachines:
     """The machine backend on the Fly Machines API of the bot app."""
 
     name = "fly"
+    bots_outlive_dispatcher = True
 
     def __init__(
         self, api: FlyAPI, settings: Settings, retry: RetryPolicy, pacer: Pacer | None = None
@@ -151,29 +154,48 @@ class FlyMachines:
                 await self._api.destroy(machine.id)
 
     async def wait_exit(self, ref: MachineRef, timeout_s: float) -> MachineExit | None:
-        """Wait in 60-second long polls until the machine stops or `timeout_s` passes."""
+        """Wait in 60-second long polls until the machine stops or `timeout_s` passes.
+
+        An upstream failure a retry may cure (5xx, 429, timeouts, dropped connections) is
+        waited out, backing off, for as long as `timeout_s` allows: an outage of Fly's API,
+        however long, never ends the watch.
+        """
         deadline = time.monotonic() + timeout_s
+        failures = 0
         while (remaining := deadline - time.monotonic()) > 0:
             try:
-                stopped = await self._api.wait(
-                    ref.id,
-                    "stopped",
-                    timeout_s=int(min(MAX_WAIT_S, max(1, remaining))),
-                    version=ref.version,
-                )
+                if await self._stopped(ref, remaining):
+                    return await self._exit_of(ref, patience_s=deadline - time.monotonic())
+                failures = 0
             except UpstreamError as exc:
-                if exc.status == 404:
-                    return await self._exit_of(ref)
-                if exc.status not in (400,) and not exc.retryable:
+                if not exc.retryable:
                     raise
-                stopped = False
-                await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-            if stopped:
-                return await self._exit_of(ref)
-            machine = await self._api.get(ref.id)
-            if machine is None or machine.state in GONE_STATES:
-                return await self._exit_of(ref)
+                failures += 1
+                pause = self._retry.backoff(failures)
+                log.warning("following machine %s: %s; again in %.1f s", ref.id, exc, pause)
+                await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         return None
+
+    async def _stopped(self, ref: MachineRef, remaining: float) -> bool:
+        """One long poll for the machine's stop, then a look at it: whether it is gone."""
+        try:
+            if await self._api.wait(
+                ref.id,
+                "stopped",
+                timeout_s=int(min(MAX_WAIT_S, max(1, remaining))),
+                version=ref.version,
+            ):
+                return True
+        except UpstreamError as exc:
+            if exc.status == 404:
+                return True
+            if exc.status != 400:
+                raise
+            # A wait Fly refuses (a version it no longer knows): look at the machine instead,
+            # at most once a second.
+            await asyncio.sleep(min(1.0, remaining))
+        machine = await self._api.get(ref.id)
+        return machine is None or machine.state in GONE_STATES
 
     async def inventory(self) -> list[MachineInfo]:
         """The bot app's machines labelled with this dispatcher (one list call)."""
@@ -202,12 +224,22 @@ class FlyMachines:
             return None
         return await self._exit_of(ref)
 
-    async def _exit_of(self, ref: MachineRef) -> MachineExit:
-        """How the machine exited, from its events (they may be gone with the machine)."""
-        try:
-            exit_event = ExitEvent.latest(await self._api.events(ref.id))
-        except UpstreamError:
-            exit_event = None
+    async def _exit_of(self, ref: MachineRef, *, patience_s: float = 0.0) -> MachineExit:
+        """How the machine exited, from its events (they may be gone with the machine); a
+        failure a retry may cure is tried again for up to `patience_s` (at most a minute)."""
+        deadline = time.monotonic() + min(patience_s, EXIT_PATIENCE_S)
+        failures = 0
+        while True:
+            try:
+                exit_event = ExitEvent.latest(await self._api.events(ref.id))
+                break
+            except UpstreamError as exc:
+                failures += 1
+                pause = self._retry.backoff(failures)
+                if not exc.retryable or time.monotonic() + pause > deadline:
+                    exit_event = None
+                    break
+                await asyncio.sleep(pause)
         if exit_event is None:
             return MachineExit()
         return MachineExit(
@@ -241,6 +273,9 @@ class FlyMachines:
     async def check(self) -> None:
         """Raise if the bot app's machines cannot be listed."""
         await self._api.list_machines(metadata={"dispatcher": self._settings.dispatcher_name})
+
+    def kill_all(self) -> None:
+        """Nothing: machines outlive the dispatcher by design."""
 
     async def aclose(self) -> None:
         """Nothing to release: machines outlive the dispatcher by design."""

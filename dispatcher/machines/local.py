@@ -1,4 +1,11 @@
-"""Bots as local subprocesses: the same command and env as on Fly, on this host."""
+"""Bots as local subprocesses: the same command and env as on Fly, on this host.
+
+Local bots never outlive their dispatcher. Each runs in a session of its own (a terminal's
+Ctrl-C or a kill of the dispatcher's process group reaches the dispatcher only, which ends its
+bots' sessions properly as it stops, see dispatcher/app.py), and on Linux each is started
+through a leash that asks the kernel to SIGKILL it when the dispatcher dies however it dies,
+SIGKILL included (PR_SET_PDEATHSIG).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import secrets
 import signal
 import socket
 import sys
+from collections import OrderedDict
 from collections.abc import Mapping
 
 from dispatcher.machines import BotSpec, MachineExit, MachineInfo, MachineRef
@@ -23,12 +31,29 @@ BOT_HOST = "127.0.0.1"
 DISPATCHER_SECRETS = frozenset(
     {"FLY_API_TOKEN", "DAILY_API_KEY", "JWT_SECRET", "DATABASE_URL", "DISPATCHER_AUTH"}
 )
+# How many ended bots' exits are remembered once their processes are forgotten.
+EXITS_KEPT = 1024
+# Run as `python -I -S -c LEASH <dispatcher pid> <command...>`, it execs the command with a
+# clean signal mask and SIGPIPE's default action (as a direct child would have), after asking
+# the kernel for SIGKILL when its parent dies (PR_SET_PDEATHSIG = 1), unless that parent has
+# died already. The command keeps the process, its pid and its environment.
+LEASH = (
+    "import ctypes, os, signal, sys\n"
+    "signal.pthread_sigmask(signal.SIG_SETMASK, ())\n"
+    "signal.signal(signal.SIGPIPE, signal.SIG_DFL)\n"
+    "if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:\n"
+    "    sys.exit('local bot: prctl(PR_SET_PDEATHSIG) failed')\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit('local bot: its dispatcher is gone')\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 class LocalMachines:
     """The machine backend that runs each bot as a child process of the dispatcher."""
 
     name = "local"
+    bots_outlive_dispatcher = False
 
     def __init__(
         self,
@@ -49,6 +74,8 @@ class LocalMachines:
         self._by_session: dict[str, str] = {}
         self._killers: set[asyncio.Task[None]] = set()
         self._addresses: dict[str, str] = {}
+        # Exits of bots destroyed (and so forgotten), for `exited` and `wait_exit`.
+        self._exits: OrderedDict[str, MachineExit] = OrderedDict()
 
     async def launch(self, spec: BotSpec) -> MachineRef:
         """Start the bot command as a subprocess (`python` is this interpreter)."""
@@ -62,7 +89,7 @@ class LocalMachines:
                 p for p in (self._bot_dir, env.get("PYTHONPATH")) if p
             )
         proc = await asyncio.create_subprocess_exec(
-            *cmd, env=env, cwd=self._bot_dir or None, start_new_session=True
+            *leashed(cmd), env=env, cwd=self._bot_dir or None, start_new_session=True
         )
         machine_id = f"local-{secrets.token_hex(6)}"
         self._procs[machine_id] = proc
@@ -78,10 +105,10 @@ class LocalMachines:
             await self.destroy(MachineRef(machine_id))
 
     async def wait_exit(self, ref: MachineRef, timeout_s: float) -> MachineExit | None:
-        """Wait for the process to exit; a process this dispatcher does not know has exited."""
+        """Wait for the process to exit; one this backend never started is lost."""
         proc = self._procs.get(ref.id)
         if proc is None:
-            return MachineExit()
+            return self._gone(ref)
         try:
             code = await asyncio.wait_for(proc.wait(), timeout=max(0.0, timeout_s))
         except TimeoutError:
@@ -103,10 +130,10 @@ class LocalMachines:
         ]
 
     async def exited(self, ref: MachineRef) -> MachineExit | None:
-        """None while the process runs; its exit once it ended (unknown: ended)."""
+        """None while the process runs; its exit once it ended (never started here: lost)."""
         proc = self._procs.get(ref.id)
         if proc is None:
-            return MachineExit()
+            return self._gone(ref)
         if proc.returncode is None:
             return None
         return _exit(proc.returncode, requested=ref.id in self._stopping)
@@ -130,14 +157,28 @@ class LocalMachines:
             await proc.wait()
 
     async def destroy(self, ref: MachineRef) -> None:
-        """Kill the process if it still runs and forget it once it has exited."""
+        """Kill the process if it still runs and forget it once it has exited (its exit is
+        remembered for `exited`)."""
         proc = self._procs.get(ref.id)
         if proc is None:
             return
         if proc.returncode is None:
             self._stopping.add(ref.id)
             _signal(proc, signal.SIGKILL)
-            await proc.wait()
+        code = await proc.wait()
+        if self._procs.pop(ref.id, None) is None:
+            return  # a concurrent destroy forgot it already
+        self._exits[ref.id] = _exit(code, requested=ref.id in self._stopping)
+        while len(self._exits) > EXITS_KEPT:
+            self._exits.popitem(last=False)
+        self._stopping.discard(ref.id)
+        self._addresses.pop(ref.id, None)
+        for session_id in [s for s, m in self._by_session.items() if m == ref.id]:
+            del self._by_session[session_id]
+
+    def _gone(self, ref: MachineRef) -> MachineExit:
+        """The exit of a process no longer held: remembered, or lost (not started here)."""
+        return self._exits.get(ref.id) or MachineExit(lost=True)
 
     def address(self, ref: MachineRef) -> str | None:
         """The loopback port the bot was told to listen on, while its process runs."""
@@ -148,6 +189,13 @@ class LocalMachines:
 
     async def check(self) -> None:
         """Always reachable."""
+
+    def kill_all(self) -> None:
+        """SIGKILL every bot still running, now (the dispatcher stops at once)."""
+        for machine_id, proc in self._procs.items():
+            if proc.returncode is None:
+                self._stopping.add(machine_id)
+                _signal(proc, signal.SIGKILL)
 
     async def aclose(self) -> None:
         """Stop every bot still running (local bots cannot outlive the dispatcher)."""
@@ -169,6 +217,13 @@ def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def leashed(cmd: list[str]) -> list[str]:
+    """`cmd` started through the leash (see LEASH) where the kernel offers one (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-I", "-S", "-c", LEASH, str(os.getpid()), *cmd]
 
 
 def _signal(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:

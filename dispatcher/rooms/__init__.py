@@ -12,7 +12,8 @@ from dispatcher.pacing import Pace
 class RoomPlan:
     """A room decided before it exists: its name and URL, the two tokens, and its properties.
 
-    A transport without rooms (webrtc) plans an empty name and URL: nothing to create.
+    A transport without rooms (webrtc) plans an empty name and URL: nothing to create; its
+    properties are what its peers use (webrtc: `iceServers`).
     """
 
     name: str
@@ -52,8 +53,11 @@ class RoomBackend(Protocol):
         expires_at: float,
         room_properties: dict[str, Any],
         token_properties: dict[str, Any],
+        *,
+        default_ice_servers: bool = False,
     ) -> RoomPlan:
-        """Name, URL, tokens and properties of the session's room; no I/O."""
+        """Name, URL, tokens and properties of the session's room; no I/O.
+        `default_ice_servers`: the client asked for them (`enableDefaultIceServers`; webrtc)."""
 
     def answer(self, plan: RoomPlan) -> dict[str, Any]:
         """What `POST /start` answers besides `sessionId` (how the client joins)."""

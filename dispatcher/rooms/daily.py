@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import replace
 from typing import Any
 
 import jwt
@@ -13,80 +14,69 @@ from dispatcher.daily_api import DailyAPI, Domain
 from dispatcher.errors import BadRequest, UpstreamError
 from dispatcher.pacing import Pace
 from dispatcher.rooms import BotContract, RoomPlan
+from dispatcher.rooms.daily_properties import CLAIMS, ROOM, TOKEN, Property
 from dispatcher.upstream import RetryPolicy
 
-GEO_REGIONS = (
-    "us-east-1",
-    "us-west-2",
-    "eu-central-1",
-    "eu-west-2",
-    "ap-south-1",
-    "ap-southeast-1",
-    "ap-southeast-2",
-    "ap-northeast-2",
-    "sa-east-1",
-    "af-south-1",
-)
-# Room properties a client may set: none of them costs money or weakens the room's limits.
-ROOM_PROPERTIES: dict[str, type | tuple[str, ...]] = {
-    "enable_prejoin_ui": bool,
-    "enable_chat": bool,
-    "enable_knocking": bool,
-    "enable_people_ui": bool,
-    "enable_screenshare": bool,
-    "start_video_off": bool,
-    "start_audio_off": bool,
-    "lang": str,
-    "geo": GEO_REGIONS,
-}
-# Meeting-token properties a client may set, with the claim each becomes in a self-signed token.
-TOKEN_PROPERTIES: dict[str, tuple[type, str]] = {
-    "user_name": (str, "u"),
-    "start_video_off": (bool, "vo"),
-    "start_audio_off": (bool, "ao"),
-    "enable_screenshare": (bool, "ss"),
-    "lang": (str, "uil"),
-}
-# The longest string a client may give as a room or token property.
+# The longest string a client may give where Daily documents no values (a `user_name`): the
+# dispatcher's own limit, which keeps the tokens small.
 MAX_PROPERTY_LENGTH = 64
+
+
+def _for_clients(prop: Property) -> Property:
+    """Daily's fact about a property, with the dispatcher's length limit on a free string."""
+    if prop.type == "string" and not prop.values and prop.max_length is None:
+        return replace(prop, max_length=MAX_PROPERTY_LENGTH)
+    return prop
+
+
+# Room properties a client may set: none of them costs money or weakens the room's limits.
+ROOM_PROPERTIES: dict[str, Property] = {
+    name: _for_clients(ROOM[name])
+    for name in (
+        "enable_prejoin_ui",
+        "enable_chat",
+        "enable_knocking",
+        "enable_people_ui",
+        "enable_screenshare",
+        "start_video_off",
+        "start_audio_off",
+        "lang",
+        "geo",
+    )
+}
+# Meeting-token properties a client may set (each becomes its claim in a self-signed token).
+TOKEN_PROPERTIES: dict[str, Property] = {
+    name: _for_clients(TOKEN[name])
+    for name in ("user_name", "start_video_off", "start_audio_off", "enable_screenshare", "lang")
+}
+GEO_REGIONS = ROOM["geo"].values
 MAX_PARTICIPANTS = 2
 ROOM_EXP_MARGIN_S = 300
 MAX_USER_ID = 36
 
 
 def check_room_properties(props: dict[str, Any]) -> dict[str, Any]:
-    """The client's room properties if every one is allowed and well typed, else BadRequest."""
-    for key, value in props.items():
-        if key not in ROOM_PROPERTIES:
-            raise BadRequest(
-                f"dailyRoomProperties.{key} may not be set by a client",
-                code="property-not-allowed",
-            )
-        rule = ROOM_PROPERTIES[key]
-        ok = value in rule if isinstance(rule, tuple) else _is(value, rule)
-        if not ok or (isinstance(value, str) and len(value) > MAX_PROPERTY_LENGTH):
-            raise BadRequest(f"dailyRoomProperties.{key} has a bad value", code="invalid-property")
-    return props
+    """The client's room properties if each is allowed and of a type and value Daily takes,
+    else BadRequest naming the property."""
+    return _checked(props, ROOM_PROPERTIES, "dailyRoomProperties")
 
 
 def check_token_properties(props: dict[str, Any]) -> dict[str, Any]:
-    """The client's token properties if every one is allowed and well typed, else BadRequest."""
+    """The client's token properties if each is allowed and of a type and value Daily takes,
+    else BadRequest naming the property."""
+    return _checked(props, TOKEN_PROPERTIES, "dailyMeetingTokenProperties")
+
+
+def _checked(props: dict[str, Any], allowed: dict[str, Property], field: str) -> dict[str, Any]:
     for key, value in props.items():
-        if key not in TOKEN_PROPERTIES:
+        rule = allowed.get(key)
+        if rule is None:
             raise BadRequest(
-                f"dailyMeetingTokenProperties.{key} may not be set by a client",
-                code="property-not-allowed",
+                f"{field}.{key} may not be set by a client", code="property-not-allowed"
             )
-        kind, _ = TOKEN_PROPERTIES[key]
-        if not _is(value, kind) or (isinstance(value, str) and len(value) > MAX_PROPERTY_LENGTH):
-            raise BadRequest(
-                f"dailyMeetingTokenProperties.{key} has a bad value", code="invalid-property"
-            )
+        if not rule.allows(value):
+            raise BadRequest(f"{field}.{key} must be {rule.expected}", code="invalid-property")
     return props
-
-
-def _is(value: Any, kind: type) -> bool:
-    return type(value) is kind  # bool is not int, int is not bool
 
 
 def daily_user_id(user: str) -> str:
@@ -127,8 +117,11 @@ class DailyRooms:
         expires_at: float,
         room_properties: dict[str, Any],
         token_properties: dict[str, Any],
+        *,
+        default_ice_servers: bool = False,
     ) -> RoomPlan:
-        """A private room named after the session, its URL and two self-signed tokens."""
+        """A private room named after the session, its URL and two self-signed tokens (ICE
+        servers are Daily's business: `default_ice_servers` does not apply)."""
         exp = int(expires_at) + ROOM_EXP_MARGIN_S
         properties = {
             **room_properties,
@@ -136,7 +129,7 @@ class DailyRooms:
             "eject_at_room_exp": True,
             "max_participants": MAX_PARTICIPANTS,
         }
-        user_claims = {TOKEN_PROPERTIES[k][1]: v for k, v in token_properties.items()} | {
+        user_claims = {CLAIMS[k]: v for k, v in token_properties.items()} | {
             "o": False,
             "ud": daily_user_id(user),
         }
@@ -193,7 +186,7 @@ class DailyRooms:
         await self._api.delete_room(name, pace=pace)
 
     async def inventory(self) -> list[str]:
-        """Names of the rooms Daily holds for our domain (the newest thousand)."""
+        """Names of the rooms Daily holds for our domain (up to a thousand)."""
         return await self._api.list_rooms()
 
     async def check(self) -> None:

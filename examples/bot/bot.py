@@ -7,7 +7,9 @@
 # CARTESIA_VOICE_ID's voice; the session body's `systemPrompt` replaces the default prompt).
 # Without them it is an offline echo: it plays each utterance back once the user stops
 # speaking. Either way it greets the user when they connect (a short chime in echo mode),
-# ends when they leave, and says goodbye when the host stops it (`on_session_stop`).
+# ends when they leave, and says goodbye when the host stops it (`on_session_stop`). In echo
+# mode it also tells the client what it is, an RTVI server message the dispatcher's page shows:
+# {"type": "bot-info", "mode": "echo"}.
 #
 
 import os
@@ -20,6 +22,7 @@ from pipecat.frames.frames import LLMRunFrame, TTSSpeakFrame
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.audio.vad_processor import VADProcessor
+from pipecat.processors.frameworks.rtvi import RTVIServerMessageFrame
 from pipecat.runner.types import RunnerArguments
 from pipecat.runner.utils import create_transport
 from pipecat.transports.base_transport import BaseTransport, TransportParams
@@ -125,7 +128,7 @@ def conversation(transport: BaseTransport, runner_args: RunnerArguments):
 
 
 def echo(transport: BaseTransport):
-    """The echo's pipeline, and the chime that greets the user."""
+    """The echo's pipeline, and what greets the user: its bot-info for the client, a chime."""
     pipeline = Pipeline(
         [
             transport.input(),
@@ -139,7 +142,13 @@ def echo(transport: BaseTransport):
         audio_out_sample_rate=ECHO_SAMPLE_RATE,
         enable_metrics=True,
     )
-    return pipeline, params, lambda: [chime_frame(ECHO_SAMPLE_RATE)]
+
+    def greeting():
+        # Tell the client what this bot is (the dispatcher's page says it), then chime.
+        bot_info = RTVIServerMessageFrame(data={"type": "bot-info", "mode": "echo"})
+        return [bot_info, chime_frame(ECHO_SAMPLE_RATE)]
+
+    return pipeline, params, greeting
 
 
 async def run_bot(transport: BaseTransport, runner_args: RunnerArguments):

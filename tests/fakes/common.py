@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import socket
 import time
 from collections import deque
@@ -91,18 +92,46 @@ class Fault:
 
 
 class FaultPlan:
-    """Faults queued per operation name, consumed in order."""
+    """Faults queued per operation name, consumed in order, and outages.
+
+    An outage answers every operation with one fault (503 by default) until it ends, queued
+    faults untouched; an emulator also answers it to requests in flight that wait (long polls):
+    [inf] an API that goes down drops the connections it holds open.
+    """
 
     def __init__(self) -> None:
         self._queues: dict[str, deque[Fault]] = {}
         self.fired: list[tuple[str, int]] = []
+        self.outage: Fault | None = None
+        self._outage_began = asyncio.Event()
 
     def add(self, op: str, fault: Fault | None = None, **kwargs: Any) -> None:
         """Queue a fault for `op` (kwargs build one when none is given)."""
         self._queues.setdefault(op, deque()).append(fault or Fault(**kwargs))
 
+    def begin_outage(self, fault: Fault | None = None, **kwargs: Any) -> None:
+        """Answer every operation with `fault` (kwargs build one: a 503 by default) until
+        `end_outage`."""
+        self.outage = fault or Fault(**({"status": 503} | kwargs))
+        began, self._outage_began = self._outage_began, asyncio.Event()
+        began.set()
+
+    def end_outage(self) -> None:
+        """Let operations through again."""
+        self.outage = None
+
+    async def next_outage(self) -> Fault:
+        """Wait until an outage begins; its fault."""
+        began = self._outage_began
+        await began.wait()
+        return self.outage or Fault(status=503)
+
     def take(self, op: str, region: str | None = None) -> Fault | None:
-        """The next fault for `op` (and `region`, for region-scoped faults), consuming one use."""
+        """The outage's fault, else the next fault for `op` (and `region`, for region-scoped
+        faults), consuming one use."""
+        if self.outage is not None:
+            self.fired.append((op, self.outage.status))
+            return self.outage
         queue = self._queues.get(op)
         if not queue:
             return None
@@ -120,8 +149,9 @@ class FaultPlan:
         return {op: sum(f.times for f in q) for op, q in self._queues.items() if q}
 
     def clear(self) -> None:
-        """Drop every queued fault."""
+        """Drop every queued fault and end any outage."""
         self._queues.clear()
+        self.outage = None
 
 
 class DroppedConnection(Exception):
@@ -182,6 +212,15 @@ def control_routes(
         faults.clear()
         return JSONResponse({"pending": {}})
 
+    async def begin_outage(request: Request) -> Response:
+        data = await request.body()
+        faults.begin_outage(Fault.from_json({"status": 503} | (json.loads(data) if data else {})))
+        return JSONResponse({"outage": True})
+
+    async def end_outage(request: Request) -> Response:
+        faults.end_outage()
+        return JSONResponse({"outage": False})
+
     async def set_latency(request: Request) -> Response:
         data = await request.json()
         if "default" in data:
@@ -203,6 +242,8 @@ def control_routes(
     return [
         Route("/_emulator/faults", add_fault, methods=["POST"]),
         Route("/_emulator/faults", clear_faults, methods=["DELETE"]),
+        Route("/_emulator/outage", begin_outage, methods=["POST"]),
+        Route("/_emulator/outage", end_outage, methods=["DELETE"]),
         Route("/_emulator/latency", set_latency, methods=["POST"]),
         Route("/_emulator/limits", set_limits, methods=["POST"]),
         Route("/_emulator/state", get_state, methods=["GET"]),

@@ -4,9 +4,12 @@ It follows `/work/shared/reference/daily.md`: rooms, REST and self-signed meetin
 presence, Daily's error bodies and rate limits. A participant joining a room is played by
 `DailyEmulator.join` (or `POST /_emulator/rooms/{name}/join`), which checks a token the way
 Daily's media servers would; `GET /_emulator/rooms/{name}/participants` lists who is in it,
-for the daily-python stand-in (`tests/fakes/daily_python/`) to watch. Not emulated: the up-to-15 s
-lag of `GET /presence`, webhooks, batch endpoints, recordings, knocking, and Daily's exact `info`
-strings (debug text only).
+for the daily-python stand-in (`tests/fakes/daily_python/`) to watch. `GET /rooms` lists rooms
+newest first, and its cursors go by creation as Daily documents them: `starting_after=<id>`
+gives the rooms created after that one, `ending_before=<id>` those created before it (the
+`limit` rooms next to it, newest first: [inf]); `rooms_paging` plays other readings of them
+(see `ROOM_PAGING`). Not emulated: the up-to-15 s lag of `GET /presence`, webhooks, batch
+endpoints, recordings, knocking, and Daily's exact `info` strings (debug text only).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from dispatcher.rooms import daily_properties
+from dispatcher.rooms.daily_properties import Property
 from tests.fakes.common import (
     DropConnections,
     DroppedConnection,
@@ -53,11 +58,12 @@ MAX_PARTICIPANTS = 200
 # Reference §2: most endpoints 20 req/s; DELETE /rooms/:name ~2 req/s ("or 50 per 30 s"),
 # so a burst of 2: a third quick delete is refused.
 RATE_LIMITS = {"api": (20.0, 20), "delete_room": (2.0, 2)}
-GEO_REGIONS = (
-    "us-east-1", "us-west-2", "eu-central-1", "eu-west-2", "ap-south-1", "ap-southeast-1",
-    "ap-southeast-2", "ap-northeast-2", "sa-east-1", "af-south-1", "NULL",
-)  # fmt: skip
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+ROOM_PAGING = ("documented", "stripe", "oldest_first")
+"""How `GET /rooms` orders and pages: `documented` (Daily's docs: newest first, `starting_after`
+gives rooms created after the cursor room, `ending_before` those created before it); `stripe`
+(newest first, each cursor by list position: `starting_after` gives the rooms listed after it,
+older ones); `oldest_first` (oldest first, cursors by creation, which is list position here)."""
 
 Check = tuple[Callable[[Any], bool], str]
 
@@ -75,32 +81,32 @@ INT: Check = (lambda v: _is_int(v) and v >= 0, "a non-negative integer")
 TIME: Check = (lambda v: _is_number(v) and v >= 0, "a unix timestamp in seconds")
 STR: Check = (lambda v: isinstance(v, str), "a string")
 OBJ: Check = (lambda v: isinstance(v, dict), "an object")
-LIST: Check = (lambda v: isinstance(v, list), "an array")
-NUMBER: Check = (_is_number, "a number")
 SEATS: Check = (
     lambda v: _is_int(v) and 1 <= v <= MAX_PARTICIPANTS,
     f"an integer between 1 and {MAX_PARTICIPANTS}",
 )
-GEO: Check = (lambda v: v in GEO_REGIONS, f"one of {', '.join(GEO_REGIONS)}")
-USER_ID: Check = (lambda v: isinstance(v, str) and len(v) <= 36, "a string of at most 36 chars")
+# "NULL" is the `geo` default Daily's docs show (reference/daily.md §3); whether a request may
+# send it is unverified, so it is accepted beside the documented regions.
+GEO: Check = (
+    lambda v: v == "NULL" or daily_properties.GEO.allows(v),
+    daily_properties.GEO.expected + ' (or "NULL")',
+)
 
-_ROOM_BOOLS = """enable_people_ui enable_cpu_warning_notifications enable_pip_ui
-    enable_emoji_reactions enable_hand_raising enable_prejoin_ui enable_live_captions_ui
-    enable_network_ui enable_noise_cancellation_ui enable_breakout_rooms enable_knocking
-    enable_screenshare enable_video_processing_ui enable_chat enable_shared_chat_history
-    start_video_off start_audio_off eject_at_room_exp enable_advanced_chat
-    enable_hidden_participants enable_mesh_sfu enable_adaptive_simulcast
-    enable_multiparty_adaptive_simulcast enforce_unique_user_ids experimental_optimize_large_calls
-    disable_rtmp_geo_fallback enable_terse_logging enable_transcription_storage enable_dialout
-    owner_only_broadcast auto_start_transcription"""
+
+def _documented(properties: dict[str, Property]) -> dict[str, Check]:
+    """Checks of Daily's documented properties: their types, values and lengths, from the
+    dispatcher's copy of the reference (dispatcher/rooms/daily_properties.py), so that the
+    emulator refuses what the dispatcher checks against, and no more."""
+    return {name: (p.allows, p.expected) for name, p in properties.items()}
+
+
+# Daily's room properties, then what the emulator knows beyond that table: properties it
+# omits, times as floats (as pipecat sends them; kept as whole seconds), the seat limit.
 ROOM_PROPERTIES: dict[str, Check] = {
-    **dict.fromkeys(_ROOM_BOOLS.split(), BOOL),
-    **dict.fromkeys(["lang", "meeting_join_hook", "rtmp_geo", "enable_recording"], STR),
-    **dict.fromkeys(["recordings_template", "sip_uri"], STR),
-    **dict.fromkeys(["recordings_bucket", "transcription_bucket", "permissions"], OBJ),
-    **dict.fromkeys(["auto_transcription_settings", "dialin", "sip"], OBJ),
-    "exp": TIME, "nbf": TIME, "eject_after_elapsed": INT, "max_participants": SEATS,
-    "geo": GEO, "sfu_switchover": NUMBER, "streaming_endpoints": LIST,
+    **_documented(daily_properties.ROOM),
+    **dict.fromkeys(["enable_cpu_warning_notifications", "auto_start_transcription"], BOOL),
+    "dialin": OBJ, "exp": TIME, "nbf": TIME, "eject_after_elapsed": INT,
+    "max_participants": SEATS, "geo": GEO,
 }  # fmt: skip
 ROOM_DEFAULTS: dict[str, Any] = {
     "max_participants": MAX_PARTICIPANTS, "geo": "NULL", "enable_chat": False,
@@ -108,23 +114,19 @@ ROOM_DEFAULTS: dict[str, Any] = {
     "enable_hidden_participants": False, "enforce_unique_user_ids": False,
 }  # fmt: skip
 
-# Self-signed token claims (docs: self-signing-tokens, "Token property abbreviations").
+# Self-signed token claims (docs: self-signing-tokens, "Token property abbreviations"), of the
+# properties a token request may set.
 TOKEN_CLAIMS = {
-    "room_name": "r", "is_owner": "o", "user_name": "u", "user_id": "ud",
-    "eject_at_token_exp": "ejt", "eject_after_elapsed": "eje", "start_video_off": "vo",
-    "start_audio_off": "ao", "enable_screenshare": "ss", "enable_recording": "er", "lang": "uil",
-    "knocking": "k", "close_tab_on_exit": "ctoe", "redirect_on_meeting_exit": "rome",
-    "intercom_join_alert": "ij", "start_cloud_recording": "sr", "start_cloud_recording_opts": "sro",
-    "auto_start_transcription": "ast", "meeting_join_hook": "mjh", "enable_recording_ui": "erui",
-    "permissions": "p",
-}  # fmt: skip
+    name: claim
+    for name, claim in daily_properties.CLAIMS.items()
+    if name not in ("nbf", "exp", "domain_id")
+}
+# Daily's token properties, then claims its table omits (`knocking`, `intercom_join_alert`,
+# `meeting_join_hook`), and times as floats.
 TOKEN_PROPERTIES: dict[str, Check] = {
     **dict.fromkeys(TOKEN_CLAIMS, BOOL),
-    **dict.fromkeys(["room_name", "user_name", "enable_recording", "lang"], STR),
-    **dict.fromkeys(["redirect_on_meeting_exit", "meeting_join_hook"], STR),
-    **dict.fromkeys(["permissions", "start_cloud_recording_opts"], OBJ),
-    **dict.fromkeys(["enable_prejoin_ui", "enable_live_captions_ui", "enable_terse_logging"], BOOL),
-    "exp": TIME, "nbf": TIME, "user_id": USER_ID, "eject_after_elapsed": INT,
+    **_documented(daily_properties.TOKEN),
+    "meeting_join_hook": STR, "exp": TIME, "nbf": TIME, "eject_after_elapsed": INT,
 }  # fmt: skip
 _PROPERTY_OF_CLAIM = {claim: name for name, claim in TOKEN_CLAIMS.items()}
 
@@ -267,7 +269,11 @@ class DailyEmulator:
         rate_limits: bool = True,
         retry_after_header: bool = False,
         clock: Callable[[], float] = time.time,
+        rooms_paging: str = "documented",
     ) -> None:
+        if rooms_paging not in ROOM_PAGING:
+            raise ValueError(f"rooms_paging must be one of {ROOM_PAGING}")
+        self.rooms_paging = rooms_paging
         self.api_key, self.domain_name, self.domain_id = api_key, domain_name, domain_id
         self.retry_after_header = retry_after_header
         self.clock = clock
@@ -439,16 +445,38 @@ class DailyEmulator:
 
     def _list_rooms(self, request: Request, body: Any) -> dict[str, Any]:
         now, query = self.clock(), request.query_params
-        live = sorted((r for r in self.rooms.values() if not r.expired(now)), key=lambda r: -r.seq)
+        newest_first = self.rooms_paging != "oldest_first"
+        live = sorted(
+            (r for r in self.rooms.values() if not r.expired(now)),
+            key=lambda r: r.seq,
+            reverse=newest_first,
+        )
         limit = _limit(query.get("limit"))
-        page = live
+        page = live[:limit]
         if after := query.get("starting_after"):
-            page = [r for r in live if r.seq < self._cursor(after)][:limit]
-        elif before := query.get("ending_before"):
-            older_bound = 0 if before == "OLDEST" else self._cursor(before)
-            page = [r for r in live if r.seq > older_bound][-limit:]
-        data = [r.to_json(self.domain_name) for r in page[:limit]]
+            page = self._beside(live, self._cursor(after), limit, starting_after=True)
+        elif (before := query.get("ending_before")) == "OLDEST":
+            page = live[-limit:] if newest_first else live[:limit]
+        elif before:
+            page = self._beside(live, self._cursor(before), limit, starting_after=False)
+        data = [r.to_json(self.domain_name) for r in page]
         return {"total_count": len(live), "data": data}
+
+    def _beside(
+        self, listed: list[Room], seq: int, limit: int, *, starting_after: bool
+    ) -> list[Room]:
+        """The `limit` rooms of `listed` next to the cursor room (`seq`), on its side that the
+        cursor asks for under `rooms_paging`."""
+        newest_first = self.rooms_paging != "oldest_first"
+        later = [r for r in listed if r.seq > seq]  # created after it
+        earlier = [r for r in listed if r.seq < seq]
+        if self.rooms_paging == "stripe":
+            listed_after = starting_after
+            chosen = earlier if starting_after else later
+        else:
+            chosen = later if starting_after else earlier
+            listed_after = (chosen is earlier) == newest_first
+        return chosen[:limit] if listed_after else chosen[-limit:]
 
     def _cursor(self, room_id: str) -> int:
         for room in [*self.rooms.values(), *self.deleted]:
@@ -683,6 +711,7 @@ def main() -> None:
     own.add_argument("--domain", default="pipecat-test")
     own.add_argument("--domain-id", default=DEFAULT_DOMAIN_ID)
     own.add_argument("--retry-after-header", action="store_true")
+    own.add_argument("--rooms-paging", choices=ROOM_PAGING, default="documented")
     extra, rest = own.parse_known_args()
     sys.argv[1:] = rest
     args = standalone("Emulator of Daily's REST API.", default_port=8788)
@@ -692,6 +721,7 @@ def main() -> None:
         domain_id=extra.domain_id,
         rate_limits=not args.no_rate_limits,
         retry_after_header=extra.retry_after_header,
+        rooms_paging=extra.rooms_paging,
     )
     emulator.latency.default = args.latency
     with contextlib.suppress(KeyboardInterrupt):

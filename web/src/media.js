@@ -4,6 +4,10 @@
 // and daily-js loads its call machine from Daily's CDN at run time. This page must work offline
 // from the dispatcher alone, so it brings its own manager; build.mjs stubs daily-js out of the
 // bundle. Bot audio needs nothing here: it arrives as a WebRTC track (onTrackStarted).
+//
+// The microphone is "enabled" only when there is one: without a track (permission denied, no
+// device) isMicEnabled is false whatever was asked, so the page and the bot (told through the
+// transport's track status) both know the user cannot be heard.
 import { DeviceError } from "@pipecat-ai/client-js";
 
 const LOCAL = { id: "local", name: "", local: true };
@@ -29,6 +33,7 @@ export class MicMediaManager {
   constructor() {
     this._callbacks = {};
     this._options = undefined;
+    this._micWanted = true; // enableMic's initial value, for every new connection
     this._micEnabled = true;
     this._stream = null;
     this._selectedMic = {};
@@ -45,7 +50,8 @@ export class MicMediaManager {
     if (this._options && !override) return;
     this._options = options;
     this._callbacks = options.callbacks ?? {};
-    this._micEnabled = options.enableMic ?? true;
+    this._micWanted = options.enableMic ?? true;
+    this._micEnabled = this._micWanted;
   }
 
   get supportsScreenShare() {
@@ -90,6 +96,7 @@ export class MicMediaManager {
     this._stream?.getTracks().forEach((t) => t.stop());
     this._stream = null;
     this._initialized = false;
+    this._micEnabled = this._micWanted;
     if (track) this._callbacks.onTrackStopped?.(track, LOCAL);
   }
 
@@ -143,7 +150,12 @@ export class MicMediaManager {
   enableScreenShare() {}
 
   get isMicEnabled() {
-    return this._micEnabled;
+    return this._micEnabled && this.hasMic;
+  }
+
+  // Not in the MediaManager interface: whether a live microphone track exists.
+  get hasMic() {
+    return this._track()?.readyState === "live";
   }
 
   get isCamEnabled() {

@@ -2,24 +2,33 @@
 
 Follows /work/shared/reference/fly-machines.md. Choices where the reference is silent:
 
-- `wait`: `timeout` takes (fractional) seconds or a Go duration, default 60; larger values are
-  clamped to 60. An unknown `version`/`instance_id` answers 400. `stopped` is satisfied once that
-  version's process has exited, or by a destroyed machine; `started` only by the current state.
+- Every request is checked against Fly's published OpenAPI document
+  (`tests/reference/fly-machines-openapi.json`, by `openapi.py`): what it refuses (a wrong type,
+  a value outside an enum) is a 400 `{"error": ...}`. Its schemas are all open, so unknown fields
+  pass, as on Fly; the emulator lists them in `undeclared`.
+- `wait`: `state` is any of the spec's (`failed` and `settled` too), comma-separated or
+  repeated, and the first one reached answers; `timeout` is whole seconds, default 60, larger
+  values clamped to 60. An unknown `version`/`instance_id` answers 400. `stopped` is satisfied
+  once that version's process has exited, or by a destroyed machine; `settled` by any state that
+  is not transient [inf]; the others only by the current state. The answer is `{"ok": true,
+  "state", "version", "event_id"}` (the machine's version and its newest event).
 - `instance_id` (= `version`) is minted at create and kept by the first boot and by policy
   restarts; every API `start` that boots the machine mints a new one.
 - A process killed by signal N reports `exit_code` = `guest_exit_code` = 128+N and
   `signal` = `guest_signal` = N (-1 when none); an OOM kill is SIGKILL (137), `oom_killed: true`.
+- An exit event's details are in `request.exit_event`, or with `exit_event_shape="MonitorEvent"`
+  in `request.MonitorEvent.exit_event` (fly-go's GetExitCode reads that first: both occur).
 - The exit event's `status` is the state entered next: `stopped`, or `restarting` when the
   restart policy boots the process again (`restarting: true` in the exit event).
-- Durations in `stop_config.timeout` / stop's `timeout` are Go durations: strings like "1m30s",
-  or numbers of nanoseconds (as fly-go's `Duration` decodes them).
+- Durations in `stop_config.timeout` / stop's `timeout` are Go duration strings like "1m30s"
+  (the spec types them as strings, though fly-go's `Duration` also decodes nanoseconds).
 - Suspend (`POST .../suspend`, `{"ok":true}`) freezes the process group with SIGSTOP and goes
   `suspending`, then `suspended` after `suspend_delay_s`; a start of a suspended machine goes
   `starting`, then `started` after `resume_delay_s`, and SIGCONTs the same process (same pid
   and instance_id). Events: `suspend`/`suspending`/user, `suspend`/`suspended`/flyd, and for the
   resume `start`/`starting`/user, `resume`/`started`/flyd (the type names are [unv]).
 - Suspend refusals ([unv] statuses): 400 `invalid_argument` over 2048 MB of memory (reference
-  §10, "≤ 2 GB"; one guide says 4 GB) or with `swap_size_mb`; 412 `failed_precondition` unless
+  §10, "≤ 2 GB"; one guide says 4 GB) or with `init.swap_size_mb`; 412 `failed_precondition` unless
   `started`. A start while `suspending` is a 412. Stop or forced destroy of a suspended machine
   signals the frozen process and then SIGCONTs it, so the stop signal is handled ([unv] whether
   Fly's guest sees it); destroy without force is a 412 as for a running machine ([unv]).
@@ -59,7 +68,7 @@ from tests.fakes.fly.machine import (
     ulid,
     utc_now,
 )
-from tests.fakes.fly.runtime import DEFAULT_MAX_RETRIES, MachineRuntime
+from tests.fakes.fly.runtime import DEFAULT_MAX_RETRIES, EXIT_EVENT_SHAPES, MachineRuntime
 from tests.fakes.fly.validation import validate_create
 
 __all__ = [
@@ -68,6 +77,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_MAX_RETRIES",
     "DEFAULT_TOKEN",
+    "EXIT_EVENT_SHAPES",
     "MAX_WAIT_S",
     "REGION_NAMES",
     "SUSPEND_MAX_MEMORY_MB",

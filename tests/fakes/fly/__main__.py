@@ -13,6 +13,7 @@ from tests.fakes.common import (
     standalone,
 )
 from tests.fakes.fly.api import DEFAULT_APP, DEFAULT_TOKEN, FlyEmulator
+from tests.fakes.fly.runtime import EXIT_EVENT_SHAPES
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -38,6 +39,7 @@ def _parse_cli(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace]
     parser.add_argument("--resume-delay", type=float, default=0.2, metavar="SECONDS")
     parser.add_argument("--suspend-delay", type=float, default=0.2, metavar="SECONDS")
     parser.add_argument("--destroy-delay", type=float, default=0.1, metavar="SECONDS")
+    parser.add_argument("--exit-event-shape", choices=EXIT_EVENT_SHAPES, default="exit_event")
     fly, rest = parser.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         print(parser.format_help())
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         resume_delay_s=fly.resume_delay,
         suspend_delay_s=fly.suspend_delay,
         destroy_delay_s=fly.destroy_delay,
+        exit_event_shape=fly.exit_event_shape,
         rate_limits=not common.no_rate_limits,
         latency=common.latency,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import secrets
@@ -28,10 +29,11 @@ from tests.fakes.common import (
     RateLimiter,
     control_routes,
 )
-from tests.fakes.fly.errors import ApiError, ApiRequest, _not_found
+from tests.fakes.fly.errors import ApiError, ApiRequest, OutageBegan, _bad_request, _not_found
 from tests.fakes.fly.handlers import MachineHandlers
 from tests.fakes.fly.machine import MachineRecord, ulid
-from tests.fakes.fly.runtime import _kill_group
+from tests.fakes.fly.openapi import OpenAPIRequests, SpecViolation
+from tests.fakes.fly.runtime import EXIT_EVENT_SHAPES, _kill_group
 
 DEFAULT_LIMITS: dict[str, tuple[float, int]] = {
     "create": (1.0, 3),
@@ -51,6 +53,13 @@ Reference §6: "1 request, per second, per action, burst 3", scoped per machine 
 stop, suspend, wait and destroy ([inf]), so starts of distinct machines never contend. A resume
 is a `start` call and shares the machine's start bucket.
 """
+
+
+@functools.cache
+def _openapi() -> OpenAPIRequests:
+    """Fly's OpenAPI document, read once per process."""
+    return OpenAPIRequests()
+
 
 DEFAULT_TOKEN = "test-token"
 DEFAULT_APP = "bots"
@@ -94,6 +103,9 @@ class FlyEmulator(MachineHandlers):
     its process continuing ("a few hundred ms"); `suspend_delay_s` from a suspend to
     `suspended` (no figure in the reference); `restart_delay_s` before a policy restart;
     `destroy_delay_s` before `destroyed`. API answer latency is `latency` (per operation).
+    `exit_event_shape` says where exit events carry their details: `request.exit_event`
+    (default) or `request.MonitorEvent.exit_event` (both occur on Fly). `undeclared` lists the
+    request fields Fly's OpenAPI document does not declare (accepted, as the spec is open).
     """
 
     def __init__(
@@ -118,7 +130,11 @@ class FlyEmulator(MachineHandlers):
         limits: Mapping[str, tuple[float, int]] | None = None,
         latency: float = 0.0,
         list_lag_s: float = 0.0,
+        exit_event_shape: str = "exit_event",
     ) -> None:
+        if exit_event_shape not in EXIT_EVENT_SHAPES:
+            raise ValueError(f"exit_event_shape must be one of {EXIT_EVENT_SHAPES}")
+        self.exit_event_shape = exit_event_shape
         self.token = token
         self.apps = set(apps)
         self.images = {ref: Path(path) for ref, path in (images or {}).items()}
@@ -137,6 +153,8 @@ class FlyEmulator(MachineHandlers):
         self.list_lag_s = list_lag_s
         self.machines: dict[str, MachineRecord] = {}
         self.requests: list[ApiRequest] = []
+        self.openapi = _openapi()
+        self.undeclared: list[str] = []
         self.faults = FaultPlan()
         self.latency = Latency(latency)
         self.limiter = RateLimiter({**DEFAULT_LIMITS, **(limits or {})}, enabled=rate_limits)
@@ -198,13 +216,29 @@ class FlyEmulator(MachineHandlers):
             try:
                 if "app" in request.path_params and request.path_params["app"] not in self.apps:
                     raise ApiError(404, "app not found")
+                await self._check_spec(request, body)
                 response = await handler(request, body)
             except ApiError as exc:
                 response = exc.response()
+            except OutageBegan as exc:
+                return await self._fault_response(exc.fault)
             await self.latency.sleep(op)
             return response if fault is None else await self._fault_response(fault)
 
         return endpoint
+
+    async def _check_spec(self, request: Request, body: Any) -> None:
+        """400 for a request Fly's OpenAPI document rejects; note the fields it does not
+        declare (`undeclared`)."""
+        operation = self.openapi.operation(request.method, request.url.path)
+        if operation is None:
+            return
+        query = request.query_params.multi_items()
+        try:
+            fields = self.openapi.check(operation, query, body, bool(await request.body()))
+        except SpecViolation as exc:
+            raise _bad_request(str(exc)) from None
+        self.undeclared += [f"{operation.route}: {field}" for field in fields]
 
     async def _record(self, request: Request) -> Any:
         raw = await request.body()

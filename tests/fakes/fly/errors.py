@@ -7,6 +7,8 @@ from typing import Any, NamedTuple
 
 from starlette.responses import JSONResponse, Response
 
+from tests.fakes.common import Fault
+
 
 class ApiRequest(NamedTuple):
     """One API request as received: for tests that scan what the client sent."""
@@ -35,6 +37,14 @@ class ApiError(Exception):
     def response(self) -> Response:
         """The HTTP answer."""
         return JSONResponse(self.body, self.status, headers=self.headers)
+
+
+class OutageBegan(Exception):
+    """An outage began while a request waited (a long poll): it is answered the outage's fault."""
+
+    def __init__(self, fault: Fault) -> None:
+        super().__init__(f"outage: {fault.status}")
+        self.fault = fault
 
 
 def _not_found() -> ApiError:

@@ -14,12 +14,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
-from tests.fakes.fly.errors import ApiError, _bad_request, _not_found
+from tests.fakes.common import FaultPlan
+from tests.fakes.fly.errors import ApiError, OutageBegan, _bad_request, _not_found
 from tests.fakes.fly.machine import MachineRecord, parse_duration, parse_signal, ulid, utc_now
 from tests.fakes.fly.runtime import MachineRuntime
 from tests.fakes.fly.validation import validate_create
 
-WAITABLE_STATES = ("started", "stopped", "suspended", "destroyed")
+WAITABLE_STATES = ("started", "stopped", "suspended", "destroyed", "failed", "settled")
 MAX_WAIT_S = 60.0
 SUSPEND_MAX_MEMORY_MB = 2048
 """Reference §10: suspend needs <= 2 GB of RAM (one guide says 4 GB; the stricter figure wins)."""
@@ -55,6 +56,7 @@ class MachineHandlers(MachineRuntime):
     default_image_root: Path | None
     capacity_status: int
     list_lag_s: float
+    faults: FaultPlan
 
     def _machine(self, request: Request) -> MachineRecord:
         machine = self.machines.get(request.path_params["id"])
@@ -161,58 +163,59 @@ class MachineHandlers(MachineRuntime):
         return JSONResponse(self._machine(request).to_json())
 
     async def _wait(self, request: Request, body: Any) -> Response:
+        """Wait for any of the states asked (`state`, comma-separated or repeated; `started`
+        by default); the spec has already refused states and timeouts it does not have."""
         machine = self._machine(request)
         query = request.query_params
-        target = query.get("state") or "started"
-        if target not in WAITABLE_STATES:
-            raise _bad_request(
-                f"invalid state {target!r}: want one of {', '.join(WAITABLE_STATES)}"
-            )
+        targets = [s for v in query.getlist("state") for s in v.split(",") if s] or ["started"]
         version = query.get("version") or query.get("instance_id")
-        if target == "stopped" and not version:
+        if "stopped" in targets and not version:
             raise _bad_request("version (instance_id) is required when waiting for state stopped")
         if version is not None and version not in machine.reached:
             raise _bad_request(f"machine version {version!r} not found")
-        timeout = self._wait_timeout(query.get("timeout"))
-        if await self._await_state(request, machine, target, version, timeout):
-            return JSONResponse({"ok": True, "state": target})
-        raise ApiError(408, f"deadline_exceeded: timeout waiting for machine to be {target}")
-
-    @staticmethod
-    def _wait_timeout(raw: str | None) -> float:
-        if raw is None or raw == "":
-            return MAX_WAIT_S
-        try:
-            value = float(raw)
-        except ValueError:
-            try:
-                value = parse_duration(raw)
-            except ValueError:
-                raise _bad_request(f"invalid timeout {raw!r}") from None
-        if not value >= 0:
-            raise _bad_request(f"invalid timeout {raw!r}")
-        return min(value, MAX_WAIT_S)
+        timeout = int(query.get("timeout") or MAX_WAIT_S)
+        if timeout < 0:
+            raise _bad_request(f"invalid timeout {timeout}")
+        reached = await self._await_state(
+            request, machine, targets, version, min(timeout, MAX_WAIT_S)
+        )
+        if reached is None:
+            raise ApiError(
+                408, f"deadline_exceeded: timeout waiting for machine to be {','.join(targets)}"
+            )
+        answer = {"ok": True, "state": reached, "version": machine.instance_id}
+        return JSONResponse(answer | {"event_id": machine.events[0]["id"]})
 
     async def _await_state(
-        self, request: Request, m: MachineRecord, target: str, version: str | None, within: float
-    ) -> bool:
-        """Wait until `m` satisfies `target`, the timeout passes, or the client goes away."""
+        self,
+        request: Request,
+        m: MachineRecord,
+        targets: list[str],
+        version: str | None,
+        within: float,
+    ) -> str | None:
+        """The state reached once `m` satisfies one of `targets`; None once the timeout passes
+        or the client goes away. An outage beginning meanwhile raises OutageBegan."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         gone = asyncio.ensure_future(_disconnected(request.receive))
+        outage = asyncio.ensure_future(self.faults.next_outage())
         try:
-            while not m.satisfies(target, version):
+            while (reached := m.reached_one_of(targets, version)) is None:
                 remaining = deadline - loop.time()
+                if outage.done():
+                    raise OutageBegan(outage.result())
                 if remaining <= 0 or gone.done():
-                    return False
+                    return None
                 change = asyncio.ensure_future(m.changed.wait())
                 await asyncio.wait(
-                    {change, gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                    {change, gone, outage}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
                 )
                 change.cancel()
-            return True
+            return reached
         finally:
             gone.cancel()
+            outage.cancel()
 
     async def _stop(self, request: Request, body: Any) -> Response:
         machine = self._machine(request)
@@ -270,7 +273,7 @@ class MachineHandlers(MachineRuntime):
                 f"memory cannot be suspended (this one has {memory} MB)",
                 "invalid_argument",
             )
-        if machine.config.get("swap_size_mb"):
+        if (machine.config.get("init") or {}).get("swap_size_mb"):
             raise ApiError(
                 400, "invalid_argument: machines with swap cannot be suspended", "invalid_argument"
             )

@@ -14,6 +14,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+SETTLED_STATES = frozenset(
+    {"created", "started", "stopped", "suspended", "failed", "destroyed", "replaced", "migrated"}
+)
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -139,8 +142,18 @@ class MachineRecord:
             event["request"] = request
         self.events.insert(0, event)
 
+    def reached_one_of(self, targets: list[str], version: str | None) -> str | None:
+        """The state a wait for any of `targets` (of `version`) answers, once it is over."""
+        for target in targets:
+            if self.satisfies(target, version):
+                return self.state if target == "settled" else target
+        return None
+
     def satisfies(self, target: str, version: str | None) -> bool:
-        """Whether a wait for `target` (of `version`) is over."""
+        """Whether a wait for `target` (of `version`) is over; `settled` is any state that is
+        not transient ([inf]: the reference's persistent and terminal states)."""
+        if target == "settled":
+            return self.state in SETTLED_STATES
         if target == "stopped" and self.state == "destroyed":
             return True
         if target == "stopped" and version is not None:
@@ -148,8 +161,12 @@ class MachineRecord:
         return self.state == target and version in (None, self.instance_id)
 
     def exit_events(self) -> list[dict[str, Any]]:
-        """The `exit_event` of every exit, newest first."""
-        return [e["request"]["exit_event"] for e in self.events if e["type"] == "exit"]
+        """The `exit_event` of every exit, newest first, in either shape the emulator emits."""
+        return [
+            (e["request"].get("MonitorEvent") or e["request"])["exit_event"]
+            for e in self.events
+            if e["type"] == "exit"
+        ]
 
     def to_json(self, summary: bool = False) -> dict[str, Any]:
         """The Machine object; `summary` leaves out config, events and checks."""

@@ -16,6 +16,9 @@ from tests.fakes.fly.machine import MachineRecord, utc_now
 logger = logging.getLogger(__package__)
 
 DEFAULT_MAX_RETRIES = 10
+EXIT_EVENT_SHAPES = ("exit_event", "MonitorEvent")
+"""Where an exit event's details sit in its `request`: `request.exit_event`, or
+`request.MonitorEvent.exit_event` (fly-go's GetExitCode reads the latter first: both occur)."""
 
 
 class MachineRuntime:
@@ -32,6 +35,7 @@ class MachineRuntime:
     suspend_delay_s: float
     destroy_delay_s: float
     restart_delay_s: float
+    exit_event_shape: str
     _tasks: set[asyncio.Task[None]]
     _closing: bool
 
@@ -126,7 +130,11 @@ class MachineRuntime:
             restarting = self._restarts(m, exit_event["exit_code"])
             exit_event["restarting"] = restarting
             status = "restarting" if restarting else "stopped"
-            request = {"exit_event": exit_event, "restart_count": m.restart_count}
+            request: dict[str, Any] = {"restart_count": m.restart_count}
+            if self.exit_event_shape == "MonitorEvent":
+                request["MonitorEvent"] = {"exit_event": exit_event}
+            else:
+                request["exit_event"] = exit_event
             m.add_event("exit", status, "flyd", request)
             if not restarting:
                 break

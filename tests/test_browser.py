@@ -47,7 +47,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-# Settings that would move `make run` off its embedded defaults (README, Configuration), and
+# Settings that would move `make run` off its embedded defaults (docs/configuration.md), and
 # the bot contract's variables: none may leak in from the environment running the tests.
 DISPATCHER_ENV = re.compile(
     r"^(HOST|PORT|MACHINE_BACKEND|FLY_.*|BOT_.*|DAILY_.*|DATABASE_URL|DISPATCHER_.*|SESSION_.*|"

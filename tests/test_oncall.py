@@ -169,7 +169,7 @@ async def test_trace_of_a_crash_before_ready(
         await assert_table_names_steps(trace, sid)
         code, table = await cli("trace", sid)
         assert code == 0 and "exit_code=3" in table
-        print(table)  # the README's example comes from this output (pytest -s)
+        print(table)  # docs/operations.md's example comes from this output (pytest -s)
 
 
 async def test_trace_of_a_session_ended_by_max_duration(

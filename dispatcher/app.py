@@ -26,7 +26,6 @@ from dispatcher.auth import Authenticator, bearer_token
 from dispatcher.callbacks import BotCallbacks
 from dispatcher.config import Settings
 from dispatcher.cors import cors_middleware
-from dispatcher.daily_api import DailyAPI
 from dispatcher.errors import (
     BadRequest,
     DispatcherError,
@@ -35,12 +34,12 @@ from dispatcher.errors import (
     error_body,
     http_status,
 )
-from dispatcher.fly_api import FlyAPI
 from dispatcher.http_input import read_body, read_json_object, whole_number
 from dispatcher.janitor import RoomJanitor
 from dispatcher.logs import session_context
 from dispatcher.machines import MachineBackend
 from dispatcher.machines.fly import FlyMachines
+from dispatcher.machines.fly_api import FlyAPI
 from dispatcher.machines.local import LocalMachines
 from dispatcher.metrics import CONTENT_TYPE, Metrics
 from dispatcher.openapi import openapi_document
@@ -52,6 +51,7 @@ from dispatcher.ratelimit import StartLimiter, client_address
 from dispatcher.reconciler import Reconciler
 from dispatcher.rooms import RoomBackend
 from dispatcher.rooms.daily import DailyRooms
+from dispatcher.rooms.daily_api import DailyAPI
 from dispatcher.rooms.webrtc import WebRTCRooms
 from dispatcher.sessions import Idempotency, SessionService
 from dispatcher.start import MAX_BODY_BYTES, parse_start

@@ -23,11 +23,11 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from dispatcher.config import Settings
-from dispatcher.daily_api import DailyAPI
 from dispatcher.errors import DispatcherError
-from dispatcher.fly_api import ExitEvent, FlyAPI
 from dispatcher.machines.fly import POOL_LABEL, FlyMachines
+from dispatcher.machines.fly_api import ExitEvent, FlyAPI
 from dispatcher.pool_store import PoolRows
+from dispatcher.rooms.daily_api import DailyAPI
 from dispatcher.sessions import end_session
 from dispatcher.store import Event, Session, Store, iso
 from dispatcher.upstream import RetryPolicy

@@ -11,7 +11,7 @@ import pytest
 import respx
 
 from dispatcher.errors import UpstreamError, UpstreamTimeout
-from dispatcher.fly_api import ExitEvent, FlyAPI, auth_header
+from dispatcher.machines.fly_api import ExitEvent, FlyAPI, auth_header
 from dispatcher.upstream import RetryPolicy, parse_retry_after
 from tests.fakes.common import serve
 from tests.harness import BOT_APP, BOT_IMAGE, FLY_TOKEN, fly_emulator

@@ -10,8 +10,8 @@ from typing import Any
 
 from dispatcher.config import Settings
 from dispatcher.errors import UpstreamError
-from dispatcher.fly_api import MAX_WAIT_S, ExitEvent, FlyAPI, Machine
 from dispatcher.machines import BOT_COMMAND, BotSpec, MachineExit, MachineInfo, MachineRef
+from dispatcher.machines.fly_api import MAX_WAIT_S, ExitEvent, FlyAPI, Machine
 from dispatcher.pacing import Pacer
 from dispatcher.upstream import RetryPolicy
 

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dispatcher.config import Settings
 from dispatcher.errors import DispatcherError
 from dispatcher.machines.fly import POOL_LABEL, FlyMachines
-from dispatcher.machines.fly_api import ExitEvent, FlyAPI
+from dispatcher.machines.fly_api import FlyAPI, exit_of
 from dispatcher.pool_store import PoolRows
 from dispatcher.rooms.daily_api import DailyAPI
 from dispatcher.sessions import end_session
@@ -381,9 +381,9 @@ async def fly_steps(fly: FlyAPI | None, session: Session, notes: list[str]) -> l
         if at is None:
             continue
         details: dict[str, Any] = {"source": event.get("source")}
-        exit = ExitEvent.of(event)
+        exit = exit_of(event)
         if exit is not None:
-            details |= {k: v for k, v in asdict(exit).items() if v is not None}
+            details |= {k: v for k, v in asdict(exit).items() if v is not None and k != "lost"}
         step = f"machine {event.get('type')} ({event.get('status')})"
         steps.append(Step(at, "fly", step, details))
     return steps

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from dispatcher.clients import upstreams
 from dispatcher.config import Settings
 from dispatcher.errors import DispatcherError
 from dispatcher.machines.fly import POOL_LABEL, FlyMachines
@@ -109,18 +110,8 @@ async def clients(settings: Settings) -> AsyncIterator[Clients]:
     store = await Store.open(settings.database_url)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(store.close)
-        fly = daily = None
-        if settings.machine_backend == "fly" and settings.fly_api_token and settings.fly_bot_app:
-            token = settings.fly_api_token.reveal()
-            http = FlyAPI.client(settings.fly_api_base_url, token, timeout_s=10)
-            stack.push_async_callback(http.aclose)
-            fly = FlyAPI(http, settings.fly_bot_app, _RETRY)
-        if settings.daily_api_key is not None:
-            key = settings.daily_api_key.reveal()
-            http = DailyAPI.client(settings.daily_api_url, key, timeout_s=10)
-            stack.push_async_callback(http.aclose)
-            daily = DailyAPI(http, _RETRY)
-        yield Clients(settings, store, fly, daily)
+        apis = await stack.enter_async_context(upstreams(settings, _RETRY, timeout_s=10))
+        yield Clients(settings, store, apis.fly, apis.daily)
 
 
 # -- pool status ---------------------------------------------------------------------------------

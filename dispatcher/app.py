@@ -22,6 +22,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from dispatcher.aio import cancel_and_wait
 from dispatcher.auth import Authenticator, bearer_token
 from dispatcher.callbacks import BotCallbacks
 from dispatcher.clients import machine_backend, room_backends, upstreams
@@ -236,10 +237,10 @@ def create_app(
                 pool=_pool_states(pool) if pool is not None else None,
             )
             loop_task = asyncio.create_task(reconciler.run(), name="reconciler")
-            stack.push_async_callback(_cancel, loop_task)
+            stack.push_async_callback(cancel_and_wait, loop_task)
             if pool is not None:
                 pool_task = asyncio.create_task(pool.run(lambda: reconciler.leader), name="pool")
-                stack.push_async_callback(_cancel, pool_task)
+                stack.push_async_callback(cancel_and_wait, pool_task)
             log.info(
                 "dispatcher ready: machines=%s transports=%s auth=%s store=%s",
                 bots.name,
@@ -538,12 +539,6 @@ def _outcome(span: Span, status: int, outcome: str) -> None:
     span.set_attribute("session.outcome", outcome)
     if status >= 500:
         span.set_status(Status(StatusCode.ERROR, outcome))
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 async def _dispatcher_error(request: Request, exc: Exception) -> Response:

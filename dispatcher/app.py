@@ -22,11 +22,12 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from dispatcher.aio import cancel_and_wait
 from dispatcher.auth import Authenticator, bearer_token
 from dispatcher.callbacks import BotCallbacks
+from dispatcher.clients import machine_backend, room_backends, upstreams
 from dispatcher.config import Settings
 from dispatcher.cors import cors_middleware
-from dispatcher.daily_api import DailyAPI
 from dispatcher.errors import (
     BadRequest,
     DispatcherError,
@@ -35,13 +36,11 @@ from dispatcher.errors import (
     error_body,
     http_status,
 )
-from dispatcher.fly_api import FlyAPI
 from dispatcher.http_input import read_body, read_json_object, whole_number
 from dispatcher.janitor import RoomJanitor
 from dispatcher.logs import session_context
 from dispatcher.machines import MachineBackend
 from dispatcher.machines.fly import FlyMachines
-from dispatcher.machines.local import LocalMachines
 from dispatcher.metrics import CONTENT_TYPE, Metrics
 from dispatcher.openapi import openapi_document
 from dispatcher.pacing import Pacer
@@ -51,8 +50,6 @@ from dispatcher.proxy import MAX_PROXY_BODY_BYTES, METHODS, BotProxy, check_path
 from dispatcher.ratelimit import StartLimiter, client_address
 from dispatcher.reconciler import Reconciler
 from dispatcher.rooms import RoomBackend
-from dispatcher.rooms.daily import DailyRooms
-from dispatcher.rooms.webrtc import WebRTCRooms
 from dispatcher.sessions import Idempotency, SessionService
 from dispatcher.start import MAX_BODY_BYTES, parse_start
 from dispatcher.store import ACTIVE_STATES, TERMINAL_STATES, Store
@@ -170,15 +167,12 @@ def create_app(
                 if settings.machine_backend == "fly"
                 else None
             )
-            bots = machines or _machine_backend(
-                settings, retry, upstream_timeout_s, stack, pacer, telemetry
+            apis = await stack.enter_async_context(
+                upstreams(settings, retry, timeout_s=upstream_timeout_s, telemetry=telemetry)
             )
+            bots = machines or machine_backend(settings, apis, retry, pacer)
             stack.push_async_callback(bots.aclose)
-            transports = (
-                rooms
-                if rooms is not None
-                else _room_backends(settings, retry, upstream_timeout_s, stack, telemetry)
-            )
+            transports = rooms if rooms is not None else room_backends(settings, apis, retry)
             for name, backend in transports.items():
                 try:
                     await backend.open()
@@ -243,10 +237,10 @@ def create_app(
                 pool=_pool_states(pool) if pool is not None else None,
             )
             loop_task = asyncio.create_task(reconciler.run(), name="reconciler")
-            stack.push_async_callback(_cancel, loop_task)
+            stack.push_async_callback(cancel_and_wait, loop_task)
             if pool is not None:
                 pool_task = asyncio.create_task(pool.run(lambda: reconciler.leader), name="pool")
-                stack.push_async_callback(_cancel, pool_task)
+                stack.push_async_callback(cancel_and_wait, pool_task)
             log.info(
                 "dispatcher ready: machines=%s transports=%s auth=%s store=%s",
                 bots.name,
@@ -547,12 +541,6 @@ def _outcome(span: Span, status: int, outcome: str) -> None:
         span.set_status(Status(StatusCode.ERROR, outcome))
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
 async def _dispatcher_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DispatcherError)
     status = http_status(exc)
@@ -574,47 +562,3 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
     return JSONResponse(error_body(DispatcherError("internal error")), status_code=500)
-
-
-def _machine_backend(
-    settings: Settings,
-    retry: RetryPolicy,
-    timeout_s: float,
-    stack: contextlib.AsyncExitStack,
-    pacer: Pacer | None,
-    telemetry: Telemetry,
-) -> MachineBackend:
-    if settings.machine_backend == "local":
-        return LocalMachines(
-            bot_dir=settings.local_bot_dir, stop_grace_s=settings.bot_stop_timeout_s
-        )
-    assert settings.fly_api_token is not None and settings.fly_bot_app is not None
-    http = FlyAPI.client(
-        settings.fly_api_base_url, settings.fly_api_token.reveal(), timeout_s=timeout_s
-    )
-    stack.push_async_callback(http.aclose)
-    api = FlyAPI(http, settings.fly_bot_app, retry, telemetry)
-    return FlyMachines(api, settings, retry, pacer)
-
-
-def _room_backends(
-    settings: Settings,
-    retry: RetryPolicy,
-    timeout_s: float,
-    stack: contextlib.AsyncExitStack,
-    telemetry: Telemetry,
-) -> dict[str, RoomBackend]:
-    backends: dict[str, RoomBackend] = {}
-    for transport in settings.transports:
-        if transport == "daily":
-            assert settings.daily_api_key is not None
-            http = DailyAPI.client(
-                settings.daily_api_url, settings.daily_api_key.reveal(), timeout_s=timeout_s
-            )
-            stack.push_async_callback(http.aclose)
-            backends[transport] = DailyRooms(
-                DailyAPI(http, retry, telemetry), settings.daily_api_key, retry
-            )
-        else:
-            backends[transport] = WebRTCRooms(settings.ice_servers, settings.default_ice_servers)
-    return backends

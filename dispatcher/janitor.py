@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Mapping
 
+from dispatcher.aio import cancel_and_wait
 from dispatcher.logs import session_context
 from dispatcher.pacing import Pacer
 from dispatcher.rooms import RoomBackend
@@ -64,10 +65,7 @@ class RoomJanitor:
 
     async def aclose(self) -> None:
         """Drop what is still queued: the reconciler deletes those rooms later."""
-        tasks = list(self._pending.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*self._pending.values())
 
     async def delete(self, session: Session) -> bool:
         """Delete the session's room now, in its turn; whether it is gone."""

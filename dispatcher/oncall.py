@@ -22,12 +22,13 @@ from urllib.parse import urlsplit
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from dispatcher.clients import upstreams
 from dispatcher.config import Settings
-from dispatcher.daily_api import DailyAPI
 from dispatcher.errors import DispatcherError
-from dispatcher.fly_api import ExitEvent, FlyAPI
 from dispatcher.machines.fly import POOL_LABEL, FlyMachines
+from dispatcher.machines.fly_api import FlyAPI, exit_of
 from dispatcher.pool_store import PoolRows
+from dispatcher.rooms.daily_api import DailyAPI
 from dispatcher.sessions import end_session
 from dispatcher.store import Event, Session, Store, iso
 from dispatcher.upstream import RetryPolicy
@@ -109,18 +110,8 @@ async def clients(settings: Settings) -> AsyncIterator[Clients]:
     store = await Store.open(settings.database_url)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(store.close)
-        fly = daily = None
-        if settings.machine_backend == "fly" and settings.fly_api_token and settings.fly_bot_app:
-            token = settings.fly_api_token.reveal()
-            http = FlyAPI.client(settings.fly_api_base_url, token, timeout_s=10)
-            stack.push_async_callback(http.aclose)
-            fly = FlyAPI(http, settings.fly_bot_app, _RETRY)
-        if settings.daily_api_key is not None:
-            key = settings.daily_api_key.reveal()
-            http = DailyAPI.client(settings.daily_api_url, key, timeout_s=10)
-            stack.push_async_callback(http.aclose)
-            daily = DailyAPI(http, _RETRY)
-        yield Clients(settings, store, fly, daily)
+        apis = await stack.enter_async_context(upstreams(settings, _RETRY, timeout_s=10))
+        yield Clients(settings, store, apis.fly, apis.daily)
 
 
 # -- pool status ---------------------------------------------------------------------------------
@@ -381,9 +372,9 @@ async def fly_steps(fly: FlyAPI | None, session: Session, notes: list[str]) -> l
         if at is None:
             continue
         details: dict[str, Any] = {"source": event.get("source")}
-        exit = ExitEvent.of(event)
+        exit = exit_of(event)
         if exit is not None:
-            details |= {k: v for k, v in asdict(exit).items() if v is not None}
+            details |= {k: v for k, v in asdict(exit).items() if v is not None and k != "lost"}
         step = f"machine {event.get('type')} ({event.get('status')})"
         steps.append(Step(at, "fly", step, details))
     return steps

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from dispatcher.aio import cancel_and_wait, every
 from dispatcher.auth import new_callback_token
 from dispatcher.config import Settings
 from dispatcher.errors import DispatcherError
@@ -161,17 +162,15 @@ class Pool:
     async def run(self, leader: Callable[[], bool]) -> None:
         """Replenish every POOL_INTERVAL_S while this instance leads, until cancelled (an
         instance that does not lead looks again every second: it may take over)."""
-        while True:
+        interval_s = self._settings.pool_interval_s
+
+        async def step() -> float | None:
             if not leader():
-                await asyncio.sleep(min(self._settings.pool_interval_s, LEADER_POLL_S))
-                continue
-            try:
-                await self.replenish()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("pool replenish pass failed")
-            await asyncio.sleep(self._settings.pool_interval_s)
+                return min(interval_s, LEADER_POLL_S)
+            await self.replenish()
+            return None
+
+        await every(interval_s, step, log=log, what="pool replenish pass")
 
     async def replenish(self) -> int:
         """Retire machines of another image, then make what each region lacks, as far as free
@@ -307,6 +306,4 @@ class Pool:
 
     async def aclose(self) -> None:
         """Cancel background work (suspends and destroys in flight: the reconciler redoes)."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)

@@ -25,13 +25,13 @@ for what needs repair, all through the clients' retry policy (which honours Retr
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 
+from dispatcher.aio import every
 from dispatcher.config import Settings
 from dispatcher.janitor import RoomJanitor
 from dispatcher.logs import session_context
@@ -115,29 +115,27 @@ class Reconciler:
 
     async def run(self) -> None:
         """Lead (or wait to) and reconcile every interval, until cancelled."""
-        while True:
-            try:
-                if await self._lead():
-                    report = await self.reconcile()
-                    if report.repaired or report.errors:
-                        log.info(
-                            "reconciled: %d sessions, %d machines; %d starts failed, "
-                            "%d sessions ended, %d stops, %d destroyed, %d room deletes queued, "
-                            "%d errors",
-                            report.sessions,
-                            report.machines,
-                            report.starts_failed,
-                            report.sessions_ended,
-                            report.stops,
-                            report.destroyed,
-                            report.rooms_queued,
-                            len(report.errors),
-                        )
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("reconciler pass failed")
-            await asyncio.sleep(self._settings.reconcile_interval_s)
+        interval_s = self._settings.reconcile_interval_s
+        await every(interval_s, self._pass, log=log, what="reconciler pass")
+
+    async def _pass(self) -> None:
+        if not await self._lead():
+            return
+        report = await self.reconcile()
+        if report.repaired or report.errors:
+            log.info(
+                "reconciled: %d sessions, %d machines; %d starts failed, "
+                "%d sessions ended, %d stops, %d destroyed, %d room deletes queued, "
+                "%d errors",
+                report.sessions,
+                report.machines,
+                report.starts_failed,
+                report.sessions_ended,
+                report.stops,
+                report.destroyed,
+                report.rooms_queued,
+                len(report.errors),
+            )
 
     async def _lead(self) -> bool:
         if self._lock is not None:
@@ -223,8 +221,6 @@ class Reconciler:
     async def _guard(self, report: Report, step: Awaitable[None]) -> None:
         try:
             await step
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             log.warning("reconciler step failed: %s", exc)
             report.errors.append(str(exc))

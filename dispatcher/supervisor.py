@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from dispatcher.aio import cancel_and_wait
 from dispatcher.config import Settings
 from dispatcher.errors import UpstreamError
 from dispatcher.janitor import RoomJanitor
@@ -107,10 +107,7 @@ class Supervisor:
 
     async def aclose(self) -> None:
         """Stop watching (the bots themselves are not touched)."""
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks.values())
 
     async def _follow(self, session: Session) -> None:
         try:
@@ -118,8 +115,6 @@ class Supervisor:
                 session.id, machine_id=session.machine_id, traceparent=session.traceparent
             ):
                 await self._watch(session)
-        except asyncio.CancelledError:
-            raise
         except Exception:
             with session_context(session.id, machine_id=session.machine_id):
                 log.exception("watching the session failed")
@@ -148,9 +143,7 @@ class Supervisor:
             exit = await self._exit_within(exit_task, ref)
             await self.finish(session.id, ref, exit)
         finally:
-            exit_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await exit_task
+            await cancel_and_wait(exit_task)
 
     async def _until_ready(
         self, session: Session, exit_task: asyncio.Task[MachineExit | None]

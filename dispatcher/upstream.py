@@ -1,4 +1,4 @@
-"""What the Fly and Daily clients share: error translation and one retry policy."""
+"""What the Fly and Daily clients share: the call, its retries, error translation and spans."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 from tenacity import (
@@ -20,8 +20,14 @@ from tenacity import (
 )
 
 from dispatcher.errors import UpstreamError, UpstreamTimeout
+from dispatcher.pacing import Pace
+from dispatcher.telemetry import Telemetry
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+USER_AGENT = "pipecat-fly-dispatcher"
+CONNECT_TIMEOUT_S = 5.0
+# httpx's own default.
+DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 
 
 @dataclass(frozen=True)
@@ -145,3 +151,111 @@ def json_or_none(response: httpx.Response) -> Any:
         return response.json()
     except ValueError:
         return None
+
+
+def http_client(
+    base_url: str,
+    authorization: str,
+    *,
+    timeout_s: float,
+    limits: httpx.Limits = DEFAULT_LIMITS,
+) -> httpx.AsyncClient:
+    """An httpx client for one upstream API: its base URL, auth header and timeouts."""
+    return httpx.AsyncClient(
+        base_url=base_url,
+        headers={"Authorization": authorization, "User-Agent": USER_AGENT},
+        timeout=httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S),
+        limits=limits,
+    )
+
+
+class UpstreamClient:
+    """The base of an upstream API client: one call, retried under the RetryPolicy (honouring
+    Retry-After), traced as a span per attempt, its failures translated into UpstreamError.
+
+    A subclass names its API and request-id header, and reads the error code and message out of
+    its API's error bodies (`error_detail`).
+    """
+
+    api: ClassVar[str]
+    request_id_header: ClassVar[str]
+    # The statuses that count as an answer (None: any 2xx).
+    ok_statuses: ClassVar[frozenset[int] | None] = None
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        retry: RetryPolicy,
+        telemetry: Telemetry | None = None,
+        *,
+        prefix: str = "",
+    ) -> None:
+        self._http = http
+        self._retry = retry
+        self._telemetry = telemetry or Telemetry()
+        self._prefix = prefix
+
+    def error_detail(self, body: dict[str, Any]) -> tuple[str | None, str | None]:
+        """The upstream's error code and message in an error answer's JSON body."""
+        raise NotImplementedError
+
+    async def _call(
+        self,
+        operation: str,
+        method: str,
+        path: str,
+        *,
+        mutating: bool = False,
+        deadline_s: float | None = None,
+        attempt: int = 1,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """One request (the `attempt`-th of a retried call); an answer that is not ok raises
+        UpstreamError, as does a request that got no answer."""
+        if deadline_s is not None:
+            kwargs["timeout"] = httpx.Timeout(deadline_s, connect=CONNECT_TIMEOUT_S)
+        api = self.api
+        with self._telemetry.upstream(api, operation, method, attempt=attempt) as call:
+            try:
+                response = await self._http.request(method, self._prefix + path, **kwargs)
+            except httpx.TransportError as exc:
+                call.no_answer(exc)
+                raise transport_error(exc, api=api, operation=operation, mutating=mutating) from exc
+            call.answered(response.status_code, response.headers.get(self.request_id_header))
+        if self._ok(response):
+            return response
+        body = json_or_none(response)
+        code, message = self.error_detail(body if isinstance(body, dict) else {})
+        raise status_error(
+            response,
+            api=api,
+            operation=operation,
+            mutating=mutating,
+            request_id_header=self.request_id_header,
+            upstream_code=code,
+            message=message,
+        )
+
+    async def _retried(
+        self,
+        operation: str,
+        method: str,
+        path: str,
+        *,
+        pace: Pace | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """The call, retried under the policy; `pace` is awaited before each attempt (a rate
+        limiter's turn, retries included)."""
+        async for attempt in self._retry.retrying():
+            with attempt:
+                if pace is not None:
+                    await pace()
+                number = attempt.retry_state.attempt_number
+                return await self._call(operation, method, path, attempt=number, **kwargs)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _ok(self, response: httpx.Response) -> bool:
+        if self.ok_statuses is None:
+            return response.is_success
+        return response.status_code in self.ok_statuses

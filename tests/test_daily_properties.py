@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from dispatcher.config import Secret
-from dispatcher.daily_api import DailyAPI
 from dispatcher.errors import BadRequest, UpstreamError
 from dispatcher.rooms.daily import DailyRooms
+from dispatcher.rooms.daily_api import DailyAPI
 from dispatcher.start import StartRequest, parse_start
 from dispatcher.upstream import RetryPolicy
 from tests.fakes.common import serve

@@ -9,9 +9,9 @@ import httpx
 import pytest
 
 from dispatcher.config import Secret
-from dispatcher.daily_api import DailyAPI
 from dispatcher.errors import UpstreamError
 from dispatcher.rooms.daily import MAX_USER_ID, DailyRooms, daily_user_id
+from dispatcher.rooms.daily_api import DailyAPI
 from dispatcher.upstream import RetryPolicy
 from tests.fakes.common import serve
 from tests.fakes.daily import ROOM_PAGING, DailyEmulator, JoinRefused

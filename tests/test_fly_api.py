@@ -11,7 +11,8 @@ import pytest
 import respx
 
 from dispatcher.errors import UpstreamError, UpstreamTimeout
-from dispatcher.fly_api import ExitEvent, FlyAPI, auth_header
+from dispatcher.machines import MachineExit
+from dispatcher.machines.fly_api import FlyAPI, auth_header, latest_exit
 from dispatcher.upstream import RetryPolicy, parse_retry_after
 from tests.fakes.common import serve
 from tests.harness import BOT_APP, BOT_IMAGE, FLY_TOKEN, fly_emulator
@@ -192,9 +193,9 @@ def test_exit_event_is_the_newest_exit() -> None:
         {"type": "start", "timestamp": 1},
         {"type": "exit", "timestamp": 1, "request": {"exit_event": {"exit_code": 0}}},
     ]
-    exit = ExitEvent.latest(events)
+    exit = latest_exit(events)
     assert exit is not None and exit.exit_code == 3 and exit.oom_killed
-    assert ExitEvent.latest([{"type": "launch"}]) is None
+    assert latest_exit([{"type": "launch"}]) is None
 
 
 def test_exit_event_reads_monitor_event_first() -> None:
@@ -208,16 +209,16 @@ def test_exit_event_reads_monitor_event_first() -> None:
             "exit_event": {"exit_code": 0},
         },
     }
-    exit = ExitEvent.latest([both])
-    assert exit == ExitEvent(exit_code=137, oom_killed=True, signal=9)
+    exit = latest_exit([both])
+    assert exit == MachineExit(exit_code=137, oom_killed=True, signal=9)
     details = {"exit_code": 4, "requested_stop": True, "signal": -1}
     monitor_only = {"type": "exit", "request": {"MonitorEvent": {"exit_event": details}}}
-    assert ExitEvent.latest([monitor_only]) == ExitEvent(exit_code=4, requested_stop=True)
+    assert latest_exit([monitor_only]) == MachineExit(exit_code=4, requested_stop=True)
     empty_monitor = {
         "type": "exit",
         "request": {"MonitorEvent": {}, "exit_event": {"exit_code": 5}},
     }
-    assert ExitEvent.latest([empty_monitor]) == ExitEvent(exit_code=5)
+    assert latest_exit([empty_monitor]) == MachineExit(exit_code=5)
 
 
 def test_retry_after_forms() -> None:

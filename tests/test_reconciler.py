@@ -28,13 +28,13 @@ import pytest
 
 import dispatcher.reconciler
 from dispatcher.config import Secret, Settings
-from dispatcher.daily_api import DailyAPI
-from dispatcher.fly_api import FlyAPI
 from dispatcher.janitor import RoomJanitor
 from dispatcher.machines import BOT_COMMAND, BotSpec
 from dispatcher.machines.fly import FlyMachines
+from dispatcher.machines.fly_api import FlyAPI
 from dispatcher.reconciler import START_INTERRUPTED, Reconciler
 from dispatcher.rooms.daily import DailyRooms
+from dispatcher.rooms.daily_api import DailyAPI
 from dispatcher.sessions import new_session_id
 from dispatcher.store import ENDED, ENDING, FAILED, READY, STARTING, Event, Session, Store
 from dispatcher.supervisor import Supervisor

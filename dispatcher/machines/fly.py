@@ -10,8 +10,8 @@ from typing import Any
 
 from dispatcher.config import Settings
 from dispatcher.errors import UpstreamError
-from dispatcher.fly_api import MAX_WAIT_S, ExitEvent, FlyAPI, Machine
 from dispatcher.machines import BOT_COMMAND, BotSpec, MachineExit, MachineInfo, MachineRef
+from dispatcher.machines.fly_api import MAX_WAIT_S, FlyAPI, Machine, latest_exit
 from dispatcher.pacing import Pacer
 from dispatcher.upstream import RetryPolicy
 
@@ -231,23 +231,13 @@ class FlyMachines:
         failures = 0
         while True:
             try:
-                exit_event = ExitEvent.latest(await self._api.events(ref.id))
-                break
+                return latest_exit(await self._api.events(ref.id)) or MachineExit()
             except UpstreamError as exc:
                 failures += 1
                 pause = self._retry.backoff(failures)
                 if not exc.retryable or time.monotonic() + pause > deadline:
-                    exit_event = None
-                    break
+                    return MachineExit()
                 await asyncio.sleep(pause)
-        if exit_event is None:
-            return MachineExit()
-        return MachineExit(
-            exit_code=exit_event.exit_code,
-            oom_killed=exit_event.oom_killed,
-            requested_stop=exit_event.requested_stop,
-            signal=exit_event.signal,
-        )
 
     async def stop(self, ref: MachineRef, grace_s: int) -> None:
         """Fly's stop: SIGTERM, then SIGKILL after the grace period; gone counts as stopped."""

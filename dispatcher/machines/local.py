@@ -20,6 +20,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Mapping
 
+from dispatcher.aio import cancel_and_wait
 from dispatcher.machines import BotSpec, MachineExit, MachineInfo, MachineRef
 
 log = logging.getLogger(__name__)
@@ -207,8 +208,7 @@ class LocalMachines:
             *(self._kill_after(p, self._stop_grace_s) for _, p in running),
             return_exceptions=True,
         )
-        for task in list(self._killers):
-            task.cancel()
+        await cancel_and_wait(*self._killers)
         self._procs.clear()
 
 

@@ -10,10 +10,10 @@ from typing import Any
 import jwt
 
 from dispatcher.config import Secret
-from dispatcher.daily_api import DailyAPI, Domain
 from dispatcher.errors import BadRequest, UpstreamError
 from dispatcher.pacing import Pace
 from dispatcher.rooms import BotContract, RoomPlan
+from dispatcher.rooms.daily_api import DailyAPI, Domain
 from dispatcher.rooms.daily_properties import CLAIMS, ROOM, TOKEN, Property
 from dispatcher.upstream import RetryPolicy
 

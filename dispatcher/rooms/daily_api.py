@@ -9,8 +9,7 @@ import httpx
 
 from dispatcher.errors import UpstreamError
 from dispatcher.pacing import Pace
-from dispatcher.telemetry import Telemetry
-from dispatcher.upstream import RetryPolicy, json_or_none, status_error, transport_error
+from dispatcher.upstream import UpstreamClient, http_client
 
 API = "daily"
 REQUEST_ID = "x-request-id"
@@ -39,72 +38,21 @@ class _ListedRoom(NamedTuple):
     id: str | None
 
 
-class DailyAPI:
+class DailyAPI(UpstreamClient):
     """Daily's REST API; `http` carries the base URL and the API key."""
 
-    def __init__(
-        self, http: httpx.AsyncClient, retry: RetryPolicy, telemetry: Telemetry | None = None
-    ) -> None:
-        self._http = http
-        self._retry = retry
-        self._telemetry = telemetry or Telemetry()
+    api = API
+    request_id_header = REQUEST_ID
 
     @staticmethod
     def client(base_url: str, api_key: str, *, timeout_s: float = 10.0) -> httpx.AsyncClient:
         """The httpx client the API wants: base URL, auth, timeouts."""
-        return httpx.AsyncClient(
-            base_url=base_url.rstrip("/") + "/",
-            headers={"Authorization": f"Bearer {api_key}", "User-Agent": "pipecat-fly-dispatcher"},
-            timeout=httpx.Timeout(timeout_s, connect=5.0),
-        )
+        return http_client(base_url.rstrip("/") + "/", f"Bearer {api_key}", timeout_s=timeout_s)
 
-    async def _call(
-        self,
-        operation: str,
-        method: str,
-        path: str,
-        *,
-        mutating: bool = False,
-        attempt: int = 1,
-        **kwargs: Any,
-    ) -> httpx.Response:
-        with self._telemetry.upstream(API, operation, method, attempt=attempt) as call:
-            try:
-                response = await self._http.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                call.no_answer(exc)
-                raise transport_error(exc, api=API, operation=operation, mutating=mutating) from exc
-            call.answered(response.status_code, response.headers.get(REQUEST_ID))
-        if response.is_success:
-            return response
-        body = json_or_none(response)
-        body = body if isinstance(body, dict) else {}
-        raise status_error(
-            response,
-            api=API,
-            operation=operation,
-            mutating=mutating,
-            request_id_header=REQUEST_ID,
-            upstream_code=body.get("error") if isinstance(body.get("error"), str) else None,
-            message=body.get("info") if isinstance(body.get("info"), str) else None,
-        )
-
-    async def _retried(
-        self,
-        operation: str,
-        method: str,
-        path: str,
-        *,
-        pace: Pace | None = None,
-        **kwargs: Any,
-    ) -> httpx.Response:
-        async for attempt in self._retry.retrying():
-            with attempt:
-                if pace is not None:
-                    await pace()
-                number = attempt.retry_state.attempt_number
-                return await self._call(operation, method, path, attempt=number, **kwargs)
-        raise AssertionError("unreachable")  # pragma: no cover
+    def error_detail(self, body: dict[str, Any]) -> tuple[str | None, str | None]:
+        """Daily's error code is its `error`, its message `info`."""
+        code, info = body.get("error"), body.get("info")
+        return (code if isinstance(code, str) else None, info if isinstance(info, str) else None)
 
     async def domain(self) -> Domain:
         """The domain of the API key (`GET /`)."""

@@ -9,8 +9,9 @@ from typing import Any
 import httpx
 
 from dispatcher.errors import UpstreamError
+from dispatcher.machines import MachineExit
 from dispatcher.telemetry import Telemetry
-from dispatcher.upstream import RetryPolicy, json_or_none, status_error, transport_error
+from dispatcher.upstream import RetryPolicy, UpstreamClient, http_client
 
 API = "fly"
 REQUEST_ID = "fly-request-id"
@@ -61,51 +62,12 @@ class Machine:
         )
 
 
-@dataclass(frozen=True)
-class ExitEvent:
-    """The exit of a machine's main process, from Fly's `exit` event."""
-
-    exit_code: int | None
-    oom_killed: bool = False
-    requested_stop: bool = False
-    signal: int | None = None
-
-    @classmethod
-    def latest(cls, events: list[dict[str, Any]]) -> ExitEvent | None:
-        """The newest exit event in a list of machine events, or None."""
-        exits = [e for e in events if e.get("type") == "exit"]
-        if not exits:
-            return None
-        return cls.of(max(exits, key=lambda e: e.get("timestamp") or 0))
-
-    @classmethod
-    def of(cls, event: dict[str, Any]) -> ExitEvent | None:
-        """The exit an event records, or None when it records none.
-
-        Its details are in `request.MonitorEvent.exit_event` or in `request.exit_event`: both
-        shapes occur, and fly-go's GetExitCode reads the first before the second, as here.
-        """
-        request = event.get("request")
-        if not isinstance(request, dict):
-            return None
-        monitor = request.get("MonitorEvent")
-        info = monitor.get("exit_event") if isinstance(monitor, dict) else None
-        if not isinstance(info, dict):
-            info = request.get("exit_event")
-        if not isinstance(info, dict):
-            return None
-        code = info.get("exit_code")
-        signal = info.get("signal")
-        return cls(
-            exit_code=code if isinstance(code, int) and not isinstance(code, bool) else None,
-            oom_killed=bool(info.get("oom_killed")),
-            requested_stop=bool(info.get("requested_stop")),
-            signal=signal if isinstance(signal, int) and signal > 0 else None,
-        )
-
-
-class FlyAPI:
+class FlyAPI(UpstreamClient):
     """The Machines API of one app; `http` carries the base URL and the auth header."""
+
+    api = API
+    request_id_header = REQUEST_ID
+    ok_statuses = frozenset({200})
 
     def __init__(
         self,
@@ -114,10 +76,7 @@ class FlyAPI:
         retry: RetryPolicy,
         telemetry: Telemetry | None = None,
     ) -> None:
-        self._http = http
-        self._prefix = f"/v1/apps/{app}"
-        self._retry = retry
-        self._telemetry = telemetry or Telemetry()
+        super().__init__(http, retry, telemetry, prefix=f"/v1/apps/{app}")
 
     @staticmethod
     def client(base_url: str, token: str, *, timeout_s: float = 15.0) -> httpx.AsyncClient:
@@ -127,58 +86,18 @@ class FlyAPI:
         (up to 60 s), so httpx's default of 100 would make creates, stops and destroys queue
         behind the waits (and fail with a pool timeout) once 100 sessions live.
         """
-        return httpx.AsyncClient(
-            base_url=base_url,
-            headers={"Authorization": auth_header(token), "User-Agent": "pipecat-fly-dispatcher"},
-            timeout=httpx.Timeout(timeout_s, connect=5.0),
+        return http_client(
+            base_url,
+            auth_header(token),
+            timeout_s=timeout_s,
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
         )
 
-    async def _call(
-        self,
-        operation: str,
-        method: str,
-        path: str,
-        *,
-        mutating: bool = False,
-        ok: tuple[int, ...] = (200,),
-        deadline_s: float | None = None,
-        attempt: int = 1,
-        **kwargs: Any,
-    ) -> httpx.Response:
-        """One request (the `attempt`-th of a retried call); an answer outside `ok` raises
-        UpstreamError."""
-        if deadline_s is not None:
-            kwargs["timeout"] = httpx.Timeout(deadline_s, connect=5.0)
-        with self._telemetry.upstream(API, operation, method, attempt=attempt) as call:
-            try:
-                response = await self._http.request(method, self._prefix + path, **kwargs)
-            except httpx.TransportError as exc:
-                call.no_answer(exc)
-                raise transport_error(exc, api=API, operation=operation, mutating=mutating) from exc
-            call.answered(response.status_code, response.headers.get(REQUEST_ID))
-        if response.status_code in ok:
-            return response
-        body = json_or_none(response)
-        body = body if isinstance(body, dict) else {}
-        raise status_error(
-            response,
-            api=API,
-            operation=operation,
-            mutating=mutating,
-            request_id_header=REQUEST_ID,
-            upstream_code=_str_or_none(body.get("status")),
-            message=_str_or_none(body.get("error") or body.get("message")),
+    def error_detail(self, body: dict[str, Any]) -> tuple[str | None, str | None]:
+        """Fly's error code is its `status`, its message `error` (or `message`)."""
+        return _str_or_none(body.get("status")), _str_or_none(
+            body.get("error") or body.get("message")
         )
-
-    async def _retried(
-        self, operation: str, method: str, path: str, **kwargs: Any
-    ) -> httpx.Response:
-        async for attempt in self._retry.retrying():
-            with attempt:
-                number = attempt.retry_state.attempt_number
-                return await self._call(operation, method, path, attempt=number, **kwargs)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def create(self, body: dict[str, Any], *, attempt: int = 1) -> Machine:
         """Create a machine: one attempt, never retried here (create is not idempotent; the
@@ -267,6 +186,39 @@ class FlyAPI:
         except UpstreamError as exc:
             if exc.status != 404:
                 raise
+
+
+def latest_exit(events: list[dict[str, Any]]) -> MachineExit | None:
+    """The exit the newest `exit` event in a list of machine events records, or None."""
+    exits = [e for e in events if e.get("type") == "exit"]
+    if not exits:
+        return None
+    return exit_of(max(exits, key=lambda e: e.get("timestamp") or 0))
+
+
+def exit_of(event: dict[str, Any]) -> MachineExit | None:
+    """The exit of a machine's main process a Fly event records, or None when it records none.
+
+    Its details are in `request.MonitorEvent.exit_event` or in `request.exit_event`: both
+    shapes occur, and fly-go's GetExitCode reads the first before the second, as here.
+    """
+    request = event.get("request")
+    if not isinstance(request, dict):
+        return None
+    monitor = request.get("MonitorEvent")
+    info = monitor.get("exit_event") if isinstance(monitor, dict) else None
+    if not isinstance(info, dict):
+        info = request.get("exit_event")
+    if not isinstance(info, dict):
+        return None
+    code = info.get("exit_code")
+    signal = info.get("signal")
+    return MachineExit(
+        exit_code=code if isinstance(code, int) and not isinstance(code, bool) else None,
+        oom_killed=bool(info.get("oom_killed")),
+        requested_stop=bool(info.get("requested_stop")),
+        signal=signal if isinstance(signal, int) and signal > 0 else None,
+    )
 
 
 def _timestamp(value: Any) -> float | None:

@@ -248,11 +248,12 @@ class Reconciler:
                 report.sessions_ended += 1
             return
         if session.state == ENDING:
-            # Whoever asked for the end stops the machine, and its bot is saying goodbye: a
-            # second SIGTERM would cut that short. Past the grace period its dispatcher died
-            # before the stop, or the stop failed: stop it, and destroy it if it outlives that.
+            # Whoever asked for the end stops the machine (or the bot, having reported its
+            # end, is leaving): its goodbye takes up to the stop's grace period, which a second
+            # SIGTERM would cut short. Past that, its dispatcher died before the stop, the stop
+            # failed, or the bot hangs: stop it, and destroy it if it outlives the stop.
             requested = session.end_requested_at or session.updated_at
-            if now - requested < self._settings.bot_stop_timeout_s + EXIT_MARGIN_S:
+            if now - requested < self._settings.bot_stop_timeout_s:
                 return
             await self._stop_then_destroy(ref, now, report)
             return

@@ -189,8 +189,9 @@ def last_state(log: list[Event]) -> dict[str, Any]:
 async def test_bot_report_wins_over_a_stop_signal_after_it(tmp_path: Path) -> None:
     """A bot that reported `ended` with exit code 0 and is then killed by the stop the
     dispatcher sends (the reconciler's, for a session ending) is recorded with its own 0, not
-    the signal's 143; the event log still says how the process died."""
-    env = LOOP | {"LOCAL_BOT_DIR": str(scripted_bot(tmp_path))}
+    the signal's 143; the event log still says how the process died. (The stop comes once
+    the bot has had the stop's grace period to leave on its own: a short one here.)"""
+    env = LOOP | {"LOCAL_BOT_DIR": str(scripted_bot(tmp_path)), "BOT_STOP_TIMEOUT_S": "1"}
     async with dispatcher_stack(tmp_path, local=True, env=env) as stack:
         sid = (await stack.start({"mode": "ended_first"})).json()["sessionId"]
         ended = await stack.wait_state(sid, "ended", "failed", timeout=30)

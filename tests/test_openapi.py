@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from dispatcher.app import create_app
 from dispatcher.config import Settings
-from dispatcher.openapi import openapi_document
+from dispatcher.openapi.document import openapi_document
 from dispatcher.rooms.daily import ROOM_PROPERTIES, TOKEN_PROPERTIES
 from dispatcher.store import Session
 from tests.conftest import JWT_SECRET

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dispatcher.errors import BadRequest
-from dispatcher.http_input import MAX_JSON_DEPTH, json_object
+from dispatcher.http.input import MAX_JSON_DEPTH, json_object
 from dispatcher.rooms.daily import check_room_properties, check_token_properties
 
 MAX_BODY_BYTES = 1024 * 1024

@@ -38,7 +38,7 @@ from typing import Any
 
 from dispatcher.config import Settings
 from dispatcher.errors import BadRequest, Unauthorized
-from dispatcher.http_input import json_object
+from dispatcher.http.input import json_object
 from dispatcher.logs import session_context
 from dispatcher.machines import MachineBackend, MachineRef
 from dispatcher.reconciler import SESSION_ROOM

@@ -4,6 +4,8 @@ else, and that the dispatcher's real answers match."""
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,8 @@ from starlette.routing import Route
 
 from dispatcher.app import create_app
 from dispatcher.config import Settings
-from dispatcher.openapi import openapi_document
+from dispatcher.openapi.document import openapi_document
+from dispatcher.openapi.enums import SESSION_STATES
 from dispatcher.rooms.daily import ROOM_PROPERTIES, TOKEN_PROPERTIES
 from dispatcher.store import Session
 from tests.conftest import JWT_SECRET
@@ -266,3 +269,27 @@ async def test_a_webrtc_start_matches_the_document(tmp_path: Path) -> None:
         sid = started.json()["sessionId"]
         await stack.http.delete(f"/sessions/{sid}", headers=stack.headers())
         await stack.wait_state(sid, "ended", "failed")
+
+
+def test_session_states_come_from_one_place() -> None:
+    """The session's `state` and the list's `state` filter both take their enum from
+    `dispatcher.openapi.enums`."""
+    document = openapi_document(Settings.from_env(FLY_ENV))
+    session = document["components"]["schemas"]["Session"]["properties"]
+    assert session["state"]["enum"] == list(SESSION_STATES)
+    (state,) = [
+        p for p in document["paths"]["/sessions"]["get"]["parameters"] if p["name"] == "state"
+    ]
+    assert state["schema"]["enum"] == list(SESSION_STATES)
+
+
+def test_the_document_does_not_import_the_app() -> None:
+    """Making the document imports neither the app nor the route table: no import cycle."""
+    code = (
+        "import sys; from dispatcher.config import Settings; "
+        "from dispatcher.openapi.document import openapi_document; "
+        "openapi_document(Settings()); "
+        "print([m for m in ('dispatcher.app', 'dispatcher.http.routes') if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -33,7 +33,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from dispatcher.config import Settings
-from dispatcher.openapi import openapi_document
+from dispatcher.openapi.document import openapi_document
 from tests.conftest import JWT_SECRET
 from tests.harness import Stack, dispatcher_env, dispatcher_stack, eventually, fly_emulator
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from dispatcher.errors import BadRequest, BotUnreachable, Gone
-from dispatcher.proxy import BotProxy, check_path
+from dispatcher.http.proxy import BotProxy, check_path
 from tests.fakes.common import bind_loopback
 from tests.harness import Stack, dispatcher_stack
 

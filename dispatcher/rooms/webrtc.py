@@ -2,7 +2,7 @@
 
 The client gets `{"sessionId", "iceConfig"}` (as Pipecat Cloud and the Pipecat runner answer)
 and posts its SDP offer to `/sessions/{id}/api/offer`, which the dispatcher forwards to the
-session's bot (see `dispatcher.proxy`). There is nothing to create or delete. The client and
+session's bot (see `dispatcher.http.proxy`). There is nothing to create or delete. The client and
 the bot get the same ICE servers: `ICE_SERVERS`, then, for a client that asked for them
 (`enableDefaultIceServers`), the `DEFAULT_ICE_SERVERS` not already listed.
 """

@@ -38,6 +38,7 @@ from dispatcher.errors import (
 from dispatcher.fly_api import FlyAPI
 from dispatcher.http_input import read_body, read_json_object, whole_number
 from dispatcher.janitor import RoomJanitor
+from dispatcher.lifecycle import EndReason
 from dispatcher.logs import session_context
 from dispatcher.machines import MachineBackend
 from dispatcher.machines.fly import FlyMachines
@@ -56,7 +57,7 @@ from dispatcher.rooms.webrtc import WebRTCRooms
 from dispatcher.sessions import Idempotency, SessionService
 from dispatcher.start import MAX_BODY_BYTES, parse_start
 from dispatcher.store import ACTIVE_STATES, TERMINAL_STATES, Store
-from dispatcher.supervisor import DISPATCHER_STOPPED, Supervisor
+from dispatcher.supervisor import Supervisor
 from dispatcher.telemetry import Telemetry, Tracing
 from dispatcher.upstream import RetryPolicy
 from dispatcher.webhooks import MAX_WEBHOOK_BYTES, DailyWebhooks
@@ -483,7 +484,7 @@ def create_app(
             "ending %d session%s: local bots stop with this dispatcher", live, "s"[live == 1 :]
         )
         try:
-            if not await s.supervisor.end_all(DISPATCHER_STOPPED):
+            if not await s.supervisor.end_all(EndReason.DISPATCHER_STOPPED):
                 log.warning("bots still running after their stop: they are killed")
         except Exception:
             log.exception("ending the sessions failed: their bots are stopped as it exits")

@@ -34,17 +34,17 @@ from dataclasses import dataclass, field
 
 from dispatcher.config import Settings
 from dispatcher.janitor import RoomJanitor
+from dispatcher.lifecycle import EndReason, State, interrupt_start
 from dispatcher.logs import session_context
 from dispatcher.machines import MachineBackend, MachineInfo, MachineRef
 from dispatcher.pool import Pool
 from dispatcher.rooms import RoomBackend
-from dispatcher.store import DISPATCHED, ENDING, FAILED, STARTING, HeldLock, Session, Store
-from dispatcher.supervisor import EXIT_MARGIN_S, MAX_DURATION, READY_TIMEOUT, Supervisor
+from dispatcher.store import HeldLock, Session, Store
+from dispatcher.supervisor import EXIT_MARGIN_S, Supervisor
 from dispatcher.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-START_INTERRUPTED = "start_interrupted"
 # Room names that are session ids (see sessions.new_session_id); other rooms are not ours.
 SESSION_ROOM = re.compile(r"^s-[0-9a-f]{16}$")
 # Rooms of sessions that ended less than this ago are left to the supervisor that ended them.
@@ -239,7 +239,7 @@ class Reconciler:
         """Repair one live session."""
         # No machine recorded: its start is still running, or died with its dispatcher (the
         # session may have left `starting` meanwhile: its bot called back, or a DELETE came).
-        if session.state == STARTING or not session.machine_id:
+        if session.state == State.STARTING or not session.machine_id:
             if now - session.created_at > self._settings.start_timeout_s:
                 await self._fail_stuck_start(session, now, report)
             return
@@ -251,7 +251,7 @@ class Reconciler:
                 await self._supervisor.finish(session.id, ref, exit)
                 report.sessions_ended += 1
             return
-        if session.state == ENDING:
+        if session.state == State.ENDING:
             # Whoever asked for the end stops the machine, and its bot is saying goodbye: a
             # second SIGTERM would cut that short. Past the grace period its dispatcher died
             # before the stop, or the stop failed: stop it, and destroy it if it outlives that.
@@ -262,13 +262,13 @@ class Reconciler:
             return
         reason = None
         if now >= session.expires_at:
-            reason = MAX_DURATION
+            reason = EndReason.MAX_DURATION
         elif (
-            session.state == DISPATCHED
+            session.state == State.DISPATCHED
             and session.ready_at is None
             and now - session.created_at > self._settings.ready_timeout_s
         ):
-            reason = READY_TIMEOUT
+            reason = EndReason.READY_TIMEOUT
         if reason and await self._supervisor.ask_to_end(session.id, reason):
             log.info("ending the session: %s", reason)
             await self._stop_then_destroy(ref, now, report)
@@ -288,14 +288,8 @@ class Reconciler:
             report.destroyed += 1
 
     async def _fail_stuck_start(self, session: Session, now: float, report: Report) -> None:
-        failed = await self._store.transition(
-            session.id,
-            FAILED,
-            from_states=(session.state,),
-            end_reason=START_INTERRUPTED,
-            ended_at=time.time(),
-            details={"reason": START_INTERRUPTED, "source": "reconciler"},
-        )
+        details = {"reason": EndReason.START_INTERRUPTED, "source": "reconciler"}
+        failed = await interrupt_start(self._store, session, details)
         self._telemetry.session_ended(failed)
         if failed is None:
             return
@@ -309,7 +303,7 @@ class Reconciler:
     ) -> None:
         """Stop, then destroy, a machine that no live session owns."""
         if owner is not None and owner.active:
-            if owner.state == STARTING or owner.machine_id in (None, machine.id):
+            if owner.state == State.STARTING or owner.machine_id in (None, machine.id):
                 return
         elif (
             owner is None

@@ -32,6 +32,7 @@ from dispatcher.errors import (
     UpstreamError,
 )
 from dispatcher.janitor import RoomJanitor
+from dispatcher.lifecycle import ACTIVE_STATES, EndReason, State, dispatch, fail_start, request_end
 from dispatcher.logs import bind, session_context
 from dispatcher.machines import BOT_COMMAND, BotSpec, MachineBackend, MachineRef
 from dispatcher.pacing import Pacer
@@ -39,17 +40,8 @@ from dispatcher.pool import Pool
 from dispatcher.pool_store import PoolMachine
 from dispatcher.rooms import RoomBackend, RoomPlan
 from dispatcher.start import StartRequest
-from dispatcher.store import (
-    ACTIVE_STATES,
-    DISPATCHED,
-    ENDING,
-    FAILED,
-    READY,
-    STARTING,
-    Session,
-    Store,
-)
-from dispatcher.supervisor import DELETED, Supervisor
+from dispatcher.store import Session, Store
+from dispatcher.supervisor import Supervisor
 from dispatcher.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -222,7 +214,7 @@ class SessionService:
         session = Session(
             id=session_id,
             user_id=principal.user,
-            state=STARTING,
+            state=State.STARTING,
             transport=request.transport,
             dispatcher=self._settings.dispatcher_name,
             created_at=now,
@@ -284,14 +276,13 @@ class SessionService:
         if machine.region:
             span.set_attribute("cloud.region", machine.region)
         room_created = [("room_created", {"room": plan.name})] if plan.name else []
-        dispatched = await self._store.transition(
+        dispatched = await dispatch(
+            self._store,
             session_id,
-            DISPATCHED,
-            from_states=(STARTING,),
             machine_id=machine.id,
             region=machine.region,
             machine_version=machine.version,
-            details={"machine_id": machine.id, "region": machine.region, "pooled": machine.pooled},
+            pooled=machine.pooled,
             events=room_created,
         )
         if dispatched is None:
@@ -341,7 +332,7 @@ class SessionService:
             self._janitor.submit(current)
             raise Unavailable("the start took too long: retry", code="start-interrupted")
         self._supervisor.follow(current)
-        if current.end_reason == DELETED:
+        if current.end_reason == EndReason.DELETED:
             await self._machines.stop(machine, self._settings.bot_stop_timeout_s)
             raise Conflict("the session was ended while it was starting", code="session-ended")
         return current
@@ -374,15 +365,8 @@ class SessionService:
             error.details() if isinstance(error, UpstreamError) else {"error": type(error).__name__}
         )
         failed_on = "room" if room_error else "machine"
-        failed = await self._store.transition(
-            session.id,
-            FAILED,
-            # READY too: a machine made by an ambiguous create may have called back meanwhile.
-            from_states=(STARTING, READY, ENDING),
-            end_reason=f"{failed_on}_create_failed",
-            ended_at=time.time(),
-            details=details,
-        )
+        reason = EndReason.ROOM_CREATE_FAILED if room_error else EndReason.MACHINE_CREATE_FAILED
+        failed = await fail_start(self._store, session.id, reason, details)
         self._telemetry.session_ended(failed)
         log.warning("start failed on the %s: %s", failed_on, error)
 
@@ -439,8 +423,8 @@ class SessionService:
         rooms = self._rooms.get(session.transport)
         if rooms is None or not rooms.bot_routes:
             raise NotFound(f"{session.transport} sessions have no bot routes", code="no-bot-routes")
-        if session.state not in (DISPATCHED, READY):
-            if session.state == STARTING:
+        if session.state not in (State.DISPATCHED, State.READY):
+            if session.state == State.STARTING:
                 raise Conflict("the session is starting", code="session-starting")
             raise Gone(f"the session is {session.state}", code="session-ended")
         assert session.machine_id is not None
@@ -471,13 +455,8 @@ async def end_session(
 ) -> Session | None:
     """Move a live session to `ending` (reason `deleted`, by whom), then send its machine the
     stop (SIGTERM, SIGKILL after `grace_s`); None if the session was not live."""
-    ending = await store.transition(
-        session_id,
-        ENDING,
-        from_states=(STARTING, DISPATCHED, READY),
-        end_reason=DELETED,
-        details={"reason": DELETED, "by": by},
-    )
+    reason = EndReason.DELETED
+    ending = await request_end(store, session_id, reason, {"reason": reason, "by": by})
     if ending is not None and ending.machine_id:
         ref = MachineRef(ending.machine_id, ending.region, ending.machine_version)
         await machines.stop(ref, grace_s)

@@ -19,15 +19,16 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from dispatcher.errors import RetryLater
+from dispatcher.lifecycle import ACTIVE_STATES as ACTIVE_STATES
+from dispatcher.lifecycle import TERMINAL_STATES as TERMINAL_STATES
+from dispatcher.lifecycle import State
 
-STARTING = "starting"
-DISPATCHED = "dispatched"
-READY = "ready"
-ENDING = "ending"
-ENDED = "ended"
-FAILED = "failed"
-ACTIVE_STATES = (STARTING, DISPATCHED, READY, ENDING)
-TERMINAL_STATES = (ENDED, FAILED)
+STARTING = State.STARTING
+DISPATCHED = State.DISPATCHED
+READY = State.READY
+ENDING = State.ENDING
+ENDED = State.ENDED
+FAILED = State.FAILED
 _CAPACITY_LOCK = 0x5E55_1011
 _SCHEMA_LOCK = 0x5E55_5C4E
 

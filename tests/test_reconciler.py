@@ -31,9 +31,10 @@ from dispatcher.config import Secret, Settings
 from dispatcher.daily_api import DailyAPI
 from dispatcher.fly_api import FlyAPI
 from dispatcher.janitor import RoomJanitor
+from dispatcher.lifecycle import EndReason
 from dispatcher.machines import BOT_COMMAND, BotSpec
 from dispatcher.machines.fly import FlyMachines
-from dispatcher.reconciler import START_INTERRUPTED, Reconciler
+from dispatcher.reconciler import Reconciler
 from dispatcher.rooms.daily import DailyRooms
 from dispatcher.sessions import new_session_id
 from dispatcher.store import ENDED, ENDING, FAILED, READY, STARTING, Event, Session, Store
@@ -543,12 +544,12 @@ async def test_stuck_start_fails_and_is_cleaned_up(tmp_path: Path) -> None:
 
         failed = await r.store.get(stuck)
         assert failed is not None and failed.state == FAILED
-        assert failed.end_reason == START_INTERRUPTED and failed.ended_at is not None
+        assert failed.end_reason == EndReason.START_INTERRUPTED and failed.ended_at is not None
         assert failed.room_deleted_at is not None
         log = await r.store.events(stuck)
         assert [(e.state, e.details) for e in log if e.kind == "state"] == [
             (STARTING, {}),
-            (FAILED, {"reason": START_INTERRUPTED, "source": "reconciler"}),
+            (FAILED, {"reason": EndReason.START_INTERRUPTED, "source": "reconciler"}),
         ]
         await eventually(
             lambda: machines[stuck].state == "destroyed", what="the stuck start's machine"

@@ -47,7 +47,6 @@ from dispatcher.metrics import CONTENT_TYPE, Metrics
 from dispatcher.openapi import openapi_document
 from dispatcher.pacing import Pacer
 from dispatcher.pool import Pool
-from dispatcher.pool_store import PoolRows
 from dispatcher.proxy import MAX_PROXY_BODY_BYTES, METHODS, BotProxy, check_path
 from dispatcher.ratelimit import StartLimiter, client_address
 from dispatcher.reconciler import Reconciler
@@ -56,7 +55,7 @@ from dispatcher.rooms.daily import DailyRooms
 from dispatcher.rooms.webrtc import WebRTCRooms
 from dispatcher.sessions import Idempotency, SessionService
 from dispatcher.start import MAX_BODY_BYTES, parse_start
-from dispatcher.store import ACTIVE_STATES, TERMINAL_STATES, Store
+from dispatcher.store import ACTIVE_STATES, TERMINAL_STATES, PoolRows, Store
 from dispatcher.supervisor import Supervisor
 from dispatcher.telemetry import Telemetry, Tracing
 from dispatcher.upstream import RetryPolicy

@@ -16,9 +16,8 @@ from dispatcher.errors import BadRequest, Conflict, Gone, NotFound, Unauthorized
 from dispatcher.lifecycle import ACTIVE_STATES, State, mark_ready, request_end
 from dispatcher.logs import bind, session_context
 from dispatcher.pool import Pool
-from dispatcher.pool_store import AVAILABLE, CLAIMED, WARMING
 from dispatcher.rooms import RoomBackend
-from dispatcher.store import Session, Store
+from dispatcher.store import AVAILABLE, CLAIMED, WARMING, Session, Store
 from dispatcher.supervisor import Supervisor
 from dispatcher.telemetry import Telemetry
 

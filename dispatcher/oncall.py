@@ -27,9 +27,8 @@ from dispatcher.daily_api import DailyAPI
 from dispatcher.errors import DispatcherError
 from dispatcher.fly_api import ExitEvent, FlyAPI
 from dispatcher.machines.fly import POOL_LABEL, FlyMachines
-from dispatcher.pool_store import PoolRows
 from dispatcher.sessions import end_session
-from dispatcher.store import Event, Session, Store, iso
+from dispatcher.store import Event, PoolRows, Session, Store, iso
 from dispatcher.upstream import RetryPolicy
 
 OPERATOR = "operator"

@@ -37,10 +37,9 @@ from dispatcher.logs import bind, session_context
 from dispatcher.machines import BOT_COMMAND, BotSpec, MachineBackend, MachineRef
 from dispatcher.pacing import Pacer
 from dispatcher.pool import Pool
-from dispatcher.pool_store import PoolMachine
 from dispatcher.rooms import RoomBackend, RoomPlan
 from dispatcher.start import StartRequest
-from dispatcher.store import Session, Store
+from dispatcher.store import PoolMachine, Session, Store
 from dispatcher.supervisor import Supervisor
 from dispatcher.telemetry import Telemetry
 

@@ -37,6 +37,7 @@ from dispatcher.errors import (
 )
 from dispatcher.fly_api import FlyAPI
 from dispatcher.http_input import read_body, read_json_object, whole_number
+from dispatcher.idempotency import Idempotency
 from dispatcher.janitor import RoomJanitor
 from dispatcher.lifecycle import EndReason
 from dispatcher.logs import session_context
@@ -53,7 +54,7 @@ from dispatcher.reconciler import Reconciler
 from dispatcher.rooms import RoomBackend
 from dispatcher.rooms.daily import DailyRooms
 from dispatcher.rooms.webrtc import WebRTCRooms
-from dispatcher.sessions import Idempotency, SessionService
+from dispatcher.sessions import SessionService
 from dispatcher.start import MAX_BODY_BYTES, parse_start
 from dispatcher.store import ACTIVE_STATES, TERMINAL_STATES, PoolRows, Store
 from dispatcher.supervisor import Supervisor

@@ -89,8 +89,12 @@ class Reconciler:
         settings: Settings,
         telemetry: Telemetry | None = None,
         pool: Pool | None = None,
+        *,
+        exit_margin_s: float = EXIT_MARGIN_S,
     ) -> None:
         self._telemetry = telemetry or Telemetry()
+        # How long past a stop's grace period a machine is given before it is destroyed.
+        self.exit_margin_s = exit_margin_s
         self._pool = pool
         self._store = store
         self._machines = machines
@@ -256,7 +260,7 @@ class Reconciler:
             # second SIGTERM would cut that short. Past the grace period its dispatcher died
             # before the stop, or the stop failed: stop it, and destroy it if it outlives that.
             requested = session.end_requested_at or session.updated_at
-            if now - requested < self._settings.bot_stop_timeout_s + EXIT_MARGIN_S:
+            if now - requested < self._settings.bot_stop_timeout_s + self.exit_margin_s:
                 return
             await self._stop_then_destroy(ref, now, report)
             return
@@ -279,7 +283,7 @@ class Reconciler:
         deadline = self._stopping.get(ref.id)
         if deadline is None:
             await self._machines.stop(ref, self._settings.bot_stop_timeout_s)
-            self._stopping[ref.id] = now + self._settings.bot_stop_timeout_s + EXIT_MARGIN_S
+            self._stopping[ref.id] = now + self._settings.bot_stop_timeout_s + self.exit_margin_s
             report.stops += 1
         elif now >= deadline:
             log.warning("machine outlived its stop grace period: destroying it")

@@ -7,7 +7,6 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
@@ -24,13 +23,12 @@ from dispatcher.errors import (
     DispatcherError,
     Forbidden,
     Gone,
-    InProgress,
     NotFound,
     RetryLater,
     Unavailable,
-    Unprocessable,
     UpstreamError,
 )
+from dispatcher.idempotency import IDEMPOTENT_WAIT_S, Idempotency, IdempotentStarts
 from dispatcher.janitor import RoomJanitor
 from dispatcher.lifecycle import ACTIVE_STATES, EndReason, State, dispatch, fail_start, request_end
 from dispatcher.logs import bind, session_context
@@ -44,18 +42,6 @@ from dispatcher.supervisor import Supervisor
 from dispatcher.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
-
-# How long a retried start waits for the first start under the same Idempotency-Key.
-IDEMPOTENT_WAIT_S = 30.0
-IDEMPOTENT_POLL_S = 0.2
-
-
-@dataclass(frozen=True)
-class Idempotency:
-    """An Idempotency-Key and the hash of the request body it came with."""
-
-    key: str
-    request_hash: str
 
 
 def new_session_id() -> str:
@@ -77,6 +63,8 @@ class SessionService:
         pacer: Pacer | None = None,
         telemetry: Telemetry | None = None,
         pool: Pool | None = None,
+        *,
+        idempotent_wait_s: float = IDEMPOTENT_WAIT_S,
     ) -> None:
         self._settings = settings
         self._telemetry = telemetry or Telemetry()
@@ -87,6 +75,9 @@ class SessionService:
         self._janitor = janitor
         self._pacer = pacer
         self._pool = pool
+        self._keys = IdempotentStarts(
+            store, abandoned_after_s=settings.start_timeout_s, wait_s=idempotent_wait_s
+        )
         self._starts: set[asyncio.Task[dict[str, Any]]] = set()
         self.draining = False
 
@@ -132,42 +123,12 @@ class SessionService:
             span.set_attribute("session.region_requested", request.region)
         if idempotency is None:
             return await self._start(principal, request, session_id)
-        user, key = principal.user, idempotency.key
-        deadline = time.monotonic() + IDEMPOTENT_WAIT_S
-        while (
-            held := await self._store.claim_key(user, key, idempotency.request_hash, session_id)
-        ) is not None:
-            if held.request_hash != idempotency.request_hash:
-                raise Unprocessable(
-                    "this Idempotency-Key was used with a different request",
-                    code="idempotency-key-reused",
-                )
-            if held.answer is not None:
-                return held.answer
-            if await self._abandoned(held.session_id, held.created_at):
-                await self._store.release_key(user, key, held.session_id)
-                continue
-            if time.monotonic() > deadline:
-                raise InProgress(
-                    "a start with this Idempotency-Key is still in progress",
-                    code="idempotency-key-in-progress",
-                )
-            await asyncio.sleep(IDEMPOTENT_POLL_S)
-        try:
-            answer = await self._start(principal, request, session_id)
-        except BaseException:
-            await self._store.release_key(user, key, session_id)
-            raise
-        await self._store.settle_key(user, key, session_id, answer)
-        return answer
-
-    async def _abandoned(self, session_id: str, claimed_at: float) -> bool:
-        """Whether the start holding a key will never answer: its session failed without
-        an answer (e.g. its dispatcher died mid-start), or never got made."""
-        session = await self._store.get(session_id)
-        if session is None:
-            return time.time() - claimed_at > self._settings.start_timeout_s
-        return not session.active
+        return await self._keys.run(
+            principal.user,
+            idempotency,
+            session_id,
+            lambda: self._start(principal, request, session_id),
+        )
 
     async def _start(
         self, principal: Principal, request: StartRequest, session_id: str

@@ -26,7 +26,6 @@ from typing import Any
 import httpx
 import pytest
 
-import dispatcher.reconciler
 from dispatcher.config import Secret, Settings
 from dispatcher.daily_api import DailyAPI
 from dispatcher.fly_api import FlyAPI
@@ -38,7 +37,7 @@ from dispatcher.reconciler import Reconciler
 from dispatcher.rooms.daily import DailyRooms
 from dispatcher.sessions import new_session_id
 from dispatcher.store import ENDED, ENDING, FAILED, READY, STARTING, Event, Session, Store
-from dispatcher.supervisor import Supervisor
+from dispatcher.supervisor import EXIT_MARGIN_S, Supervisor
 from dispatcher.telemetry import random_traceparent
 from tests.fakes.common import serve
 from tests.fakes.daily import DailyEmulator
@@ -223,29 +222,38 @@ async def test_max_duration_bot_ignoring_sigterm_is_stopped_for_good(tmp_path: P
             await eventually(lambda: sid not in upstream.daily.rooms, what="room deleted")
 
 
-async def test_machine_outliving_its_stop_is_destroyed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_machine_outliving_its_stop_is_destroyed(tmp_path: Path) -> None:
     """A stop that never takes (Fly answers ok, the bot runs on): once the session has been
-    ending for longer than the grace period, the reconciler destroys the machine."""
-    monkeypatch.setattr(dispatcher.reconciler, "EXIT_MARGIN_S", 0)
-    fly = fly_emulator()
-    async with emulators(fly=fly) as upstream:
-        sid, machine = await abandoned_session(tmp_path, upstream, {"ignore_max_duration": True})
-        async with open_store(tmp_path) as store:
-            await store.update(sid, expires_at=time.time() - 1)
-        fly.faults.add("stop", status=200, body={"ok": True}, times=100)
-        env = LOOP | {"BOT_STOP_TIMEOUT_S": "1"}
-        async with run_dispatcher(tmp_path, upstream, env=env) as second:
-            ended = await second.wait_state(sid, "ended", "failed")
-            assert ended["endReason"] == "max_duration" and ended["exitCode"] == 137
-            stops = requests_to(fly, machine.id, "stop")
-            destroys = requests_to(fly, machine.id, "destroy")
-            assert stops and destroys
-            assert fly.requests.index(stops[0]) < fly.requests.index(destroys[0])
-            assert not any("sigterm" in line for line in machine.logs)  # the stop never landed
-            await eventually(lambda: machine.state == "destroyed", what="machine destroyed")
-            await eventually(lambda: sid not in upstream.daily.rooms, what="room deleted")
+    ending for longer than the grace period (and the exit margin, none here), the reconciler
+    destroys the machine and the session ends as max_duration."""
+    async with rig(tmp_path, exit_margin_s=0, BOT_STOP_TIMEOUT_S="1") as r:
+        sid = new_session_id()
+        await r.room(sid)
+        machine = await r.machine(r.bot_config(sid, {"ignore_max_duration": True}), name=sid)
+        await r.session(sid, READY, age_s=30)
+        await r.store.update(
+            sid, machine_id=machine.id, region=machine.region, expires_at=time.time() - 1
+        )
+        r.fly.faults.add("stop", status=200, body={"ok": True}, times=100)
+
+        async def ended() -> bool:
+            report = await r.reconciler.reconcile()
+            assert not report.errors, report.errors
+            session = await r.store.get(sid)
+            return session is not None and not session.active
+
+        await eventually(ended, what="the session ended")
+        over = await r.store.get(sid)
+        assert over is not None and over.state == ENDED
+        assert over.end_reason == "max_duration" and over.exit_code == 137
+        stops = requests_to(r.fly, machine.id, "stop")
+        destroys = requests_to(r.fly, machine.id, "destroy")
+        assert stops and destroys
+        assert r.fly.requests.index(stops[0]) < r.fly.requests.index(destroys[0])
+        assert not any("sigterm" in line for line in machine.logs)  # the stop never landed
+        await eventually(lambda: machine.state == "destroyed", what="machine destroyed")
+        await r.janitor.join()
+        assert sid not in r.daily.rooms
 
 
 async def test_ready_timeout_of_an_unfollowed_session(tmp_path: Path) -> None:
@@ -455,8 +463,11 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def rig(tmp_path: Path, **env: str) -> AsyncIterator[Rig]:
-    """The emulators, a callback recorder for the bots, and a reconciler over them."""
+async def rig(
+    tmp_path: Path, *, exit_margin_s: float = EXIT_MARGIN_S, **env: str
+) -> AsyncIterator[Rig]:
+    """The emulators, a callback recorder for the bots, and a reconciler over them (which
+    gives a machine `exit_margin_s` past its stop's grace period)."""
     # Creates and lists are not what is tested here: let the tests make machines and run
     # passes faster than Fly's 1 a second (Daily's delete limit, which the janitor paces, stays).
     fly = fly_emulator(limits={"create": (20.0, 20), "list": (20.0, 20)})
@@ -487,7 +498,15 @@ async def rig(tmp_path: Path, **env: str) -> AsyncIterator[Rig]:
         stack.push_async_callback(janitor.aclose)
         supervisor = Supervisor(store, machines, janitor, settings, poll_s=0.2)
         stack.push_async_callback(supervisor.aclose)
-        reconciler = Reconciler(store, machines, {"daily": rooms}, supervisor, janitor, settings)
+        reconciler = Reconciler(
+            store,
+            machines,
+            {"daily": rooms},
+            supervisor,
+            janitor,
+            settings,
+            exit_margin_s=exit_margin_s,
+        )
         stack.push_async_callback(reconciler.aclose)
         yield Rig(
             fly=fly,
@@ -582,7 +601,7 @@ async def test_ending_session_is_left_to_its_goodbye(tmp_path: Path) -> None:
         assert not requests_to(r.fly, machine.id, "stop")
         assert machine.state == "started"
 
-        grace = r.settings.bot_stop_timeout_s + dispatcher.reconciler.EXIT_MARGIN_S
+        grace = r.settings.bot_stop_timeout_s + r.reconciler.exit_margin_s
         await r.store.update(sid, end_requested_at=time.time() - grace - 1)
         second = await r.reconciler.reconcile()
         assert second.stops == 1 and not second.errors

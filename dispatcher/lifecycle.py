@@ -4,11 +4,9 @@ Every state change of a session is one of the named operations below, each a com
 in the store from the states its row of `TRANSITIONS` allows: a caller names what it does
 (`mark_ready`, `request_end`, ...), never which states it moves from.
 
-    starting --dispatch--> dispatched --mark_ready--> ready
-        |                       |                       |
-        +----request_end / end_from_room (not from starting)----> ending
-        |                                                          |
-        +--fail_start / interrupt_start / fail--> failed  <--fail--+--finish--> ended
+A session is `starting` until its machine is made, `dispatched` until its bot calls back,
+`ready` until an end is asked for, `ending` until its machine has exited, then `ended` or
+`failed`; a start that fails or is interrupted fails from where it got to.
 """
 
 from __future__ import annotations

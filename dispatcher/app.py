@@ -24,19 +24,19 @@ from dispatcher.http.errors import EXCEPTION_HANDLERS
 from dispatcher.http.proxy import BotProxy
 from dispatcher.http.routes import routes
 from dispatcher.janitor import RoomJanitor
+from dispatcher.lifecycle import EndReason
 from dispatcher.machines import MachineBackend
 from dispatcher.machines.fly import FlyMachines
 from dispatcher.metrics import Metrics
 from dispatcher.pacing import Pacer
 from dispatcher.pool import Pool
-from dispatcher.pool_store import PoolRows
 from dispatcher.ratelimit import StartLimiter
 from dispatcher.readiness import Readiness
 from dispatcher.reconciler import Reconciler
 from dispatcher.rooms import RoomBackend
 from dispatcher.sessions import SessionService
-from dispatcher.store import Store
-from dispatcher.supervisor import DISPATCHER_STOPPED, Supervisor
+from dispatcher.store import PoolRows, Store
+from dispatcher.supervisor import Supervisor
 from dispatcher.telemetry import Telemetry, Tracing
 from dispatcher.upstream import RetryPolicy
 from dispatcher.webhooks import DailyWebhooks
@@ -212,7 +212,7 @@ class Lifespan:
             "ending %d session%s: local bots stop with this dispatcher", live, "s"[live == 1 :]
         )
         try:
-            if not await s.supervisor.end_all(DISPATCHER_STOPPED):
+            if not await s.supervisor.end_all(EndReason.DISPATCHER_STOPPED):
                 log.warning("bots still running after their stop: they are killed")
         except Exception:
             log.exception("ending the sessions failed: their bots are stopped as it exits")

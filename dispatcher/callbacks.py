@@ -7,18 +7,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from dispatcher.auth import derived_callback_token, token_matches
 from dispatcher.config import Settings
 from dispatcher.errors import BadRequest, Conflict, Gone, NotFound, Unauthorized
+from dispatcher.lifecycle import ACTIVE_STATES, State, mark_ready, request_end
 from dispatcher.logs import bind, session_context
 from dispatcher.pool import Pool
-from dispatcher.pool_store import AVAILABLE, CLAIMED, WARMING
 from dispatcher.rooms import RoomBackend
-from dispatcher.store import ACTIVE_STATES, DISPATCHED, ENDING, READY, STARTING, Session, Store
+from dispatcher.store import AVAILABLE, CLAIMED, WARMING, Session, Store
 from dispatcher.supervisor import Supervisor
 from dispatcher.telemetry import Telemetry
 
@@ -108,7 +107,7 @@ class BotCallbacks:
             session = await self._store.get(claimed.session_id)
             if session is None:
                 return None  # claimed for a start that has not stored its session yet
-            if session.state not in (STARTING, DISPATCHED):
+            if session.state not in (State.STARTING, State.DISPATCHED):
                 raise Gone(f"the session is {session.state}", code="pool-machine-retired")
             rooms = self._rooms[session.transport]
             callback_token, callback_hash = derived_callback_token(token, session.id)
@@ -131,15 +130,9 @@ class BotCallbacks:
         """The bot joined its room."""
         with session_context(session_id):
             session = await self._bot_session(session_id, token)
-            ready = await self._store.transition(
-                session_id,
-                READY,
-                from_states=(STARTING, DISPATCHED),
-                ready_at=time.time(),
-                details={"source": "bot"},
-            )
+            ready = await mark_ready(self._store, session_id)
             self._telemetry.session_ready(ready)
-            if ready is None and session.state not in (READY, ENDING):
+            if ready is None and session.state not in (State.READY, State.ENDING):
                 raise Conflict(f"session is {session.state}", code="session-ended")
             self._supervisor.notify_ready(session_id)
 
@@ -164,14 +157,8 @@ class BotCallbacks:
             details = {"source": "bot", "reason": reason, "exit_code": exit_code}
             if error is not None:
                 details["error"] = error
-            moved = await self._store.transition(
-                session_id,
-                ENDING,
-                from_states=(STARTING, DISPATCHED, READY),
-                end_reason=reason,
-                exit_code=exit_code,
-                error=error,
-                details=details,
+            moved = await request_end(
+                self._store, session_id, reason, details, exit_code=exit_code, error=error
             )
             if moved is None:
                 await self._store.record(session_id, "bot_ended", details)

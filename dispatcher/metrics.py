@@ -15,7 +15,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from dispatcher.store import ACTIVE_STATES
+from dispatcher.lifecycle import ACTIVE_STATES
 
 if TYPE_CHECKING:
     from dispatcher.store import Session, Store
@@ -147,8 +147,8 @@ class Metrics:
         """The text exposition, with the sessions gauge counted from the store now."""
         if self._store is not None:
             counts = await self._store.count_by_state(dispatcher=self._dispatcher)
-            for state in ACTIVE_STATES:
-                self.sessions.labels(state=state).set(counts.get(state, 0))
+            for active in ACTIVE_STATES:
+                self.sessions.labels(state=active).set(counts.get(active, 0))
         if self._pool is not None:
             machines = Counter_(await self._pool())
             for region, state in {*machines, *self._pool_seen}:

@@ -27,10 +27,9 @@ from dispatcher.config import Settings
 from dispatcher.errors import DispatcherError
 from dispatcher.machines.fly import POOL_LABEL, FlyMachines
 from dispatcher.machines.fly_api import FlyAPI, exit_of
-from dispatcher.pool_store import PoolRows
 from dispatcher.rooms.daily_api import DailyAPI
 from dispatcher.sessions import end_session
-from dispatcher.store import Event, Session, Store, iso
+from dispatcher.store import Event, PoolRows, Session, Store, iso
 from dispatcher.upstream import RetryPolicy
 
 OPERATOR = "operator"

@@ -15,7 +15,7 @@ region ready:
 A machine serves one session and is destroyed after it, like a cold one. Per-session data
 cannot ride in a pool machine's env (a started machine keeps the config it was created with),
 so the bot fetches it: `GET /internal/machines/{id}/assignment` with the machine's own token
-(dispatcher/sessions.py builds the answer). Claims are row updates (dispatcher/pool_store.py),
+(dispatcher/sessions.py builds the answer). Claims are row updates (dispatcher/store/pool.py),
 safe across instances. The replenisher runs on the reconciler's leader; it takes a create turn
 only when one is free at once, so the pool never delays a cold start, and an empty pool means a
 cold create, never an error.
@@ -38,7 +38,7 @@ from dispatcher.machines import MachineInfo, MachineRef
 from dispatcher.machines.fly import FlyMachines
 from dispatcher.metrics import Metrics
 from dispatcher.pacing import Pacer
-from dispatcher.pool_store import AVAILABLE, CLAIMED, RETIRED, WARMING, PoolMachine, PoolRows
+from dispatcher.store import AVAILABLE, CLAIMED, RETIRED, WARMING, PoolMachine, PoolRows
 
 log = logging.getLogger(__name__)
 

@@ -34,17 +34,17 @@ from dataclasses import dataclass, field
 from dispatcher.aio import every
 from dispatcher.config import Settings
 from dispatcher.janitor import RoomJanitor
+from dispatcher.lifecycle import EndReason, State, interrupt_start
 from dispatcher.logs import session_context
 from dispatcher.machines import MachineBackend, MachineInfo, MachineRef
 from dispatcher.pool import Pool
 from dispatcher.rooms import RoomBackend
-from dispatcher.store import DISPATCHED, ENDING, FAILED, STARTING, HeldLock, Session, Store
-from dispatcher.supervisor import EXIT_MARGIN_S, MAX_DURATION, READY_TIMEOUT, Supervisor
+from dispatcher.store import HeldLock, Session, Store
+from dispatcher.supervisor import EXIT_MARGIN_S, Supervisor
 from dispatcher.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-START_INTERRUPTED = "start_interrupted"
 # Room names that are session ids (see sessions.new_session_id); other rooms are not ours.
 SESSION_ROOM = re.compile(r"^s-[0-9a-f]{16}$")
 # Rooms of sessions that ended less than this ago are left to the supervisor that ended them.
@@ -89,8 +89,12 @@ class Reconciler:
         settings: Settings,
         telemetry: Telemetry | None = None,
         pool: Pool | None = None,
+        *,
+        exit_margin_s: float = EXIT_MARGIN_S,
     ) -> None:
         self._telemetry = telemetry or Telemetry()
+        # How long past a stop's grace period a machine is given before it is destroyed.
+        self.exit_margin_s = exit_margin_s
         self._pool = pool
         self._store = store
         self._machines = machines
@@ -235,7 +239,7 @@ class Reconciler:
         """Repair one live session."""
         # No machine recorded: its start is still running, or died with its dispatcher (the
         # session may have left `starting` meanwhile: its bot called back, or a DELETE came).
-        if session.state == STARTING or not session.machine_id:
+        if session.state == State.STARTING or not session.machine_id:
             if now - session.created_at > self._settings.start_timeout_s:
                 await self._fail_stuck_start(session, now, report)
             return
@@ -247,7 +251,7 @@ class Reconciler:
                 await self._supervisor.finish(session.id, ref, exit)
                 report.sessions_ended += 1
             return
-        if session.state == ENDING:
+        if session.state == State.ENDING:
             # Whoever asked for the end stops the machine (or the bot, having reported its
             # end, is leaving): its goodbye takes up to the stop's grace period, which a second
             # SIGTERM would cut short. Past that, its dispatcher died before the stop, the stop
@@ -259,13 +263,13 @@ class Reconciler:
             return
         reason = None
         if now >= session.expires_at:
-            reason = MAX_DURATION
+            reason = EndReason.MAX_DURATION
         elif (
-            session.state == DISPATCHED
+            session.state == State.DISPATCHED
             and session.ready_at is None
             and now - session.created_at > self._settings.ready_timeout_s
         ):
-            reason = READY_TIMEOUT
+            reason = EndReason.READY_TIMEOUT
         if reason and await self._supervisor.ask_to_end(session.id, reason):
             log.info("ending the session: %s", reason)
             await self._stop_then_destroy(ref, now, report)
@@ -276,7 +280,7 @@ class Reconciler:
         deadline = self._stopping.get(ref.id)
         if deadline is None:
             await self._machines.stop(ref, self._settings.bot_stop_timeout_s)
-            self._stopping[ref.id] = now + self._settings.bot_stop_timeout_s + EXIT_MARGIN_S
+            self._stopping[ref.id] = now + self._settings.bot_stop_timeout_s + self.exit_margin_s
             report.stops += 1
         elif now >= deadline:
             log.warning("machine outlived its stop grace period: destroying it")
@@ -285,14 +289,8 @@ class Reconciler:
             report.destroyed += 1
 
     async def _fail_stuck_start(self, session: Session, now: float, report: Report) -> None:
-        failed = await self._store.transition(
-            session.id,
-            FAILED,
-            from_states=(session.state,),
-            end_reason=START_INTERRUPTED,
-            ended_at=time.time(),
-            details={"reason": START_INTERRUPTED, "source": "reconciler"},
-        )
+        details = {"reason": EndReason.START_INTERRUPTED, "source": "reconciler"}
+        failed = await interrupt_start(self._store, session, details)
         self._telemetry.session_ended(failed)
         if failed is None:
             return
@@ -306,7 +304,7 @@ class Reconciler:
     ) -> None:
         """Stop, then destroy, a machine that no live session owns."""
         if owner is not None and owner.active:
-            if owner.state == STARTING or owner.machine_id in (None, machine.id):
+            if owner.state == State.STARTING or owner.machine_id in (None, machine.id):
                 return
         elif (
             owner is None

@@ -7,7 +7,6 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
@@ -24,47 +23,25 @@ from dispatcher.errors import (
     DispatcherError,
     Forbidden,
     Gone,
-    InProgress,
     NotFound,
     RetryLater,
     Unavailable,
-    Unprocessable,
     UpstreamError,
 )
+from dispatcher.idempotency import IDEMPOTENT_WAIT_S, Idempotency, IdempotentStarts
 from dispatcher.janitor import RoomJanitor
+from dispatcher.lifecycle import ACTIVE_STATES, EndReason, State, dispatch, fail_start, request_end
 from dispatcher.logs import bind, session_context
 from dispatcher.machines import BOT_COMMAND, BotSpec, MachineBackend, MachineRef
 from dispatcher.pacing import Pacer
 from dispatcher.pool import Pool
-from dispatcher.pool_store import PoolMachine
 from dispatcher.rooms import RoomBackend, RoomPlan
 from dispatcher.start import StartRequest
-from dispatcher.store import (
-    ACTIVE_STATES,
-    DISPATCHED,
-    ENDING,
-    FAILED,
-    READY,
-    STARTING,
-    Session,
-    Store,
-)
-from dispatcher.supervisor import DELETED, Supervisor
+from dispatcher.store import PoolMachine, Session, Store
+from dispatcher.supervisor import Supervisor
 from dispatcher.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
-
-# How long a retried start waits for the first start under the same Idempotency-Key.
-IDEMPOTENT_WAIT_S = 30.0
-IDEMPOTENT_POLL_S = 0.2
-
-
-@dataclass(frozen=True)
-class Idempotency:
-    """An Idempotency-Key and the hash of the request body it came with."""
-
-    key: str
-    request_hash: str
 
 
 def new_session_id() -> str:
@@ -86,6 +63,8 @@ class SessionService:
         pacer: Pacer | None = None,
         telemetry: Telemetry | None = None,
         pool: Pool | None = None,
+        *,
+        idempotent_wait_s: float = IDEMPOTENT_WAIT_S,
     ) -> None:
         self._settings = settings
         self._telemetry = telemetry or Telemetry()
@@ -96,6 +75,9 @@ class SessionService:
         self._janitor = janitor
         self._pacer = pacer
         self._pool = pool
+        self._keys = IdempotentStarts(
+            store, abandoned_after_s=settings.start_timeout_s, wait_s=idempotent_wait_s
+        )
         self._starts: set[asyncio.Task[dict[str, Any]]] = set()
         self.draining = False
 
@@ -141,42 +123,12 @@ class SessionService:
             span.set_attribute("session.region_requested", request.region)
         if idempotency is None:
             return await self._start(principal, request, session_id)
-        user, key = principal.user, idempotency.key
-        deadline = time.monotonic() + IDEMPOTENT_WAIT_S
-        while (
-            held := await self._store.claim_key(user, key, idempotency.request_hash, session_id)
-        ) is not None:
-            if held.request_hash != idempotency.request_hash:
-                raise Unprocessable(
-                    "this Idempotency-Key was used with a different request",
-                    code="idempotency-key-reused",
-                )
-            if held.answer is not None:
-                return held.answer
-            if await self._abandoned(held.session_id, held.created_at):
-                await self._store.release_key(user, key, held.session_id)
-                continue
-            if time.monotonic() > deadline:
-                raise InProgress(
-                    "a start with this Idempotency-Key is still in progress",
-                    code="idempotency-key-in-progress",
-                )
-            await asyncio.sleep(IDEMPOTENT_POLL_S)
-        try:
-            answer = await self._start(principal, request, session_id)
-        except BaseException:
-            await self._store.release_key(user, key, session_id)
-            raise
-        await self._store.settle_key(user, key, session_id, answer)
-        return answer
-
-    async def _abandoned(self, session_id: str, claimed_at: float) -> bool:
-        """Whether the start holding a key will never answer: its session failed without
-        an answer (e.g. its dispatcher died mid-start), or never got made."""
-        session = await self._store.get(session_id)
-        if session is None:
-            return time.time() - claimed_at > self._settings.start_timeout_s
-        return not session.active
+        return await self._keys.run(
+            principal.user,
+            idempotency,
+            session_id,
+            lambda: self._start(principal, request, session_id),
+        )
 
     async def _start(
         self, principal: Principal, request: StartRequest, session_id: str
@@ -222,7 +174,7 @@ class SessionService:
         session = Session(
             id=session_id,
             user_id=principal.user,
-            state=STARTING,
+            state=State.STARTING,
             transport=request.transport,
             dispatcher=self._settings.dispatcher_name,
             created_at=now,
@@ -284,14 +236,13 @@ class SessionService:
         if machine.region:
             span.set_attribute("cloud.region", machine.region)
         room_created = [("room_created", {"room": plan.name})] if plan.name else []
-        dispatched = await self._store.transition(
+        dispatched = await dispatch(
+            self._store,
             session_id,
-            DISPATCHED,
-            from_states=(STARTING,),
             machine_id=machine.id,
             region=machine.region,
             machine_version=machine.version,
-            details={"machine_id": machine.id, "region": machine.region, "pooled": machine.pooled},
+            pooled=machine.pooled,
             events=room_created,
         )
         if dispatched is None:
@@ -341,7 +292,7 @@ class SessionService:
             self._janitor.submit(current)
             raise Unavailable("the start took too long: retry", code="start-interrupted")
         self._supervisor.follow(current)
-        if current.end_reason == DELETED:
+        if current.end_reason == EndReason.DELETED:
             await self._machines.stop(machine, self._settings.bot_stop_timeout_s)
             raise Conflict("the session was ended while it was starting", code="session-ended")
         return current
@@ -374,15 +325,8 @@ class SessionService:
             error.details() if isinstance(error, UpstreamError) else {"error": type(error).__name__}
         )
         failed_on = "room" if room_error else "machine"
-        failed = await self._store.transition(
-            session.id,
-            FAILED,
-            # READY too: a machine made by an ambiguous create may have called back meanwhile.
-            from_states=(STARTING, READY, ENDING),
-            end_reason=f"{failed_on}_create_failed",
-            ended_at=time.time(),
-            details=details,
-        )
+        reason = EndReason.ROOM_CREATE_FAILED if room_error else EndReason.MACHINE_CREATE_FAILED
+        failed = await fail_start(self._store, session.id, reason, details)
         self._telemetry.session_ended(failed)
         log.warning("start failed on the %s: %s", failed_on, error)
 
@@ -439,8 +383,8 @@ class SessionService:
         rooms = self._rooms.get(session.transport)
         if rooms is None or not rooms.bot_routes:
             raise NotFound(f"{session.transport} sessions have no bot routes", code="no-bot-routes")
-        if session.state not in (DISPATCHED, READY):
-            if session.state == STARTING:
+        if session.state not in (State.DISPATCHED, State.READY):
+            if session.state == State.STARTING:
                 raise Conflict("the session is starting", code="session-starting")
             raise Gone(f"the session is {session.state}", code="session-ended")
         assert session.machine_id is not None
@@ -471,13 +415,8 @@ async def end_session(
 ) -> Session | None:
     """Move a live session to `ending` (reason `deleted`, by whom), then send its machine the
     stop (SIGTERM, SIGKILL after `grace_s`); None if the session was not live."""
-    ending = await store.transition(
-        session_id,
-        ENDING,
-        from_states=(STARTING, DISPATCHED, READY),
-        end_reason=DELETED,
-        details={"reason": DELETED, "by": by},
-    )
+    reason = EndReason.DELETED
+    ending = await request_end(store, session_id, reason, {"reason": reason, "by": by})
     if ending is not None and ending.machine_id:
         ref = MachineRef(ending.machine_id, ending.region, ending.machine_version)
         await machines.stop(ref, grace_s)

@@ -12,40 +12,22 @@ from dispatcher.aio import cancel_and_wait
 from dispatcher.config import Settings
 from dispatcher.errors import UpstreamError
 from dispatcher.janitor import RoomJanitor
+from dispatcher.lifecycle import (
+    DISPATCHER_REASONS,
+    USER_ENDED,
+    EndReason,
+    State,
+    finish,
+    request_end,
+)
 from dispatcher.logs import session_context
 from dispatcher.machines import MachineBackend, MachineExit, MachineRef
-from dispatcher.store import (
-    ACTIVE_STATES,
-    DISPATCHED,
-    ENDED,
-    ENDING,
-    FAILED,
-    READY,
-    STARTING,
-    Session,
-    Store,
-)
+from dispatcher.store import Session, Store
 from dispatcher.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-# End reasons the dispatcher decides; a bot's own reason never overrides them.
-DELETED = "deleted"
-MAX_DURATION = "max_duration"
-READY_TIMEOUT = "ready_timeout"
-# The dispatcher stopped (Ctrl-C, SIGTERM) and ended the sessions of bots that cannot outlive
-# it (local processes), each with its goodbye.
-DISPATCHER_STOPPED = "dispatcher_stopped"
-DISPATCHER_REASONS = frozenset({DELETED, MAX_DURATION, READY_TIMEOUT, DISPATCHER_STOPPED})
-# A session whose bot died with its dispatcher (a local process of a dispatcher killed, or
-# stopped before its bots had ended): recorded when the next dispatcher finds it.
-DISPATCHER_LOST = "dispatcher_lost"
-# End reasons from Daily's webhooks (dispatcher/webhooks.py): the user left or the meeting is
-# over. Like a DELETE, or the operator stopping the dispatcher, such an end before the bot was
-# ready is a person's doing, not a failure.
-MEETING_ENDED = "meeting_ended"
-PARTICIPANT_LEFT = "participant_left"
-USER_ENDED = frozenset({DELETED, MEETING_ENDED, PARTICIPANT_LEFT, DISPATCHER_STOPPED})
+# How long past a stop's grace period a machine's exit is waited for.
 EXIT_MARGIN_S = 15
 
 
@@ -89,7 +71,7 @@ class Supervisor:
         """How many sessions this instance follows."""
         return len(self._tasks)
 
-    async def end_all(self, reason: str) -> bool:
+    async def end_all(self, reason: EndReason) -> bool:
         """End every session this instance follows, for `reason` (one of the dispatcher's):
         each live one moves to `ending` and its bot gets the stop (SIGTERM, SIGKILL after the
         grace period); then wait until each has ended and is recorded, its bot's `ended`
@@ -128,9 +110,11 @@ class Supervisor:
         horizon = session.expires_at - time.time() + self._settings.bot_stop_timeout_s
         exit_task = asyncio.create_task(self._machines.wait_exit(ref, max(1.0, horizon)))
         try:
-            if session.ready_at is None and session.state in (STARTING, DISPATCHED):
+            if session.ready_at is None and session.state in (State.STARTING, State.DISPATCHED):
                 outcome = await self._until_ready(session, exit_task)
-                if outcome == "timeout" and await self.ask_to_end(session.id, READY_TIMEOUT):
+                if outcome == "timeout" and await self.ask_to_end(
+                    session.id, EndReason.READY_TIMEOUT
+                ):
                     log.warning("bot not ready after %.0f s", self._settings.ready_timeout_s)
                     await self._stop(ref, exit_task)
                     await self.finish(session.id, ref, await self._exit_within(exit_task, ref))
@@ -138,7 +122,7 @@ class Supervisor:
             remaining = session.expires_at - time.time()
             done, _ = await asyncio.wait({exit_task}, timeout=max(0.0, remaining))
             if not done:
-                await self.ask_to_end(session.id, MAX_DURATION)
+                await self.ask_to_end(session.id, EndReason.MAX_DURATION)
                 await self._stop(ref, exit_task)
             exit = await self._exit_within(exit_task, ref)
             await self.finish(session.id, ref, exit)
@@ -166,22 +150,13 @@ class Supervisor:
             current = await self._store.get(session.id)
             if current is None or current.ready_at is not None:
                 return "ready"
-            if current.state not in (STARTING, DISPATCHED):
+            if current.state not in (State.STARTING, State.DISPATCHED):
                 return "ending"
         return "timeout"
 
-    async def ask_to_end(self, session_id: str, reason: str) -> bool:
+    async def ask_to_end(self, session_id: str, reason: EndReason) -> bool:
         """Move a live session to `ending` with a reason of the dispatcher's."""
-        return (
-            await self._store.transition(
-                session_id,
-                ENDING,
-                from_states=(STARTING, DISPATCHED, READY),
-                end_reason=reason,
-                details={"reason": reason},
-            )
-            is not None
-        )
+        return await request_end(self._store, session_id, reason, {"reason": reason}) is not None
 
     async def _stop(self, ref: MachineRef, exit_task: asyncio.Task[MachineExit | None]) -> None:
         """The machine's stop: SIGTERM, SIGKILL after the grace period."""
@@ -234,14 +209,16 @@ class Supervisor:
         reached_ready = session.ready_at is not None or session.end_reason in USER_ENDED
         reason = session.end_reason
         if exit.oom_killed and reason not in DISPATCHER_REASONS:
-            reason = "oom_killed"
+            reason = EndReason.OOM_KILLED
         if reason is None:
             if exit.lost:
-                reason = DISPATCHER_LOST
+                reason = EndReason.DISPATCHER_LOST
             elif not reached_ready:
-                reason = "exited_before_ready"
+                reason = EndReason.EXITED_BEFORE_READY
+            elif exit.exit_code in (0, None):
+                reason = EndReason.COMPLETED
             else:
-                reason = "completed" if exit.exit_code in (0, None) else "crashed"
+                reason = EndReason.CRASHED
         stopped_after_report = (
             session.exit_code is not None and exit.requested_stop and exit.signal is not None
         )
@@ -259,13 +236,12 @@ class Supervisor:
             details["machine_exit_code"] = exit.exit_code
         if exit.lost:
             details["lost"] = True
-        ended = await self._store.transition(
+        ended = await finish(
+            self._store,
             session_id,
-            ENDED if reached_ready and reason != READY_TIMEOUT else FAILED,
-            from_states=ACTIVE_STATES,
-            end_reason=reason,
+            failed=not reached_ready or reason == EndReason.READY_TIMEOUT,
+            reason=reason,
             exit_code=exit_code,
-            ended_at=time.time(),
             details=details,
         )
         self._telemetry.session_ended(ended)

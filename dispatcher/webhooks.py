@@ -39,12 +39,13 @@ from typing import Any
 from dispatcher.config import Settings
 from dispatcher.errors import BadRequest, Unauthorized
 from dispatcher.http.input import json_object
+from dispatcher.lifecycle import EndReason, end_from_room
 from dispatcher.logs import session_context
 from dispatcher.machines import MachineBackend, MachineRef
 from dispatcher.reconciler import SESSION_ROOM
 from dispatcher.rooms.daily import daily_user_id
-from dispatcher.store import DISPATCHED, ENDING, READY, Session, Store
-from dispatcher.supervisor import MEETING_ENDED, PARTICIPANT_LEFT, Supervisor
+from dispatcher.store import Session, Store
+from dispatcher.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,10 @@ MILLISECONDS_FROM = 1e11
 # Event ids longer than this are stored as their hash (Daily's are UUIDs).
 MAX_EVENT_ID = 128
 # The events that end a session, and the end reason each gives.
-ENDING_EVENTS = {"meeting.ended": MEETING_ENDED, "participant.left": PARTICIPANT_LEFT}
+ENDING_EVENTS = {
+    "meeting.ended": EndReason.MEETING_ENDED,
+    "participant.left": EndReason.PARTICIPANT_LEFT,
+}
 INVALID_SIGNATURE = "invalid-signature"
 STALE_WEBHOOK = "stale-webhook"
 
@@ -240,16 +244,11 @@ class DailyWebhooks:
         log.info("daily webhook %s%s", kind, ": ending the session" if ending else "")
         return {"ok": True, "sessionId": session.id, "ending": ending}
 
-    async def _end(self, session: Session, reason: str, event_id: Any) -> bool:
+    async def _end(self, session: Session, reason: EndReason, event_id: Any) -> bool:
         """Move a live session to `ending` and stop its machine (SIGTERM and the grace period);
         whether this call ended it."""
-        ending = await self._store.transition(
-            session.id,
-            ENDING,
-            from_states=(DISPATCHED, READY),
-            end_reason=reason,
-            details={"reason": reason, "source": "webhook", "event_id": event_id},
-        )
+        details = {"reason": reason, "source": "webhook", "event_id": event_id}
+        ending = await end_from_room(self._store, session.id, reason, details)
         if ending is None:
             return False
         if ending.machine_id:

@@ -33,9 +33,8 @@ import numpy as np
 import pytest
 
 from dispatcher import oncall
-from dispatcher.pool_store import AVAILABLE, PoolRows
 from dispatcher.rooms.daily import daily_user_id
-from dispatcher.store import Store
+from dispatcher.store import AVAILABLE, PoolRows, Store
 from dispatcher.webhooks import sign
 from tests.bots import DAILY_PYTHON, EXAMPLE, OWN_TRANSPORT, PIPECAT_STYLE
 from tests.fixtures.peer import Peer, Speaker

@@ -1,5 +1,6 @@
 """Capacity limits, create pacing and Idempotency-Key at the HTTP API: the real dispatcher
-under uvicorn against the Fly and Daily emulators, with the test bot as the machines' image."""
+under uvicorn against the Fly and Daily emulators, with the test bot as the machines' image
+(and the idempotent wait on a store of its own, with a short wait passed in)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from dispatcher import sessions
+from dispatcher.errors import InProgress, http_status
+from dispatcher.idempotency import Idempotency, IdempotentStarts
 from dispatcher.store import ACTIVE_STATES, FAILED, Session, Store
 from tests.harness import Stack, daily_emulator, dispatcher_stack, eventually, fly_emulator
 
@@ -288,26 +290,35 @@ async def test_a_failed_start_releases_its_key(tmp_path: Path, fails: str) -> No
         await end_all(stack, {sid: "user-1"})
 
 
-async def test_a_start_still_in_flight_is_409_after_the_wait(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A retry that outwaits IDEMPOTENT_WAIT_S while the first start is still in flight gets
-    409 idempotency-key-in-progress with Retry-After; once it finished, the first answer."""
-    monkeypatch.setattr(sessions, "IDEMPOTENT_WAIT_S", 0.3)
-    fly = fly_emulator()
-    fly.latency.per_op["create"] = 1.5
-    async with dispatcher_stack(tmp_path, fly=fly) as stack:
-        first_task = asyncio.create_task(keyed_start(stack, "k-slow"))
-        await eventually(lambda: machine_creates(stack) == 1, what="the first create sent")
-        waiting = await keyed_start(stack, "k-slow")
-        assert waiting.status_code == 409, waiting.text
-        assert waiting.json()["code"] == "idempotency-key-in-progress"
-        assert int(waiting.headers["retry-after"]) >= 1
+async def test_a_start_still_in_flight_is_409_after_the_wait(tmp_path: Path) -> None:
+    """A retry that outwaits the idempotent wait (0.3 s here) while the first start is still in
+    flight gets 409 idempotency-key-in-progress with Retry-After; once it finished, the first
+    answer, and the start ran once."""
+    store = await Store.open(f"sqlite:///{tmp_path}/dispatcher.db")
+    try:
+        starts = IdempotentStarts(store, abandoned_after_s=60, wait_s=0.3)
+        key = Idempotency("k-slow", hashlib.sha256(b"{}").hexdigest())
+        finish = asyncio.Event()
+        calls: list[str] = []
+
+        async def start() -> dict[str, Any]:
+            calls.append("start")
+            await finish.wait()
+            return {"sessionId": "s-0123456789abcdef", "dailyRoom": "room"}
+
+        first_task = asyncio.create_task(starts.run("user-1", key, "s-0123456789abcdef", start))
+        await eventually(lambda: calls == ["start"], what="the first start running")
+        with pytest.raises(InProgress) as waiting:
+            await starts.run("user-1", key, "s-1123456789abcdef", start)
+        assert waiting.value.code == "idempotency-key-in-progress"
+        assert http_status(waiting.value) == 409
+        assert int(waiting.value.headers()["Retry-After"]) >= 1
+        finish.set()
         first = await first_task
-        assert first.status_code == 200, first.text
-        assert (await keyed_start(stack, "k-slow")).json() == first.json()
-        assert machine_creates(stack) == 1
-        await end_all(stack, {first.json()["sessionId"]: "user-1"})
+        assert await starts.run("user-1", key, "s-2123456789abcdef", start) == first
+        assert calls == ["start"]
+    finally:
+        await store.close()
 
 
 async def test_a_key_held_by_an_abandoned_start_is_taken_over(tmp_path: Path) -> None:

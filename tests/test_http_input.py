@@ -16,8 +16,7 @@ import pytest
 from dispatcher.auth import derived_callback_token
 from dispatcher.errors import BadRequest
 from dispatcher.http.input import MAX_JSON_DEPTH, json_object, parse_json, whole_number
-from dispatcher.pool_store import AVAILABLE, PoolRows
-from dispatcher.store import Store
+from dispatcher.store import AVAILABLE, PoolRows, Store
 from dispatcher.webhooks import sign
 from tests.conftest import JWT_SECRET
 from tests.harness import Stack, dispatcher_stack, eventually

@@ -19,8 +19,7 @@ from dispatcher.config import Settings
 from dispatcher.machines import MachineInfo, MachineRef
 from dispatcher.metrics import Metrics
 from dispatcher.pool import WARM_TIMEOUT_S, Pool
-from dispatcher.pool_store import AVAILABLE, CLAIMED, RETIRED, WARMING, PoolRows
-from dispatcher.store import Store
+from dispatcher.store import AVAILABLE, CLAIMED, RETIRED, WARMING, PoolRows, Store
 from tests.fakes.common import Fault
 from tests.fakes.fly import FlyEmulator
 from tests.harness import (

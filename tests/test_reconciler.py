@@ -26,18 +26,18 @@ from typing import Any
 import httpx
 import pytest
 
-import dispatcher.reconciler
 from dispatcher.config import Secret, Settings
 from dispatcher.janitor import RoomJanitor
+from dispatcher.lifecycle import EndReason
 from dispatcher.machines import BOT_COMMAND, BotSpec
 from dispatcher.machines.fly import FlyMachines
 from dispatcher.machines.fly_api import FlyAPI
-from dispatcher.reconciler import START_INTERRUPTED, Reconciler
+from dispatcher.reconciler import Reconciler
 from dispatcher.rooms.daily import DailyRooms
 from dispatcher.rooms.daily_api import DailyAPI
 from dispatcher.sessions import new_session_id
 from dispatcher.store import ENDED, ENDING, FAILED, READY, STARTING, Event, Session, Store
-from dispatcher.supervisor import Supervisor
+from dispatcher.supervisor import EXIT_MARGIN_S, Supervisor
 from dispatcher.telemetry import random_traceparent
 from tests.fakes.common import serve
 from tests.fakes.daily import DailyEmulator
@@ -222,29 +222,38 @@ async def test_max_duration_bot_ignoring_sigterm_is_stopped_for_good(tmp_path: P
             await eventually(lambda: sid not in upstream.daily.rooms, what="room deleted")
 
 
-async def test_machine_outliving_its_stop_is_destroyed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_machine_outliving_its_stop_is_destroyed(tmp_path: Path) -> None:
     """A stop that never takes (Fly answers ok, the bot runs on): once the session has been
-    ending for longer than the grace period, the reconciler destroys the machine."""
-    monkeypatch.setattr(dispatcher.reconciler, "EXIT_MARGIN_S", 0)
-    fly = fly_emulator()
-    async with emulators(fly=fly) as upstream:
-        sid, machine = await abandoned_session(tmp_path, upstream, {"ignore_max_duration": True})
-        async with open_store(tmp_path) as store:
-            await store.update(sid, expires_at=time.time() - 1)
-        fly.faults.add("stop", status=200, body={"ok": True}, times=100)
-        env = LOOP | {"BOT_STOP_TIMEOUT_S": "1"}
-        async with run_dispatcher(tmp_path, upstream, env=env) as second:
-            ended = await second.wait_state(sid, "ended", "failed")
-            assert ended["endReason"] == "max_duration" and ended["exitCode"] == 137
-            stops = requests_to(fly, machine.id, "stop")
-            destroys = requests_to(fly, machine.id, "destroy")
-            assert stops and destroys
-            assert fly.requests.index(stops[0]) < fly.requests.index(destroys[0])
-            assert not any("sigterm" in line for line in machine.logs)  # the stop never landed
-            await eventually(lambda: machine.state == "destroyed", what="machine destroyed")
-            await eventually(lambda: sid not in upstream.daily.rooms, what="room deleted")
+    ending for longer than the grace period (and the exit margin, none here), the reconciler
+    destroys the machine and the session ends as max_duration."""
+    async with rig(tmp_path, exit_margin_s=0, BOT_STOP_TIMEOUT_S="1") as r:
+        sid = new_session_id()
+        await r.room(sid)
+        machine = await r.machine(r.bot_config(sid, {"ignore_max_duration": True}), name=sid)
+        await r.session(sid, READY, age_s=30)
+        await r.store.update(
+            sid, machine_id=machine.id, region=machine.region, expires_at=time.time() - 1
+        )
+        r.fly.faults.add("stop", status=200, body={"ok": True}, times=100)
+
+        async def ended() -> bool:
+            report = await r.reconciler.reconcile()
+            assert not report.errors, report.errors
+            session = await r.store.get(sid)
+            return session is not None and not session.active
+
+        await eventually(ended, what="the session ended")
+        over = await r.store.get(sid)
+        assert over is not None and over.state == ENDED
+        assert over.end_reason == "max_duration" and over.exit_code == 137
+        stops = requests_to(r.fly, machine.id, "stop")
+        destroys = requests_to(r.fly, machine.id, "destroy")
+        assert stops and destroys
+        assert r.fly.requests.index(stops[0]) < r.fly.requests.index(destroys[0])
+        assert not any("sigterm" in line for line in machine.logs)  # the stop never landed
+        await eventually(lambda: machine.state == "destroyed", what="machine destroyed")
+        await r.janitor.join()
+        assert sid not in r.daily.rooms
 
 
 async def test_ready_timeout_of_an_unfollowed_session(tmp_path: Path) -> None:
@@ -454,8 +463,11 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def rig(tmp_path: Path, **env: str) -> AsyncIterator[Rig]:
-    """The emulators, a callback recorder for the bots, and a reconciler over them."""
+async def rig(
+    tmp_path: Path, *, exit_margin_s: float = EXIT_MARGIN_S, **env: str
+) -> AsyncIterator[Rig]:
+    """The emulators, a callback recorder for the bots, and a reconciler over them (which
+    gives a machine `exit_margin_s` past its stop's grace period)."""
     # Creates and lists are not what is tested here: let the tests make machines and run
     # passes faster than Fly's 1 a second (Daily's delete limit, which the janitor paces, stays).
     fly = fly_emulator(limits={"create": (20.0, 20), "list": (20.0, 20)})
@@ -486,7 +498,15 @@ async def rig(tmp_path: Path, **env: str) -> AsyncIterator[Rig]:
         stack.push_async_callback(janitor.aclose)
         supervisor = Supervisor(store, machines, janitor, settings, poll_s=0.2)
         stack.push_async_callback(supervisor.aclose)
-        reconciler = Reconciler(store, machines, {"daily": rooms}, supervisor, janitor, settings)
+        reconciler = Reconciler(
+            store,
+            machines,
+            {"daily": rooms},
+            supervisor,
+            janitor,
+            settings,
+            exit_margin_s=exit_margin_s,
+        )
         stack.push_async_callback(reconciler.aclose)
         yield Rig(
             fly=fly,
@@ -543,12 +563,12 @@ async def test_stuck_start_fails_and_is_cleaned_up(tmp_path: Path) -> None:
 
         failed = await r.store.get(stuck)
         assert failed is not None and failed.state == FAILED
-        assert failed.end_reason == START_INTERRUPTED and failed.ended_at is not None
+        assert failed.end_reason == EndReason.START_INTERRUPTED and failed.ended_at is not None
         assert failed.room_deleted_at is not None
         log = await r.store.events(stuck)
         assert [(e.state, e.details) for e in log if e.kind == "state"] == [
             (STARTING, {}),
-            (FAILED, {"reason": START_INTERRUPTED, "source": "reconciler"}),
+            (FAILED, {"reason": EndReason.START_INTERRUPTED, "source": "reconciler"}),
         ]
         await eventually(
             lambda: machines[stuck].state == "destroyed", what="the stuck start's machine"

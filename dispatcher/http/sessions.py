@@ -16,9 +16,9 @@ from dispatcher.errors import BadRequest, DispatcherError, http_status
 from dispatcher.http.context import core, services
 from dispatcher.http.input import read_body, whole_number
 from dispatcher.http.proxy import MAX_PROXY_BODY_BYTES, check_path
+from dispatcher.idempotency import Idempotency
 from dispatcher.logs import session_context
 from dispatcher.ratelimit import client_address
-from dispatcher.sessions import Idempotency
 from dispatcher.start import MAX_BODY_BYTES, parse_start
 from dispatcher.store import ACTIVE_STATES, TERMINAL_STATES
 

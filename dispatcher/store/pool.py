@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from dispatcher.store import DISPATCHED, Store, events, pool_machines, sessions
+from dispatcher.lifecycle import State
+from dispatcher.store.database import Database
+from dispatcher.store.schema import events, pool_machines, sessions
 
 WARMING = "warming"
 AVAILABLE = "available"
@@ -43,7 +45,7 @@ class PoolMachine:
 class PoolRows:
     """The pool's queries, on the dispatcher's store."""
 
-    def __init__(self, store: Store, dispatcher: str) -> None:
+    def __init__(self, store: Database, dispatcher: str) -> None:
         self._store = store
         self._dispatcher = dispatcher
 
@@ -156,7 +158,7 @@ class PoolRows:
                 .where(
                     sessions.c.dispatcher == self._dispatcher,
                     events.c.kind == "state",
-                    events.c.state == DISPATCHED,
+                    events.c.state == State.DISPATCHED,
                     events.c.at >= since,
                 )
             )

@@ -25,7 +25,7 @@ sync: uv
 # The sync is inexact, so that it keeps those extra packages. The installs are quiet (their
 # errors still show), so that the first screen is where to open the page. The dispatcher is
 # exec'd: no shell stands between make and it, so that Ctrl-C ends it, and `make run` with
-# it, quietly (it exits 0 after ending its bots); see "Command line" in the README.
+# it, quietly (it exits 0 after ending its bots); see "The command line" in docs/operations.md.
 run: uv
 	@$(UV) sync --quiet --locked --inexact
 ifdef BOT_REQUIREMENTS

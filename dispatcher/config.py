@@ -37,7 +37,7 @@ MachineBackendName = Literal["fly", "local"]
 AuthMode = Literal["jwt", "none"]
 Transport = Literal["daily", "webrtc"]
 PoolMode = Literal["stopped", "suspended"]
-# Fly suspends machines of at most this much memory (../shared/reference/fly-machines.md §10).
+# Fly suspends machines of at most this much memory (docs/reference/fly-machines.md §10).
 SUSPEND_MAX_MEMORY_MB = 2048
 
 DEFAULT_HOST = "127.0.0.1"
@@ -55,7 +55,7 @@ START_RATE_PER_IP = Rate(30, 60.0)
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting of the dispatcher; see the README's configuration table."""
+    """Every setting of the dispatcher; see docs/configuration.md."""
 
     machine_backend: MachineBackendName = "local"
     fly_api_token: Secret | None = None

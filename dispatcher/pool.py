@@ -2,7 +2,7 @@
 
 A cold create takes seconds and the Machines API allows about one a second per app; starting a
 machine that already exists takes well under a second and is limited per machine
-(../shared/reference/fly-machines.md §6, §9, §10). So the pool keeps POOL_SIZE machines per
+(docs/reference/fly-machines.md §6, §9, §10). So the pool keeps POOL_SIZE machines per
 region ready:
 
 - `stopped` mode: created with `skip_launch` (never booted; rootfs billing only). A claim

@@ -2,9 +2,8 @@
 them, its values or longest length. The dispatcher checks a client's properties against these
 facts, and the Daily emulator (tests/fakes/daily.py) refuses with them, so the two cannot drift.
 
-Copied from the team's shared Daily reference (`reference/daily-rest.json` beside the design
-document, outside this repository: schemas `RoomProperties` and `MeetingTokenProperties`, and
-`self_signed_token.abbreviations`), which took them from:
+Daily's room and token properties (its schemas `RoomProperties` and `MeetingTokenProperties`,
+and the abbreviations of self-signed tokens), taken from:
 
 - daily-co/daily-ruby @ 287e07747c85ad0bfd7fa600b0cd7545dab8cf6a, a client generated from Daily's
   own API description (version 1.1.1): lib/daily-ruby/models/room_properties.rb and

@@ -20,6 +20,20 @@ _RATE = re.compile(r"^(\d+)(?:/(\d+(?:\.\d+)?)?([smh]))?$")
 _WINDOW_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 # An origin as browsers send it: scheme://host[:port], nothing after.
 _ORIGIN = re.compile(r"^https?://([a-z0-9.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?$")
+# The dispatcher's own credentials, by variable: never handed down to a bot (a local bot
+# inherits the dispatcher's environment less these). The reader refuses to read a secret that
+# is not listed here, so that a new one cannot be forgotten. DATABASE_URL may carry a password,
+# DISPATCHER_AUTH says how callers are checked.
+DISPATCHER_SECRETS = frozenset(
+    {
+        "FLY_API_TOKEN",
+        "DAILY_API_KEY",
+        "DAILY_WEBHOOK_SECRET",
+        "JWT_SECRET",
+        "DATABASE_URL",
+        "DISPATCHER_AUTH",
+    }
+)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -59,13 +73,18 @@ class EnvReader:
         value = self.env.get(name, "").strip()
         return value or None
 
+    def _secret_text(self, name: str) -> str | None:
+        if name not in DISPATCHER_SECRETS:
+            raise AssertionError(f"{name} is read as a secret: list it in DISPATCHER_SECRETS")
+        return self.text(name)
+
     def secret(self, name: str) -> Secret | None:
-        value = self.text(name)
+        value = self._secret_text(name)
         return Secret(value) if value else None
 
     def base64_secret(self, name: str, *, min_bytes: int) -> Secret | None:
         """A secret given in base64 (missing padding tolerated), of at least `min_bytes`."""
-        value = self.text(name)
+        value = self._secret_text(name)
         if value is None:
             return None
         try:
@@ -204,7 +223,7 @@ class EnvReader:
         return algorithms
 
     def database_url(self, name: str, default: str) -> str:
-        value = self.text(name) or default
+        value = self._secret_text(name) or default
         scheme = value.split(":", 1)[0]
         if scheme not in ("sqlite", "postgresql", "postgres"):
             raise ConfigError(f"{name} must be a sqlite:/// or postgresql:// URL, got {scheme!r}")

@@ -8,7 +8,9 @@ given as LOCAL_BOT_DIR), standard library only, that play the one misbehaviour u
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import textwrap
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from dispatcher.env import DISPATCHER_SECRETS, EnvReader
 from dispatcher.machines import BotSpec, MachineExit, MachineRef
 from dispatcher.machines.local import LocalMachines
 from dispatcher.store import Event, Store
@@ -97,6 +100,31 @@ async def test_destroy_forgets_an_exited_bot() -> None:
     assert await machines.wait_exit(ref, 0) == MachineExit(exit_code=3)
     assert machines.address(ref) is None
     await machines.aclose()
+
+
+async def test_a_local_bot_inherits_none_of_the_dispatchers_secrets(tmp_path: Path) -> None:
+    """A local bot gets the dispatcher's environment less every credential the dispatcher
+    reads (the webhook secret included), and its own session variables."""
+    secrets_given = {name: f"value-of-{name}" for name in DISPATCHER_SECRETS}
+    machines = LocalMachines(base_env={**secrets_given, "PATH": os.environ["PATH"], "KEPT": "1"})
+    out = tmp_path / "env.json"
+    dump = f"import json, os; open({str(out)!r}, 'w').write(json.dumps(dict(os.environ)))"
+    spec = BotSpec(session_id="s-1", user="u", cmd=("python", "-c", dump), env={"OWN": "2"})
+    ref = await machines.launch(spec)
+    assert await machines.wait_exit(ref, 30) == MachineExit(exit_code=0)
+    await machines.aclose()
+    seen = json.loads(out.read_text())
+    assert "DAILY_WEBHOOK_SECRET" in DISPATCHER_SECRETS
+    assert not DISPATCHER_SECRETS & set(seen)
+    assert seen["KEPT"] == "1" and seen["OWN"] == "2"
+
+
+def test_a_secret_setting_must_be_listed_as_one() -> None:
+    """The environment reader refuses to read a secret it does not know as the dispatcher's:
+    a new credential cannot reach local bots by being forgotten."""
+    reader = EnvReader({"NEW_TOKEN": "x" * 32})
+    with pytest.raises(AssertionError, match="DISPATCHER_SECRETS"):
+        reader.secret("NEW_TOKEN")
 
 
 async def test_a_bot_the_backend_never_started_is_lost() -> None:

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 
 from dispatcher.aio import cancel_and_wait
+from dispatcher.env import DISPATCHER_SECRETS
 from dispatcher.machines import BotSpec, MachineExit, MachineInfo, MachineRef
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,6 @@ log = logging.getLogger(__name__)
 # Where a local bot serves its HTTP routes (SmallWebRTC offers), on a port chosen per launch.
 BOT_HOST = "127.0.0.1"
 
-# Never handed down to a bot: the dispatcher's own credentials.
-DISPATCHER_SECRETS = frozenset(
-    {"FLY_API_TOKEN", "DAILY_API_KEY", "JWT_SECRET", "DATABASE_URL", "DISPATCHER_AUTH"}
-)
 # How many ended bots' exits are remembered once their processes are forgotten.
 EXITS_KEPT = 1024
 # Run as `python -I -S -c LEASH <dispatcher pid> <command...>`, it execs the command with a

@@ -23,7 +23,8 @@ from dispatcher.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-_REASON = re.compile(r"^[a-z0-9_]{1,64}$")
+# The end reason a bot may report of its own (its `ended` report).
+REASON = re.compile(r"^[a-z0-9_]{1,64}$")
 # The longest `error` of an ended report kept; a longer one is cut there, never refused.
 MAX_ERROR_CHARS = 1000
 # How long an assignment request of a machine the pool does not know (yet) is held.
@@ -147,7 +148,7 @@ class BotCallbacks:
         """The bot is leaving, with its reason, exit code and error (why it failed). A session
         already ending keeps the reason it had; the bot's exit code and error are recorded
         where none is stored yet."""
-        if not isinstance(reason, str) or not _REASON.match(reason):
+        if not isinstance(reason, str) or not REASON.match(reason):
             raise BadRequest("reason must match [a-z0-9_]{1,64}", code=ErrorCode.INVALID_REASON)
         if exit_code is not None and (type(exit_code) is not int or not 0 <= exit_code <= 255):
             raise BadRequest(

@@ -18,7 +18,7 @@ import httpx
 import jwt
 
 from dispatcher.config import Settings
-from dispatcher.errors import Unauthorized, Unavailable
+from dispatcher.errors import ErrorCode, Unauthorized, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,11 @@ class JWKS:
             await self._refresh(self._fetched_at)
             key = self._find(kid)
         if key is None:
-            raise Unauthorized("invalid token: unknown signing key", code="invalid-token")
+            raise Unauthorized("invalid token: unknown signing key", code=ErrorCode.INVALID_TOKEN)
         if key.algorithm_name != alg:
-            raise Unauthorized("invalid token: key and algorithm disagree", code="invalid-token")
+            raise Unauthorized(
+                "invalid token: key and algorithm disagree", code=ErrorCode.INVALID_TOKEN
+            )
         return key
 
     def _find(self, kid: str | None) -> jwt.PyJWK | None:
@@ -99,7 +101,7 @@ class JWKS:
                 if not self._keys:
                     raise Unavailable(
                         "cannot verify tokens: the identity provider's keys are unreachable",
-                        code="jwks-unavailable",
+                        code=ErrorCode.JWKS_UNAVAILABLE,
                         retry_after=JWKS_MIN_REFRESH_S,
                     ) from None
                 return
@@ -159,15 +161,15 @@ class Authenticator:
             return Principal(ANONYMOUS)
         token = bearer_token(headers)
         if token is None:
-            raise Unauthorized("missing bearer token", code="missing-credentials")
+            raise Unauthorized("missing bearer token", code=ErrorCode.MISSING_CREDENTIALS)
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise Unauthorized("invalid token", code="invalid-token") from None
+            raise Unauthorized("invalid token", code=ErrorCode.INVALID_TOKEN) from None
         alg, kid = header.get("alg"), header.get("kid")
         if alg not in self._algorithms:
             raise Unauthorized(
-                f"invalid token: algorithm {alg!r} not allowed", code="invalid-token"
+                f"invalid token: algorithm {alg!r} not allowed", code=ErrorCode.INVALID_TOKEN
             )
         if alg == "HS256":
             assert self._key is not None
@@ -190,12 +192,12 @@ class Authenticator:
                 },
             )
         except jwt.ExpiredSignatureError:
-            raise Unauthorized("token expired", code="token-expired") from None
+            raise Unauthorized("token expired", code=ErrorCode.TOKEN_EXPIRED) from None
         except jwt.PyJWTError:
-            raise Unauthorized("invalid token", code="invalid-token") from None
+            raise Unauthorized("invalid token", code=ErrorCode.INVALID_TOKEN) from None
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 256:
-            raise Unauthorized("invalid token: bad sub", code="invalid-token")
+            raise Unauthorized("invalid token: bad sub", code=ErrorCode.INVALID_TOKEN)
         return Principal(sub, admin=_has_role(claims, self._admin_role))
 
 

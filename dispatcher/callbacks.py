@@ -12,7 +12,7 @@ from typing import Any
 
 from dispatcher.auth import derived_callback_token, token_matches
 from dispatcher.config import Settings
-from dispatcher.errors import BadRequest, Conflict, Gone, NotFound, Unauthorized
+from dispatcher.errors import BadRequest, Conflict, ErrorCode, Gone, NotFound, Unauthorized
 from dispatcher.lifecycle import ACTIVE_STATES, State, mark_ready, request_end
 from dispatcher.logs import bind, session_context
 from dispatcher.pool import Pool
@@ -23,7 +23,8 @@ from dispatcher.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-_REASON = re.compile(r"^[a-z0-9_]{1,64}$")
+# The end reason a bot may report of its own (its `ended` report).
+REASON = re.compile(r"^[a-z0-9_]{1,64}$")
 # The longest `error` of an ended report kept; a longer one is cut there, never refused.
 MAX_ERROR_CHARS = 1000
 # How long an assignment request of a machine the pool does not know (yet) is held.
@@ -52,7 +53,7 @@ def bot_error(value: Any) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise BadRequest("error must be a string or null", code="invalid-error")
+        raise BadRequest("error must be a string or null", code=ErrorCode.INVALID_ERROR)
     text = value.strip().replace("\x00", "\ufffd")
     text = text.encode("utf-8", "replace").decode("utf-8")
     return text[:MAX_ERROR_CHARS] or None
@@ -85,22 +86,22 @@ class BotCallbacks:
         `wait_s` (ask again). The same answer every time until the session moves on (an
         answer lost to a frozen or abandoned request is given again)."""
         if self._pool is None:
-            raise NotFound("there is no warm pool", code="not-found")
+            raise NotFound("there is no warm pool", code=ErrorCode.NOT_FOUND)
         row = await self._pool.row(machine_id)
         if row is None:
             # A machine whose bot asks before its create has answered (and its row is stored).
             await asyncio.sleep(min(wait_s, UNKNOWN_MACHINE_WAIT_S))
             return None
         if token is None or not token_matches(token, row.token_hash):
-            raise Unauthorized("bad pool token", code="invalid-pool-token")
+            raise Unauthorized("bad pool token", code=ErrorCode.INVALID_POOL_TOKEN)
         if row.state not in (WARMING, AVAILABLE, CLAIMED):
-            raise Gone("this pool machine is retired", code="pool-machine-retired")
+            raise Gone("this pool machine is retired", code=ErrorCode.POOL_MACHINE_RETIRED)
         if row.state == WARMING:
             self._pool.warm(row)
         claimed = await self._pool.claimed(row, wait_s)
         if claimed is None:
             if await self._pool.row(machine_id) is None:
-                raise Gone("this pool machine is retired", code="pool-machine-retired")
+                raise Gone("this pool machine is retired", code=ErrorCode.POOL_MACHINE_RETIRED)
             return None
         assert claimed.session_id is not None
         with session_context(claimed.session_id, machine_id=machine_id):
@@ -108,7 +109,7 @@ class BotCallbacks:
             if session is None:
                 return None  # claimed for a start that has not stored its session yet
             if session.state not in (State.STARTING, State.DISPATCHED):
-                raise Gone(f"the session is {session.state}", code="pool-machine-retired")
+                raise Gone(f"the session is {session.state}", code=ErrorCode.POOL_MACHINE_RETIRED)
             rooms = self._rooms[session.transport]
             callback_token, callback_hash = derived_callback_token(token, session.id)
             await self._store.update(session.id, callback_hash=callback_hash)
@@ -133,7 +134,7 @@ class BotCallbacks:
             ready = await mark_ready(self._store, session_id)
             self._telemetry.session_ready(ready)
             if ready is None and session.state not in (State.READY, State.ENDING):
-                raise Conflict(f"session is {session.state}", code="session-ended")
+                raise Conflict(f"session is {session.state}", code=ErrorCode.SESSION_ENDED)
             self._supervisor.notify_ready(session_id)
 
     async def bot_ended(
@@ -147,10 +148,12 @@ class BotCallbacks:
         """The bot is leaving, with its reason, exit code and error (why it failed). A session
         already ending keeps the reason it had; the bot's exit code and error are recorded
         where none is stored yet."""
-        if not isinstance(reason, str) or not _REASON.match(reason):
-            raise BadRequest("reason must match [a-z0-9_]{1,64}", code="invalid-reason")
+        if not isinstance(reason, str) or not REASON.match(reason):
+            raise BadRequest("reason must match [a-z0-9_]{1,64}", code=ErrorCode.INVALID_REASON)
         if exit_code is not None and (type(exit_code) is not int or not 0 <= exit_code <= 255):
-            raise BadRequest("exit_code must be an integer 0..255", code="invalid-exit-code")
+            raise BadRequest(
+                "exit_code must be an integer 0..255", code=ErrorCode.INVALID_EXIT_CODE
+            )
         error = bot_error(error)
         with session_context(session_id):
             await self._bot_session(session_id, token)
@@ -170,8 +173,8 @@ class BotCallbacks:
         """The session of a callback: refused unless the token matches and the session lives."""
         session = await self._store.get(session_id)
         if session is None or not token_matches(token, session.callback_hash):
-            raise Unauthorized("bad callback token", code="invalid-callback-token")
+            raise Unauthorized("bad callback token", code=ErrorCode.INVALID_CALLBACK_TOKEN)
         if session.state not in ACTIVE_STATES:
-            raise Conflict(f"session is {session.state}", code="session-ended")
+            raise Conflict(f"session is {session.state}", code=ErrorCode.SESSION_ENDED)
         bind(machine_id=session.machine_id, traceparent=session.traceparent)
         return session

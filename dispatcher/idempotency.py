@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dispatcher.errors import InProgress, Unprocessable
+from dispatcher.errors import ErrorCode, InProgress, Unprocessable
 from dispatcher.store import Store
 
 # How long a retried start waits for the first start under the same Idempotency-Key.
@@ -58,7 +58,7 @@ class IdempotentStarts:
             if held.request_hash != idempotency.request_hash:
                 raise Unprocessable(
                     "this Idempotency-Key was used with a different request",
-                    code="idempotency-key-reused",
+                    code=ErrorCode.IDEMPOTENCY_KEY_REUSED,
                 )
             if held.answer is not None:
                 return held.answer
@@ -68,7 +68,7 @@ class IdempotentStarts:
             if time.monotonic() > deadline:
                 raise InProgress(
                     "a start with this Idempotency-Key is still in progress",
-                    code="idempotency-key-in-progress",
+                    code=ErrorCode.IDEMPOTENCY_KEY_IN_PROGRESS,
                 )
             await asyncio.sleep(self._poll_s)
         try:

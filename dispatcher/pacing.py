@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
-from dispatcher.errors import RetryLater
+from dispatcher.errors import ErrorCode, RetryLater
 
 # Awaited before a rate-limited call is sent: a pacer's turn (e.g. `Pacer.acquire`).
 Pace = Callable[[], Awaitable[None]]
@@ -55,7 +55,7 @@ class Pacer:
             raise RetryLater(
                 f"too many {self._what} queued: try again shortly",
                 retry_after=max(1.0, wait - self.max_wait_s),
-                code="queue-full",
+                code=ErrorCode.QUEUE_FULL,
             )
         self._tokens -= 1.0
         return wait

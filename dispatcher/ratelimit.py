@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from dispatcher.config import Rate, Settings
-from dispatcher.errors import RetryLater
+from dispatcher.errors import ErrorCode, RetryLater
 from dispatcher.store import Store
 
 # Set by Fly's proxy to the address it accepted the connection from.
@@ -83,7 +83,7 @@ class StartLimiter:
             raise RetryLater(
                 f"too many starts for {what}: retry in {retry_after} s",
                 retry_after=retry_after,
-                code="rate-limited",
+                code=ErrorCode.RATE_LIMITED,
             )
 
 

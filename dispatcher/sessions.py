@@ -21,6 +21,7 @@ from dispatcher.errors import (
     BadRequest,
     Conflict,
     DispatcherError,
+    ErrorCode,
     Forbidden,
     Gone,
     NotFound,
@@ -102,7 +103,7 @@ class SessionService:
         """Start a session, shielded: a client that goes away leaves nothing half made."""
         if self.draining:
             raise Unavailable(
-                "this dispatcher is shutting down: retry", code="draining", retry_after=2
+                "this dispatcher is shutting down: retry", code=ErrorCode.DRAINING, retry_after=2
             )
         task = asyncio.create_task(self._start_once(principal, request, idempotency))
         self._starts.add(task)
@@ -290,11 +291,13 @@ class SessionService:
             # Failed by the reconciler meanwhile: the start took longer than START_TIMEOUT_S.
             await self._machines.destroy(machine)
             self._janitor.submit(current)
-            raise Unavailable("the start took too long: retry", code="start-interrupted")
+            raise Unavailable("the start took too long: retry", code=ErrorCode.START_INTERRUPTED)
         self._supervisor.follow(current)
         if current.end_reason == EndReason.DELETED:
             await self._machines.stop(machine, self._settings.bot_stop_timeout_s)
-            raise Conflict("the session was ended while it was starting", code="session-ended")
+            raise Conflict(
+                "the session was ended while it was starting", code=ErrorCode.SESSION_ENDED
+            )
         return current
 
     async def _undo(
@@ -338,7 +341,7 @@ class SessionService:
                 f"transport {transport!r} is not available on this dispatcher (available: "
                 f"{available}); daily sessions need DAILY_API_KEY, webrtc sessions the local "
                 "machine backend",
-                code="transport-unavailable",
+                code=ErrorCode.TRANSPORT_UNAVAILABLE,
             )
         return rooms
 
@@ -353,7 +356,7 @@ class SessionService:
         not found)."""
         session = await self._store.get(session_id)
         if session is None or not (principal.admin or session.user_id == principal.user):
-            raise NotFound(f"no session {session_id}", code="session-not-found")
+            raise NotFound(f"no session {session_id}", code=ErrorCode.SESSION_NOT_FOUND)
         return session
 
     async def list_sessions(
@@ -366,7 +369,7 @@ class SessionService:
     ) -> list[Session]:
         """Sessions for an admin, newest first: the active ones, or those in `state`."""
         if not principal.admin:
-            raise Forbidden("listing sessions needs the admin role", code="admin-required")
+            raise Forbidden("listing sessions needs the admin role", code=ErrorCode.ADMIN_REQUIRED)
         return await self._store.list_sessions(
             state=state,
             states=None if state else ACTIVE_STATES,
@@ -379,14 +382,16 @@ class SessionService:
         owner's only: an admin reads and ends sessions, it does not talk to their bots)."""
         session = await self.get(principal, session_id)
         if session.user_id != principal.user:
-            raise NotFound(f"no session {session_id}", code="session-not-found")
+            raise NotFound(f"no session {session_id}", code=ErrorCode.SESSION_NOT_FOUND)
         rooms = self._rooms.get(session.transport)
         if rooms is None or not rooms.bot_routes:
-            raise NotFound(f"{session.transport} sessions have no bot routes", code="no-bot-routes")
+            raise NotFound(
+                f"{session.transport} sessions have no bot routes", code=ErrorCode.NO_BOT_ROUTES
+            )
         if session.state not in (State.DISPATCHED, State.READY):
             if session.state == State.STARTING:
-                raise Conflict("the session is starting", code="session-starting")
-            raise Gone(f"the session is {session.state}", code="session-ended")
+                raise Conflict("the session is starting", code=ErrorCode.SESSION_STARTING)
+            raise Gone(f"the session is {session.state}", code=ErrorCode.SESSION_ENDED)
         assert session.machine_id is not None
         ref = MachineRef(session.machine_id, session.region, session.machine_version)
         return lambda: self._machines.address(ref)

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from dispatcher.errors import BadRequest
+from dispatcher.errors import BadRequest, ErrorCode
 from dispatcher.http.input import MAX_JSON_DEPTH, json_object
 from dispatcher.rooms.daily import check_room_properties, check_token_properties
 
@@ -61,16 +61,16 @@ def parse_start(
         raise BadRequest(
             "transport daily with createDailyRoom false is not supported: every daily session "
             "gets its own room (send createDailyRoom true, or leave it out)",
-            code="room-required",
+            code=ErrorCode.ROOM_REQUIRED,
         )
     if transport not in TRANSPORTS:
         raise BadRequest(
-            f"transport must be one of {', '.join(TRANSPORTS)}", code="unknown-transport"
+            f"transport must be one of {', '.join(TRANSPORTS)}", code=ErrorCode.UNKNOWN_TRANSPORT
         )
     body = data.get("body", {})
     if len(json.dumps(body, separators=(",", ":"))) > MAX_SESSION_BODY_BYTES:
         raise BadRequest(
-            f"body is over {MAX_SESSION_BODY_BYTES} bytes as JSON", code="body-too-large"
+            f"body is over {MAX_SESSION_BODY_BYTES} bytes as JSON", code=ErrorCode.BODY_TOO_LARGE
         )
     return StartRequest(
         transport=transport,
@@ -85,7 +85,7 @@ def parse_start(
 def _boolean(data: dict[str, Any], key: str) -> bool | None:
     value = data.get(key)
     if value is not None and not isinstance(value, bool):
-        raise BadRequest(f"{key} must be a boolean", code="invalid-type")
+        raise BadRequest(f"{key} must be a boolean", code=ErrorCode.INVALID_TYPE)
     return value
 
 
@@ -94,7 +94,7 @@ def _object(data: dict[str, Any], key: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise BadRequest(f"{key} must be an object", code="invalid-type")
+        raise BadRequest(f"{key} must be an object", code=ErrorCode.INVALID_TYPE)
     return value
 
 
@@ -102,10 +102,13 @@ def _region(value: Any, allowed: tuple[str, ...]) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not _REGION.match(value):
-        raise BadRequest("region must be a Fly region code such as 'iad'", code="invalid-type")
+        raise BadRequest(
+            "region must be a Fly region code such as 'iad'", code=ErrorCode.INVALID_TYPE
+        )
     if value not in allowed:
         choices = ", ".join(allowed) or "none: FLY_REGION is not set"
         raise BadRequest(
-            f"region {value!r} is not allowed (allowed: {choices})", code="region-not-allowed"
+            f"region {value!r} is not allowed (allowed: {choices})",
+            code=ErrorCode.REGION_NOT_ALLOWED,
         )
     return value

@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dispatcher.config import Settings
-from dispatcher.errors import BadRequest, Unauthorized
+from dispatcher.errors import BadRequest, ErrorCode, Unauthorized
 from dispatcher.http.input import json_object
 from dispatcher.lifecycle import EndReason, end_from_room
 from dispatcher.logs import session_context
@@ -61,8 +61,6 @@ ENDING_EVENTS = {
     "meeting.ended": EndReason.MEETING_ENDED,
     "participant.left": EndReason.PARTICIPANT_LEFT,
 }
-INVALID_SIGNATURE = "invalid-signature"
-STALE_WEBHOOK = "stale-webhook"
 
 
 def decode_secret(secret: str) -> bytes:
@@ -121,20 +119,26 @@ def verify(
     """
     if not signature or not timestamp:
         raise Unauthorized(
-            "X-Webhook-Signature and X-Webhook-Timestamp are required", code=INVALID_SIGNATURE
+            "X-Webhook-Signature and X-Webhook-Timestamp are required",
+            code=ErrorCode.INVALID_SIGNATURE,
         )
     try:
         given = base64.b64decode(signature.strip(), validate=True)
     except ValueError:
-        raise Unauthorized("X-Webhook-Signature is not base64", code=INVALID_SIGNATURE) from None
+        raise Unauthorized(
+            "X-Webhook-Signature is not base64", code=ErrorCode.INVALID_SIGNATURE
+        ) from None
     if not hmac.compare_digest(given, _digest(key, timestamp, body)):
-        raise Unauthorized("the webhook signature does not verify", code=INVALID_SIGNATURE)
+        raise Unauthorized(
+            "the webhook signature does not verify", code=ErrorCode.INVALID_SIGNATURE
+        )
     sent_at = timestamp_seconds(timestamp)
     if sent_at is None:
-        raise Unauthorized("X-Webhook-Timestamp is not a time", code=INVALID_SIGNATURE)
+        raise Unauthorized("X-Webhook-Timestamp is not a time", code=ErrorCode.INVALID_SIGNATURE)
     if abs(now - sent_at) > tolerance_s:
         raise Unauthorized(
-            f"the webhook was sent more than {tolerance_s:.0f} s from now", code=STALE_WEBHOOK
+            f"the webhook was sent more than {tolerance_s:.0f} s from now",
+            code=ErrorCode.STALE_WEBHOOK,
         )
     return sent_at
 

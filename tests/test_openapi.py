@@ -3,10 +3,13 @@ else, and that the dispatcher's real answers match."""
 
 from __future__ import annotations
 
+import ast
 import base64
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +19,13 @@ import pytest
 from openapi_spec_validator import validate
 from starlette.routing import Route
 
+import dispatcher
+import dispatcher.errors
 from dispatcher.app import create_app
 from dispatcher.config import Settings
+from dispatcher.errors import DispatcherError, ErrorCode, http_status
+from dispatcher.lifecycle import END_REASON_VALUES, STATE_VALUES
 from dispatcher.openapi.document import openapi_document
-from dispatcher.openapi.enums import SESSION_STATES
 from dispatcher.rooms.daily import ROOM_PROPERTIES, TOKEN_PROPERTIES
 from dispatcher.store import Session
 from tests.conftest import JWT_SECRET
@@ -38,6 +44,7 @@ FLY_ENV = dispatcher_env(
 ) | {"DAILY_WEBHOOK_SECRET": WEBHOOK_SECRET}
 SETTINGS = {
     "fly": FLY_ENV,
+    "fly-pool": FLY_ENV | {"POOL_SIZE": "1", "CORS_ORIGINS": "https://app.example"},
     "local": {},
     "local-jwt": {"JWT_SECRET": JWT_SECRET, "DAILY_API_KEY": "k" * 40},
 }
@@ -273,14 +280,14 @@ async def test_a_webrtc_start_matches_the_document(tmp_path: Path) -> None:
 
 def test_session_states_come_from_one_place() -> None:
     """The session's `state` and the list's `state` filter both take their enum from
-    `dispatcher.openapi.enums`."""
+    `dispatcher.lifecycle`."""
     document = openapi_document(Settings.from_env(FLY_ENV))
     session = document["components"]["schemas"]["Session"]["properties"]
-    assert session["state"]["enum"] == list(SESSION_STATES)
+    assert session["state"]["enum"] == list(STATE_VALUES)
     (state,) = [
         p for p in document["paths"]["/sessions"]["get"]["parameters"] if p["name"] == "state"
     ]
-    assert state["schema"]["enum"] == list(SESSION_STATES)
+    assert state["schema"]["enum"] == list(STATE_VALUES)
 
 
 def test_the_document_does_not_import_the_app() -> None:
@@ -293,3 +300,176 @@ def test_the_document_does_not_import_the_app() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+# How the document's prose names an error code: a kebab-case word in backticks.
+PROSE_CODE = re.compile(r"`([a-z]+(?:-[a-z]+)+)`")
+# An error answer's description names nothing else in backticks: any such word is a code.
+ANSWER_CODE = re.compile(r"`([a-z]+(?:-[a-z]+)*)`")
+
+
+def walk(node: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    """Every (key, value) pair of a JSON document, depth first."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield k, v
+            yield from walk(v, k)
+    elif isinstance(node, list):
+        for item in node:
+            yield from walk(item, key)
+
+
+def schema_values(schema: dict[str, Any]) -> set[str]:
+    """The values a schema names: its `enum`, its `const`s, and those of its `anyOf`/`oneOf`."""
+    values = set(schema.get("enum", ()))
+    values |= {schema["const"]} if "const" in schema else set()
+    for branch in (*schema.get("anyOf", ()), *schema.get("oneOf", ())):
+        values |= schema_values(branch)
+    return values - {None}
+
+
+def named_in(document: dict[str, Any]) -> dict[str, set[str]]:
+    """The states, end reasons and error codes the document names, wherever it names them:
+    schemas of `state`, `endReason` and `code` properties (and the `state` parameter), and codes
+    in its prose."""
+    named: dict[str, set[str]] = {"state": set(), "endReason": set(), "code": set()}
+    for key, value in walk(document):
+        if key == "properties":
+            for name in named.keys() & value.keys():
+                named[name] |= schema_values(value[name])
+        elif isinstance(value, dict) and value.get("in") == "query" and value["name"] == "state":
+            named["state"] |= schema_values(value["schema"])
+        elif isinstance(value, str):
+            named["code"] |= set(PROSE_CODE.findall(value))
+    return named
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_every_state_end_reason_and_error_code_is_named_and_nothing_else(name: str) -> None:
+    """The document names every state, every end reason and every error code of the code, and
+    no other: its enums, its `code` schemas and the codes in its prose are the registries'."""
+    named = named_in(openapi_document(Settings.from_env(SETTINGS[name])))
+    assert named["state"] == set(STATE_VALUES)
+    assert named["endReason"] == set(END_REASON_VALUES)
+    assert named["code"] == {code.value for code in ErrorCode}
+
+
+def test_the_error_schema_is_the_registry() -> None:
+    """The Error schema's `code` is every ErrorCode member, in order, with its statuses and
+    meaning."""
+    document = openapi_document(Settings.from_env(SETTINGS["fly-pool"]))
+    codes = document["components"]["schemas"]["Error"]["properties"]["code"]["oneOf"]
+    assert [c["const"] for c in codes] == [code.value for code in ErrorCode]
+    for entry, code in zip(codes, ErrorCode, strict=True):
+        assert entry["description"].endswith(code.meaning)
+        assert all(str(status) in entry["description"] for status in code.statuses)
+
+
+def error_answers(document: dict[str, Any]) -> Iterator[tuple[str, int, list[str], str]]:
+    """(operation, status, codes, description) of every error answer that lists its codes."""
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            for status, answer in operation["responses"].items():
+                if not status.isdigit() or int(status) < 400:
+                    continue
+                schema = answer["content"]["application/json"]["schema"]
+                codes = sorted(schema_values(next(iter(walk_code_schemas(schema)))))
+                yield f"{method.upper()} {path}", int(status), codes, answer["description"]
+
+
+def walk_code_schemas(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The schemas of `code` within an answer's schema."""
+    for key, value in walk(schema):
+        if key == "properties" and "code" in value:
+            yield value["code"]
+
+
+def test_each_error_answer_lists_codes_of_its_status() -> None:
+    """Every error answer names, in its schema and its description, codes that come with its
+    status, and only those."""
+    document = openapi_document(Settings.from_env(SETTINGS["fly-pool"]))
+    answers = list(error_answers(document))
+    assert len(answers) > 30
+    for operation, status, codes, description in answers:
+        assert codes, f"{operation} {status} lists no code"
+        for code in codes:
+            assert status in ErrorCode(code).statuses, f"{operation}: {code} is not a {status}"
+        assert sorted(ANSWER_CODE.findall(description)) == codes, f"{operation} {status}"
+
+
+# The classes of dispatcher/errors.py, by name, and how a raise site names a member.
+ERROR_CLASSES = {
+    name: cls
+    for name, cls in vars(dispatcher.errors).items()
+    if isinstance(cls, type) and issubclass(cls, DispatcherError)
+}
+
+
+def error_calls() -> Iterator[tuple[str, type[DispatcherError], ast.expr | None]]:
+    """Every construction of a dispatcher error in dispatcher/: (where, class, its `code=`)."""
+    package = Path(dispatcher.__file__).parent
+    for source in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                cls = ERROR_CLASSES.get(node.func.id)
+                if cls is not None:
+                    code = next((k.value for k in node.keywords if k.arg == "code"), None)
+                    yield f"{source.relative_to(package)}:{node.lineno}", cls, code
+
+
+def status_of(cls: type[DispatcherError]) -> int:
+    return http_status(cls.__new__(cls))
+
+
+def test_every_raise_names_a_registered_code_of_its_status() -> None:
+    """Every error the dispatcher makes carries an ErrorCode member (never a string) whose
+    statuses include its class's status: named at the raise, passed on from a parameter typed
+    ErrorCode, or its class's own."""
+    calls = list(error_calls())
+    assert len(calls) > 60
+    for where, cls, code in calls:
+        if code is None:
+            assert (
+                cls is dispatcher.errors.ConfigError
+                or "code" in vars(cls)
+                or any("code" in vars(base) for base in cls.__mro__[1:] if base is not Exception)
+            ), where
+            member = cls.code
+        elif isinstance(code, ast.Name):
+            continue  # a parameter typed ErrorCode (mypy checks what its callers pass)
+        else:
+            assert isinstance(code, ast.Attribute) and ast.unparse(code.value) == "ErrorCode", (
+                f"{where}: code={ast.unparse(code)} is not an ErrorCode member"
+            )
+            member = ErrorCode[code.attr]
+        if cls is dispatcher.errors.ConfigError:
+            continue  # raised at start-up, never answered
+        assert not member.statuses or status_of(cls) in member.statuses, (
+            f"{where}: {cls.__name__} answers {status_of(cls)}, {member} is {member.statuses}"
+        )
+
+
+def test_a_code_is_required_where_its_class_has_none() -> None:
+    """The classes without a code of their own refuse to be made without one, and those with one
+    answer with a code of their status."""
+    for cls in ERROR_CLASSES.values():
+        if "code" in vars(cls) or cls is DispatcherError:
+            assert status_of(cls) in cls.code.statuses, cls.__name__
+    with pytest.raises(TypeError):
+        dispatcher.errors.BadRequest("no code")  # type: ignore[call-arg]
+
+
+def test_the_http_api_page_lists_every_code_at_its_statuses() -> None:
+    """docs/http-api.md's error table names every ErrorCode member in the row of each of its
+    statuses, and no other code."""
+    page = (Path(__file__).parents[1] / "docs" / "http-api.md").read_text()
+    table = page[page.index("## Errors") : page.index("## Sessions and end reasons")]
+    rows = {
+        line.split("|")[1].strip(): set(ANSWER_CODE.findall(line.split("|")[2]))
+        for line in table.splitlines()
+        if line.startswith("| ") and not line.startswith("| status")
+    }
+    assert set().union(*rows.values()) == {code.value for code in ErrorCode}
+    for code in ErrorCode:
+        for status in code.statuses:
+            assert code.value in rows[str(status)], f"{code} is not in the {status} row"

@@ -7,7 +7,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from dispatcher.auth import bearer_token
-from dispatcher.errors import NotFound
+from dispatcher.errors import ErrorCode, NotFound
 from dispatcher.http.context import core, services
 from dispatcher.http.input import read_json_object, whole_number
 
@@ -24,7 +24,7 @@ def internal_only(request: Request) -> None:
     internal_port = core(request).settings.internal_port
     server = request.scope.get("server")
     if internal_port is not None and (server is None or server[1] != internal_port):
-        raise NotFound("not found", code="not-found")
+        raise NotFound("not found", code=ErrorCode.NOT_FOUND)
 
 
 async def bot_ready(request: Request) -> Response:
@@ -47,7 +47,7 @@ async def assignment(request: Request) -> Response:
         minimum=0,
         maximum=ASSIGNMENT_WAIT_S,
         default=ASSIGNMENT_WAIT_S,
-        code="invalid-wait",
+        code=ErrorCode.INVALID_WAIT,
     )
     answer = await services(request).callbacks.assignment(
         request.path_params["machine_id"], bearer_token(request.headers), float(wait)

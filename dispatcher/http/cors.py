@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dispatcher.errors import Forbidden, error_body
+from dispatcher.errors import ErrorCode, Forbidden, error_body
 
 ALLOW_HEADERS = "Authorization, Content-Type, Idempotency-Key"
 EXPOSE_HEADERS = "Retry-After"
@@ -81,7 +81,9 @@ class CORS:
             response: Response
             if allowed is None:
                 response = JSONResponse(
-                    error_body(Forbidden("this origin is not allowed", code="origin-not-allowed")),
+                    error_body(
+                        Forbidden("this origin is not allowed", code=ErrorCode.ORIGIN_NOT_ALLOWED)
+                    ),
                     status_code=403,
                     headers={"Vary": "Origin"},
                 )

@@ -10,9 +10,12 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from dispatcher.errors import DispatcherError, error_body, http_status
+from dispatcher.errors import DispatcherError, ErrorCode, error_body, http_status
 
 log = logging.getLogger(__name__)
+
+# The codes of Starlette's own refusals (no such route, method not allowed).
+_STARLETTE_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
 
 
 async def dispatcher_error(request: Request, exc: Exception) -> Response:
@@ -27,7 +30,7 @@ async def dispatcher_error(request: Request, exc: Exception) -> Response:
 async def http_error(request: Request, exc: Exception) -> Response:
     """Starlette's HTTPException (no such route, method not allowed) as a JSON error."""
     assert isinstance(exc, HTTPException)
-    code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+    code = _STARLETTE_CODES.get(exc.status_code, ErrorCode.HTTP_ERROR)
     return JSONResponse(
         error_body(DispatcherError(str(exc.detail), code=code)),
         status_code=exc.status_code,

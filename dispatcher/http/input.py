@@ -10,7 +10,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from dispatcher.errors import BadRequest, PayloadTooLarge
+from dispatcher.errors import BadRequest, ErrorCode, PayloadTooLarge
 
 # How deeply a JSON body may nest (a start's `body` is the deepest any route needs).
 MAX_JSON_DEPTH = 32
@@ -45,7 +45,7 @@ def json_object(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any
         return {}
     data = parse_json(raw, max_depth=max_depth)
     if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object", code="invalid-json")
+        raise BadRequest("request body must be a JSON object", code=ErrorCode.INVALID_JSON)
     return data
 
 
@@ -58,14 +58,14 @@ def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     except RecursionError:
         raise _too_deep(max_depth) from None
     except ValueError:
-        raise BadRequest("request body is not valid JSON", code="invalid-json") from None
+        raise BadRequest("request body is not valid JSON", code=ErrorCode.INVALID_JSON) from None
     if _depth(data) > max_depth:
         raise _too_deep(max_depth)
     return data
 
 
 def whole_number(
-    value: str | None, *, name: str, minimum: int, maximum: int, default: int, code: str
+    value: str | None, *, name: str, minimum: int, maximum: int, default: int, code: ErrorCode
 ) -> int:
     """A query or path value as a whole number from `minimum` to `maximum` (ASCII digits only:
     no sign, space or fraction), `default` when absent; anything else is 400 `code`."""
@@ -85,7 +85,7 @@ def whole_number(
 
 def _too_deep(max_depth: int) -> BadRequest:
     return BadRequest(
-        f"request body is nested deeper than {max_depth} levels", code="json-too-deep"
+        f"request body is nested deeper than {max_depth} levels", code=ErrorCode.JSON_TOO_DEEP
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from dispatcher.errors import Unavailable, error_body
+from dispatcher.errors import ErrorCode, Unavailable, error_body
 from dispatcher.http.bot import internal_only
 from dispatcher.http.context import core, running, services
 from dispatcher.metrics import CONTENT_TYPE
@@ -30,12 +30,12 @@ async def readyz(request: Request) -> Response:
     """Readiness: 503 while draining or while a backend does not answer."""
     s = services(request)
     if s.service.draining:
-        body = error_body(Unavailable("this dispatcher is draining", code="draining"))
+        body = error_body(Unavailable("this dispatcher is draining", code=ErrorCode.DRAINING))
         return JSONResponse({**body, "checks": {}}, status_code=503)
     checks = await s.readiness.status()
     if all(v == "ok" for v in checks.values()):
         return JSONResponse({"status": "ready", "checks": checks})
-    body = error_body(Unavailable("a backend is unreachable", code="backend-unavailable"))
+    body = error_body(Unavailable("a backend is unreachable", code=ErrorCode.BACKEND_UNAVAILABLE))
     return JSONResponse({**body, "checks": checks}, status_code=503)
 
 

@@ -23,6 +23,7 @@ from dispatcher.errors import (
     BotTimeout,
     BotUnreachable,
     DispatcherError,
+    ErrorCode,
     Gone,
     error_body,
 )
@@ -51,7 +52,7 @@ class ProxyAnswer:
 def check_path(path: str) -> str:
     """A proxied path: plain segments only (no `..`, no empty segment), at most 256 bytes."""
     if len(path) > 256 or not _PATH.match(path) or ".." in path.split("/"):
-        raise BadRequest(f"invalid session path {path!r}", code="invalid-path")
+        raise BadRequest(f"invalid session path {path!r}", code=ErrorCode.INVALID_PATH)
     return path
 
 
@@ -83,7 +84,7 @@ class BotProxy:
         while True:
             where = address()
             if where is None:
-                raise Gone("the session's bot has exited", code="bot-gone")
+                raise Gone("the session's bot has exited", code=ErrorCode.BOT_GONE)
             url = f"http://{where}/{path}" + (f"?{query}" if query else "")
             try:
                 response = await self._http.request(
@@ -114,7 +115,7 @@ def _answer(response: httpx.Response) -> ProxyAnswer:
     if response.status_code >= 400 and not content_type.startswith("application/json"):
         log.info("bot answered %s without a JSON body", response.status_code)
         body = error_body(
-            DispatcherError(f"the bot answered {response.status_code}", code="bot-error")
+            DispatcherError(f"the bot answered {response.status_code}", code=ErrorCode.BOT_ERROR)
         )
         return ProxyAnswer(response.status_code, json.dumps(body).encode(), "application/json")
     return ProxyAnswer(response.status_code, response.content, content_type)

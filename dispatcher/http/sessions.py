@@ -12,21 +12,20 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from dispatcher.errors import BadRequest, DispatcherError, http_status
+from dispatcher.errors import BadRequest, DispatcherError, ErrorCode, http_status
 from dispatcher.http.context import core, services
 from dispatcher.http.input import read_body, whole_number
 from dispatcher.http.proxy import MAX_PROXY_BODY_BYTES, check_path
 from dispatcher.idempotency import Idempotency
+from dispatcher.lifecycle import STATE_VALUES
 from dispatcher.logs import session_context
 from dispatcher.ratelimit import client_address
 from dispatcher.start import MAX_BODY_BYTES, parse_start
-from dispatcher.store import ACTIVE_STATES, TERMINAL_STATES
 
 log = logging.getLogger(__name__)
 
 MAX_LIST_LIMIT = 1000
 DEFAULT_LIST_LIMIT = 100
-SESSION_STATES = (*ACTIVE_STATES, *TERMINAL_STATES)
 MAX_IDEMPOTENCY_KEY = 255
 START_SPAN = {"http.request.method": "POST", "http.route": "/start"}
 # Where the pipecatcloud SDK posts a start (`PIPECAT_API_HOST` + this): the same start.
@@ -48,8 +47,8 @@ async def start(request: Request) -> Response:
             _outcome(span, http_status(exc), exc.code)
             raise
         except Exception:
-            metrics.start_failed("internal-error")
-            _outcome(span, 500, "internal-error")
+            metrics.start_failed(ErrorCode.INTERNAL_ERROR)
+            _outcome(span, 500, ErrorCode.INTERNAL_ERROR)
             raise
         metrics.started(time.monotonic() - began)
         _outcome(span, 200, "dispatched")
@@ -85,7 +84,7 @@ def idempotency_of(header: str | None, raw: bytes) -> Idempotency | None:
     if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
         raise BadRequest(
             f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters",
-            code="invalid-idempotency-key",
+            code=ErrorCode.INVALID_IDEMPOTENCY_KEY,
         )
     return Idempotency(key, hashlib.sha256(raw).hexdigest())
 
@@ -103,19 +102,21 @@ async def list_sessions(request: Request) -> Response:
     principal = await core(request).auth.authenticate(request.headers)
     query = request.query_params
     state = query.get("state") or None
-    if state is not None and state not in SESSION_STATES:
-        raise BadRequest(f"state must be one of {', '.join(SESSION_STATES)}", code="invalid-state")
+    if state is not None and state not in STATE_VALUES:
+        raise BadRequest(
+            f"state must be one of {', '.join(STATE_VALUES)}", code=ErrorCode.INVALID_STATE
+        )
     limit = whole_number(
         query.get("limit"),
         name="limit",
         minimum=1,
         maximum=MAX_LIST_LIMIT,
         default=DEFAULT_LIST_LIMIT,
-        code="invalid-limit",
+        code=ErrorCode.INVALID_LIMIT,
     )
     user = query.get("user") or None
     if user is not None and len(user) > 256:
-        raise BadRequest("user is at most 256 characters", code="invalid-user")
+        raise BadRequest("user is at most 256 characters", code=ErrorCode.INVALID_USER)
     found = await services(request).service.list_sessions(
         principal, state=state, user=user, limit=limit
     )

@@ -1,10 +1,11 @@
 """The OpenAPI 3.1 document of the public HTTP API, served at `/openapi.json`.
 
-Written as data, from the code's own constants (property allowlists, transports, limits, states)
-so that it cannot drift from what the handlers check; `tests/test_openapi.py` compares it with
-the app's routes and its answers, `tests/test_schemathesis.py` fuzzes the app with it. The bot
-callbacks (`/internal/...`) are private and the local mode's page is not an API: neither is
-described.
+Written as data, from the code's own constants (property allowlists, transports, limits, the
+lifecycle's states and end reasons, the error codes of `errors.ErrorCode`) so that it cannot drift
+from what the handlers check; `tests/test_openapi.py` compares it with the app's routes and its
+answers, `tests/test_schemathesis.py` fuzzes the app with it. The bot callbacks (`/internal/...`)
+are private (the bot contract, docs/bot-contract.md) and the local mode's page is not an API:
+neither is described as an operation, though the `Error` schema lists every code, theirs too.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import importlib.metadata
 from typing import Any
 
 from dispatcher.config import JWT_ALGORITHMS, Settings
+from dispatcher.errors import ErrorCode
 from dispatcher.http.proxy import METHODS
 from dispatcher.http.sessions import MAX_IDEMPOTENCY_KEY, MAX_LIST_LIMIT
+from dispatcher.openapi.enums import named
 from dispatcher.openapi.operations import (
     Security,
     healthz_operation,
@@ -75,7 +78,9 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "description": (
                 "A VM-per-session dispatcher for Pipecat voice bots on Fly.io Machines. Every "
                 'answer is JSON, errors included: `{"detail": "<human text>", "code": '
-                '"<stable-code>", "error": "<the same text>"}`.'
+                '"<stable-code>", "error": "<the same text>"}`; the `Error` schema lists every '
+                "code with the statuses it comes with, and an unexpected failure is 500 "
+                f"{named(ErrorCode.INTERNAL_ERROR)}."
             ),
         },
         "paths": paths,

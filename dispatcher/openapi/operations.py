@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from dispatcher.config import Settings
+from dispatcher.errors import ErrorCode as C
 from dispatcher.http.proxy import MAX_PROXY_BODY_BYTES
-from dispatcher.openapi.enums import SESSION_STATES
+from dispatcher.openapi.enums import named, session_state
 from dispatcher.openapi.parts import JSON, error_answers, json_answer, ref
 from dispatcher.rooms.daily import GEO_REGIONS
 from dispatcher.start import MAX_BODY_BYTES
@@ -29,7 +30,7 @@ def session_operations(session_id: dict[str, Any], secured: Security) -> dict[st
                 "200": json_answer("The session.", ref("Session")),
                 **error_answers(
                     401,
-                    (404, "`session-not-found` (also another user's session)"),
+                    (404, [(C.SESSION_NOT_FOUND, "also another user's session")]),
                     503,
                 ),
             },
@@ -47,10 +48,10 @@ def session_operations(session_id: dict[str, Any], secured: Security) -> dict[st
                 "202": json_answer("The session, now `ending` (or as it was).", ref("Session")),
                 **error_answers(
                     401,
-                    (404, "`session-not-found`"),
-                    (502, "`upstream-error`: stopping the machine failed"),
+                    (404, [C.SESSION_NOT_FOUND]),
+                    (502, [(C.UPSTREAM_ERROR, "stopping the machine failed")]),
                     503,
-                    (504, "`upstream-timeout`"),
+                    (504, [C.UPSTREAM_TIMEOUT]),
                 ),
             },
         },
@@ -95,27 +96,41 @@ def start_operation(settings: Settings, secured: Security, max_key: int) -> dict
             **error_answers(
                 (
                     400,
-                    "`invalid-idempotency-key`, `invalid-json`, `json-too-deep`, "
-                    "`invalid-type`, `unknown-transport`, `room-required`, "
-                    "`property-not-allowed`, `invalid-property`, `region-not-allowed`, "
-                    "`body-too-large`, `transport-unavailable`",
+                    [
+                        C.INVALID_IDEMPOTENCY_KEY,
+                        C.INVALID_JSON,
+                        C.JSON_TOO_DEEP,
+                        C.INVALID_TYPE,
+                        C.UNKNOWN_TRANSPORT,
+                        C.ROOM_REQUIRED,
+                        C.PROPERTY_NOT_ALLOWED,
+                        C.INVALID_PROPERTY,
+                        C.REGION_NOT_ALLOWED,
+                        C.BODY_TOO_LARGE,
+                        C.TRANSPORT_UNAVAILABLE,
+                    ],
                 ),
                 401,
                 (
                     409,
-                    "`idempotency-key-in-progress` (with Retry-After), `session-ended` (a "
-                    "DELETE won the race with the start)",
+                    [
+                        (C.IDEMPOTENCY_KEY_IN_PROGRESS, "with Retry-After"),
+                        (C.SESSION_ENDED, "a DELETE won the race with the start"),
+                    ],
                 ),
-                (413, f"`payload-too-large` (over {MAX_BODY_BYTES} bytes)"),
-                (422, "`idempotency-key-reused` (the same key with another body)"),
+                (413, [(C.PAYLOAD_TOO_LARGE, f"over {MAX_BODY_BYTES} bytes")]),
+                (422, [(C.IDEMPOTENCY_KEY_REUSED, "the same key with another body")]),
                 429,
-                (502, "`upstream-error`: Fly or Daily failed (the detail names which)"),
+                (502, [(C.UPSTREAM_ERROR, "Fly or Daily failed: the detail names which")]),
                 (
                     503,
-                    "`draining` (with Retry-After), `jwks-unavailable` (with Retry-After), "
-                    "`start-interrupted`",
+                    [
+                        (C.DRAINING, "with Retry-After"),
+                        (C.JWKS_UNAVAILABLE, "with Retry-After"),
+                        C.START_INTERRUPTED,
+                    ],
                 ),
-                (504, "`upstream-timeout`"),
+                (504, [C.UPSTREAM_TIMEOUT]),
             ),
         },
     }
@@ -152,7 +167,7 @@ def list_operation(secured: Security, max_limit: int) -> dict[str, Any]:
                 "name": "state",
                 "in": "query",
                 "required": False,
-                "schema": {"type": "string", "enum": list(SESSION_STATES)},
+                "schema": session_state(),
             },
             {
                 "name": "user",
@@ -170,9 +185,9 @@ def list_operation(secured: Security, max_limit: int) -> dict[str, Any]:
         "responses": {
             "200": json_answer("The sessions.", ref("SessionList")),
             **error_answers(
-                (400, "`invalid-state`, `invalid-limit`, `invalid-user`"),
+                (400, [C.INVALID_STATE, C.INVALID_LIMIT, C.INVALID_USER]),
                 401,
-                (403, "`admin-required`: the token lacks the admin role"),
+                (403, [(C.ADMIN_REQUIRED, "the token lacks the admin role")]),
                 503,
             ),
         },
@@ -210,22 +225,24 @@ def proxy_operation(method: str, session_id: dict[str, Any], secured: Security) 
             else {}
         ),
         "responses": {
-            **error_answers(
-                (400, "`invalid-path`, or the bot's own"),
-                401,
-                (
-                    404,
-                    "`session-not-found`, `no-bot-routes` (a daily session), or the bot's own",
-                ),
-                (409, "`session-starting`, or the bot's own"),
-                410,
-                (413, f"`payload-too-large` (over {MAX_PROXY_BODY_BYTES} bytes), or the bot's"),
-                (502, "`bot-unreachable`"),
-                503,
-                (504, "`bot-timeout`"),
+            **_or_the_bots(
+                error_answers(
+                    (400, [C.INVALID_PATH]),
+                    401,
+                    (404, [C.SESSION_NOT_FOUND, (C.NO_BOT_ROUTES, "a daily session")]),
+                    (409, [C.SESSION_STARTING]),
+                    410,
+                    (413, [(C.PAYLOAD_TOO_LARGE, f"over {MAX_PROXY_BODY_BYTES} bytes")]),
+                    (502, [C.BOT_UNREACHABLE]),
+                    503,
+                    (504, [C.BOT_TIMEOUT]),
+                )
             ),
             "default": {
-                "description": "The bot's answer, as it is.",
+                "description": (
+                    "The bot's answer, as it is (an error answer that is not JSON becomes "
+                    f"{named(C.BOT_ERROR)} at the bot's status)."
+                ),
                 "content": {"*/*": {"schema": {}}},
             },
         },
@@ -301,9 +318,9 @@ def webhook_operation(open_: Security) -> dict[str, Any]:
                 },
             ),
             **error_answers(
-                (400, "`invalid-json`, `json-too-deep`"),
-                (401, "`invalid-signature`, `stale-webhook`"),
-                (413, f"`payload-too-large` (over {MAX_WEBHOOK_BYTES} bytes)"),
+                (400, [C.INVALID_JSON, C.JSON_TOO_DEEP]),
+                (401, [C.INVALID_SIGNATURE, C.STALE_WEBHOOK]),
+                (413, [(C.PAYLOAD_TOO_LARGE, f"over {MAX_WEBHOOK_BYTES} bytes")]),
             ),
         },
     }
@@ -334,12 +351,13 @@ def readyz_operation(open_: Security) -> dict[str, Any]:
                 },
             ),
             "503": json_answer(
-                "`backend-unavailable` (with each backend's check) or `draining`.",
+                f"{named(C.BACKEND_UNAVAILABLE)} (with each backend's check) or "
+                f"{named(C.DRAINING)}.",
                 {
                     "type": "object",
                     "properties": {
                         "detail": {"type": "string"},
-                        "code": {"enum": ["backend-unavailable", "draining"]},
+                        "code": {"enum": [C.BACKEND_UNAVAILABLE.value, C.DRAINING.value]},
                         "error": {"type": "string"},
                         "checks": ref("Checks"),
                     },
@@ -349,3 +367,12 @@ def readyz_operation(open_: Security) -> dict[str, Any]:
             ),
         },
     }
+
+
+def _or_the_bots(answers: dict[str, Any]) -> dict[str, Any]:
+    """The proxy's error answers: the dispatcher's own, or the bot's JSON answer as it is."""
+    for answer in answers.values():
+        answer["description"] = answer["description"].removesuffix(".") + ", or the bot's own."
+        content = answer["content"][JSON]
+        content["schema"] = {"anyOf": [content["schema"], {"description": "The bot's answer."}]}
+    return answers

@@ -7,8 +7,9 @@ from typing import Any
 
 from dispatcher.callbacks import MAX_ERROR_CHARS
 from dispatcher.config import Settings
+from dispatcher.errors import ErrorCode as C
 from dispatcher.http.input import MAX_JSON_DEPTH
-from dispatcher.openapi.enums import SESSION_STATES, end_reason
+from dispatcher.openapi.enums import end_reason, error_code, named, session_state
 from dispatcher.openapi.parts import ref
 from dispatcher.rooms.daily import ROOM_PROPERTIES, TOKEN_PROPERTIES
 from dispatcher.rooms.daily_properties import Property
@@ -25,7 +26,7 @@ def schemas(settings: Settings) -> dict[str, Any]:
             "description": "Every error answer.",
             "properties": {
                 "detail": {"type": "string", "description": "Human text."},
-                "code": {"type": "string", "description": "A stable kebab-case code."},
+                "code": error_code(),
                 "error": {
                     "type": "string",
                     "description": (
@@ -81,7 +82,7 @@ def schemas(settings: Settings) -> dict[str, Any]:
             "description": "A session as the dispatcher follows it.",
             "properties": {
                 "sessionId": {"type": "string"},
-                "state": {"type": "string", "enum": list(SESSION_STATES)},
+                "state": session_state(),
                 "user": {"type": "string", "description": "The owner (the JWT's `sub`)."},
                 "transport": {"type": "string", "enum": list(TRANSPORTS)},
                 "region": nullable_string,
@@ -167,7 +168,7 @@ def _start_request(settings: Settings) -> dict[str, Any]:
     region["description"] = (
         "A Fly region of `FLY_REGION`, tried first."
         if regions
-        else "`FLY_REGION` is not set: any region is 400 `region-not-allowed`."
+        else f"`FLY_REGION` is not set: any region is 400 {named(C.REGION_NOT_ALLOWED)}."
     )
     return {
         "type": "object",
@@ -185,7 +186,7 @@ def _start_request(settings: Settings) -> dict[str, Any]:
                     "`true`: a daily session (its own room). `false` without `transport`: "
                     f"`{settings.roomless_transport}` here (webrtc where it is offered, else "
                     "a daily session with its own room, which the bot needs); with "
-                    "`transport: daily` it is 400 `room-required`."
+                    f"`transport: daily` it is 400 {named(C.ROOM_REQUIRED)}."
                 ),
             },
             "enableDefaultIceServers": {
@@ -202,7 +203,8 @@ def _start_request(settings: Settings) -> dict[str, Any]:
                 "enum": list(TRANSPORTS),
                 "description": (
                     f"Available here: {', '.join(settings.transports) or 'none'} (others are "
-                    f"400 `transport-unavailable`); default `{settings.default_transport}`."
+                    f"400 {named(C.TRANSPORT_UNAVAILABLE)}); default "
+                    f"`{settings.default_transport}`."
                 ),
             },
             "dailyRoomProperties": {

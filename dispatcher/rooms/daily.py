@@ -10,7 +10,7 @@ from typing import Any
 import jwt
 
 from dispatcher.config import Secret
-from dispatcher.errors import BadRequest, UpstreamError
+from dispatcher.errors import BadRequest, ErrorCode, UpstreamError
 from dispatcher.pacing import Pace
 from dispatcher.rooms import BotContract, RoomPlan
 from dispatcher.rooms.daily_api import DailyAPI, Domain
@@ -72,10 +72,12 @@ def _checked(props: dict[str, Any], allowed: dict[str, Property], field: str) ->
         rule = allowed.get(key)
         if rule is None:
             raise BadRequest(
-                f"{field}.{key} may not be set by a client", code="property-not-allowed"
+                f"{field}.{key} may not be set by a client", code=ErrorCode.PROPERTY_NOT_ALLOWED
             )
         if not rule.allows(value):
-            raise BadRequest(f"{field}.{key} must be {rule.expected}", code="invalid-property")
+            raise BadRequest(
+                f"{field}.{key} must be {rule.expected}", code=ErrorCode.INVALID_PROPERTY
+            )
     return props
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from dispatcher.errors import RetryLater
+from dispatcher.errors import ErrorCode, RetryLater
 from dispatcher.lifecycle import ACTIVE_STATES, TERMINAL_STATES, State
 from dispatcher.store.database import Database
 from dispatcher.store.schema import events, sessions
@@ -127,7 +127,7 @@ class SessionRows(Database):
                     f"this user already has {max_per_user} active sessions (the most "
                     "allowed): end one first",
                     retry_after=30,
-                    code="user-at-capacity",
+                    code=ErrorCode.USER_AT_CAPACITY,
                 )
             await conn.execute(sessions.insert().values(**asdict(session)))
             now = time.time()

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import statistics
 import sys
 import time
@@ -37,6 +36,8 @@ from pathlib import Path
 
 import httpx
 from aiohttp import web
+
+from testkit.net import free_port
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -57,12 +58,6 @@ POLL_S = 0.005
 STOP_TIMEOUT_S = 15
 
 Case = Callable[[], Awaitable[float]]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def base_env(dispatcher_url: str, bot: Path) -> dict[str, str]:

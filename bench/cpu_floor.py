@@ -47,13 +47,14 @@ import httpx
 import jwt
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from testkit.net import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.load import process_cpu_s  # noqa: E402
 from dispatcher.store import DISPATCHED, STARTING, Session, Store, engine_url  # noqa: E402
-from tests.procs import free_port  # noqa: E402
 
 TARGET_MS = 2.0
 SECRET = "cpu-floor-bench-secret-0123456789abcdef"  # noqa: S105 (a bench's own key)

@@ -51,21 +51,24 @@ from typing import Any
 import httpx
 import jwt
 
+from testkit.net import free_port
+from testkit.waits import wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import latency_profile  # noqa: E402
 from dispatcher import app as dispatcher_app  # noqa: E402
-from tests.conftest import JWT_SECRET  # noqa: E402
-from tests.harness import (  # noqa: E402
+from testkit.harness import (  # noqa: E402
     BOT_IMAGE,
+    JWT_SECRET,
     daily_emulator,
     dispatcher_env,
     emulators,
     fly_emulator,
 )
-from tests.procs import DispatcherProcess, free_port  # noqa: E402
+from testkit.procs import DispatcherProcess  # noqa: E402
 
 PROFILES = {"realistic": 1.0, "fast": 0.1}
 """Latency profiles: the recorded latencies times this factor ("fast" is for smoke tests)."""
@@ -73,7 +76,7 @@ LIMIT_SCALES = {"realistic": 1.0, "lifted": 1000.0}
 """Rate limits (and the dispatcher's create pacing) times this factor."""
 TERMINAL = ("ended", "failed")
 BOTS = ("testbot", "light")
-"""testbot: tests/fakes/images/testbot (checks the whole bot contract; ~60-100 ms of CPU a run,
+"""testbot: testkit/fakes/images/testbot (checks the whole bot contract; ~60-100 ms of CPU a run,
 mostly imports). light: the same callbacks over a raw socket, nothing checked (~20-30 ms)."""
 LIGHT_BOT = """import json, os, socket, time
 
@@ -342,16 +345,6 @@ async def wait_for_sessions(url: str, answers: list[Answer]) -> dict[str, dict[s
             await asyncio.gather(*(look(sid) for sid in todo))
             if any(seen[sid].get("state") not in TERMINAL for sid in todo):
                 await asyncio.sleep(POLL_S)
-
-
-async def wait_until(check: Any, within_s: float) -> bool:
-    """Poll `check()` until it is true or `within_s` passes; whether it became true."""
-    deadline = time.monotonic() + within_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.1)
-    return True
 
 
 def bot_image(bot: str, workdir: Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ bench/latency_profile.py (every figure with its source), N sessions at concurren
   user token. Its machine runs the test bot with the session in env, not on the command line
   (the test bot's contract), and the bot's callbacks go to a recorder run by this process.
 
-Bots are the test bot (tests/fakes/images/testbot), each a real process, simulating the real
+Bots are the test bot (testkit/fakes/images/testbot), each a real process, simulating the real
 bot's own work: its boot (imports, VAD: BOT_BOOT, measured) and its join of the room (BOT_JOIN,
 assumed). A pooled bot sleeps BOT_BOOT before it asks for its assignment (TESTBOT_BOOT_S) and
 BOT_JOIN after it; a cold bot sleeps both before its ready callback (`ready_delay_s`). Bots stay
@@ -65,7 +65,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -83,10 +83,9 @@ if str(ROOT) not in sys.path:
 
 from bench import latency_profile as lp  # noqa: E402
 from bench.load import percentile, process_cpu_s, start_headers, token  # noqa: E402
-from tests.fakes.common import serve  # noqa: E402
-from tests.fakes.daily import DailyEmulator  # noqa: E402
-from tests.fakes.fly import FlyEmulator  # noqa: E402
-from tests.harness import (  # noqa: E402
+from testkit.fakes.daily import DailyEmulator  # noqa: E402
+from testkit.fakes.fly import FlyEmulator  # noqa: E402
+from testkit.harness import (  # noqa: E402
     BOT_APP,
     BOT_IMAGE,
     DAILY_KEY,
@@ -96,7 +95,9 @@ from tests.harness import (  # noqa: E402
     emulators,
     fly_emulator,
 )
-from tests.procs import DispatcherProcess, free_port  # noqa: E402
+from testkit.net import free_port, serve  # noqa: E402
+from testkit.procs import DispatcherProcess  # noqa: E402
+from testkit.waits import wait_until  # noqa: E402
 
 PHASES = ("cold", "pool-suspended", "pool-stopped", "reference")
 POOL_MODES = {"pool-suspended": "suspended", "pool-stopped": "stopped"}
@@ -223,16 +224,6 @@ def ready_bots(fly: FlyEmulator) -> dict[str, str]:
             if match := READY_LINE.match(line):
                 found[match[1]] = match[2]
     return found
-
-
-async def wait_until(check: Callable[[], bool], within_s: float, tick_s: float = 0.02) -> bool:
-    """Poll `check()` until it is true or `within_s` passes; whether it became true."""
-    deadline = time.monotonic() + within_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(tick_s)
-    return True
 
 
 Mark = tuple[float, float | None, float | None]

@@ -26,9 +26,9 @@ from dispatcher import auth as auth_module
 from dispatcher.auth import Authenticator
 from dispatcher.config import Settings
 from dispatcher.errors import ConfigError, Unauthorized, Unavailable
-from tests.conftest import JWT_SECRET
-from tests.fakes.common import serve
-from tests.harness import dispatcher_stack, eventually
+from testkit.harness import JWT_SECRET, dispatcher_stack
+from testkit.net import serve
+from testkit.waits import eventually
 
 AUDIENCE, ISSUER = "dispatcher", "https://idp.example"
 

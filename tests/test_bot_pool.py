@@ -32,19 +32,19 @@ from bot_runtime.pool import (
     PoolEnv,
     is_pooled,
 )
-from tests.bot_process import (
+from testkit.bot_process import (
     BOOT_TIMEOUT_S,
     ROOT,
     SESSION_ID,
     BotProcess,
-    free_port,
     webrtc_env,
 )
+from testkit.fakes.recorder import CALLBACK_TOKEN, TRACEPARENT, CallbackRecorder
+from testkit.net import free_port
+from testkit.otlp_collector import OtlpCollector
+from testkit.waits import eventually
 from tests.bots import OWN_TRANSPORT
-from tests.fakes.recorder import CALLBACK_TOKEN, TRACEPARENT, CallbackRecorder
 from tests.fixtures.peer import Peer, Speaker, utterance
-from tests.harness import eventually
-from tests.otlp_collector import OtlpCollector
 
 POOL_TOKEN = "pool-secret-token-0123456789"
 MACHINE_ID = "148ed193b95e89"

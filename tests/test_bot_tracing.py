@@ -23,14 +23,14 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from bot_runtime.logs import MASK, JsonLogSink, TextLogSink
 from bot_runtime.tracing import ENDED_SPAN, Tracing, exporters, remote_parent
-from tests.bot_process import (
+from testkit.bot_process import (
     SESSION_ID,
     BotProcess,
     start_bot,
 )
-from tests.fakes.recorder import CallbackRecorder
-from tests.harness import eventually
-from tests.otlp_collector import OtlpCollector, Span
+from testkit.fakes.recorder import CallbackRecorder
+from testkit.otlp_collector import OtlpCollector, Span
+from testkit.waits import eventually
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN_ID = "00f067aa0ba902b7"

@@ -12,14 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.bot_process import (
+from testkit.bot_process import (
     BOOT_TIMEOUT_S,
     SESSION_ID,
     BotProcess,
     booted,
     start_bot,
 )
-from tests.fakes.recorder import CALLBACK_TOKEN, CallbackRecorder
+from testkit.fakes.recorder import CALLBACK_TOKEN, CallbackRecorder
 from tests.fixtures.peer import (
     Peer,
     Speaker,

@@ -7,7 +7,7 @@ examples, a bot that builds its own transport) under the bot runtime, named by B
 - the Fly emulator: bots are the processes of machines whose image holds the bot file, over
   Daily.
 Daily sessions join the Daily emulator through the daily-python stand-in
-(tests/fakes/daily_python); the user joins and leaves the room through the emulator.
+(testkit/fakes/daily_python); the user joins and leaves the room through the emulator.
 
 Every bot reaches `ready` and is ended three ways: by `DELETE` (the bot gets SIGTERM), by the
 session's time limit, and by the user leaving; each ends with its reason and exit code 0.
@@ -37,9 +37,11 @@ from dispatcher.pool_store import AVAILABLE, PoolRows
 from dispatcher.rooms.daily import daily_user_id
 from dispatcher.store import Store
 from dispatcher.webhooks import sign
-from tests.bots import DAILY_PYTHON, EXAMPLE, OWN_TRANSPORT, PIPECAT_STYLE
+from testkit.fakes import DAILY_PYTHON
+from testkit.harness import BOT_IMAGE, Stack, emulators, fly_emulator, run_dispatcher
+from testkit.waits import eventually
+from tests.bots import EXAMPLE, OWN_TRANSPORT, PIPECAT_STYLE
 from tests.fixtures.peer import Peer, Speaker
-from tests.harness import BOT_IMAGE, Stack, emulators, eventually, fly_emulator, run_dispatcher
 
 BOTS = {"example": EXAMPLE, "pipecat_style": PIPECAT_STYLE, "own_transport": OWN_TRANSPORT}
 # Generous for nine bots booting at once on two loaded cores; the time limit leaves the

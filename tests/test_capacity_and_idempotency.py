@@ -14,7 +14,8 @@ import pytest
 
 from dispatcher import sessions
 from dispatcher.store import ACTIVE_STATES, FAILED, Session, Store
-from tests.harness import Stack, daily_emulator, dispatcher_stack, eventually, fly_emulator
+from testkit.harness import Stack, daily_emulator, dispatcher_stack, fly_emulator
+from testkit.waits import eventually
 
 
 def machine_creates(stack: Stack) -> int:

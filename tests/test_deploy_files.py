@@ -494,7 +494,7 @@ def in_build_context(path: str) -> bool:
     "path",
     [
         "tests/test_config.py",
-        "tests/fakes/images/testbot/bot_runtime/__main__.py",
+        "testkit/fakes/images/testbot/bot_runtime/__main__.py",
         "tests/bots/pipecat_style/bot.py",
         "tests/fixtures/utterance_16k.wav",
         "bench/run.py",

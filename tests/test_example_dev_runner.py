@@ -21,9 +21,9 @@ import httpx
 import numpy as np
 import pytest
 
+from testkit.net import free_port
 from tests.bots import EXAMPLE
 from tests.fixtures.peer import Peer, Speaker, heard_echo
-from tests.procs import free_port
 
 BOOT_TIMEOUT_S = 60.0
 

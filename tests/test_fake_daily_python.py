@@ -1,6 +1,6 @@
-"""The daily-python stand-in (`tests/fakes/daily_python`) under Pipecat's real DailyTransport.
+"""The daily-python stand-in (`testkit/fakes/daily_python`) under Pipecat's real DailyTransport.
 
-Each test runs `tests/fakes/daily_python/audio_bot.py` in a subprocess with the stand-in first
+Each test runs `testkit/fakes/daily_python/audio_bot.py` in a subprocess with the stand-in first
 on PYTHONPATH, against a `DailyEmulator` served on loopback in the test's event loop, and reads
 the JSON events the bot prints. Waits are bounded by a deadline; nothing asserts on time taken.
 """
@@ -22,13 +22,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fakes.common import serve
-from tests.fakes.daily import DEFAULT_API_KEY, DailyEmulator
-from tests.procs import free_port
+from testkit.fakes import DAILY_PYTHON
+from testkit.fakes.daily import DEFAULT_API_KEY, DailyEmulator
+from testkit.net import free_port, serve
 
 ROOT = Path(__file__).resolve().parent.parent
-STAND_IN = ROOT / "tests" / "fakes" / "daily_python"
-BOT = STAND_IN / "audio_bot.py"
+BOT = DAILY_PYTHON / "audio_bot.py"
 DEADLINE_S = 60.0
 POLL_S = 0.05
 GREETING_BYTES = 16000 * 2 * 48 // 100
@@ -132,7 +131,7 @@ class Stage:
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.tmp),
             "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join([str(STAND_IN), str(ROOT)]),
+            "PYTHONPATH": os.pathsep.join([str(DAILY_PYTHON), str(ROOT)]),
             "DAILY_EMULATOR_URL": emulator or self.url,
         }
         argv = [str(BOT), room_url, *(["--token", token] if token else [])]
@@ -145,7 +144,7 @@ class Stage:
         run = BotRun(proc, stderr)
         self.bots.append(run)
         started = await run.wait_for("started")
-        assert Path(started["daily"]).is_relative_to(STAND_IN), started
+        assert Path(started["daily"]).is_relative_to(DAILY_PYTHON), started
         return run
 
     def in_room(self, room: str) -> set[str]:

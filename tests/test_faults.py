@@ -1,4 +1,4 @@
-"""Fault injection: the short chaos run (tests/chaos.py; the long one is bench/faults.py), and
+"""Fault injection: the short chaos run (testkit/chaos.py; the long one is bench/faults.py), and
 the failures it found, each pinned down on its own."""
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ import httpx
 import pytest
 
 from dispatcher.upstream import RetryPolicy
-from tests.chaos import FAULT_WEIGHTS, OOM, SIGKILL, run_chaos
-from tests.fakes.common import Fault
-from tests.harness import (
+from testkit.chaos import FAULT_WEIGHTS, OOM, SIGKILL, run_chaos
+from testkit.fakes.common import Fault
+from testkit.harness import (
     dispatcher_env,
     dispatcher_stack,
     emulators,
-    eventually,
     fly_emulator,
 )
-from tests.procs import DispatcherProcess, free_port
+from testkit.net import free_port
+from testkit.procs import DispatcherProcess
+from testkit.waits import eventually
 from tests.test_procs import headers
 
 

@@ -13,8 +13,8 @@ import respx
 from dispatcher.errors import UpstreamError, UpstreamTimeout
 from dispatcher.fly_api import ExitEvent, FlyAPI, auth_header
 from dispatcher.upstream import RetryPolicy, parse_retry_after
-from tests.fakes.common import serve
-from tests.harness import BOT_APP, BOT_IMAGE, FLY_TOKEN, fly_emulator
+from testkit.harness import BOT_APP, BOT_IMAGE, FLY_TOKEN, fly_emulator
+from testkit.net import serve
 
 BASE = "https://fly.test"
 APP = f"{BASE}/v1/apps/bots"

@@ -11,8 +11,8 @@ import pytest
 
 from dispatcher.callbacks import bot_error
 from dispatcher.start import MAX_BODY_BYTES
-from tests.conftest import JWT_SECRET
-from tests.harness import Stack, daily_emulator, dispatcher_stack, eventually
+from testkit.harness import JWT_SECRET, Stack, daily_emulator, dispatcher_stack
+from testkit.waits import eventually
 
 
 def upstream_untouched(stack: Stack) -> bool:

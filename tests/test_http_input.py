@@ -19,8 +19,8 @@ from dispatcher.http_input import MAX_JSON_DEPTH, json_object, parse_json, whole
 from dispatcher.pool_store import AVAILABLE, PoolRows
 from dispatcher.store import Store
 from dispatcher.webhooks import sign
-from tests.conftest import JWT_SECRET
-from tests.harness import Stack, dispatcher_stack, eventually
+from testkit.harness import JWT_SECRET, Stack, dispatcher_stack
+from testkit.waits import eventually
 
 # 4 KB of nested arrays: past the interpreter's recursion limit, within every route's size limit.
 NESTED = b"[" * 2048 + b"]" * 2048

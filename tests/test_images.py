@@ -20,7 +20,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,8 +31,8 @@ import httpx
 import pytest
 from packaging.requirements import Requirement
 
-from tests.fakes.common import serve
-from tests.harness import DAILY_KEY, FLY_TOKEN, daily_emulator, fly_emulator
+from testkit.harness import DAILY_KEY, FLY_TOKEN, daily_emulator, fly_emulator
+from testkit.net import free_port, serve
 from tests.test_deploy_files import (
     BOT_DOCKERFILE,
     DISPATCHER_DOCKERFILE,
@@ -131,13 +130,6 @@ def host_env() -> dict[str, str]:
         if outer or name.startswith(("UV_INTERNAL", "UV_RUN_RECURSION")):
             del env[name]
     return env
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- the network switched off --------------------------------------------------------------

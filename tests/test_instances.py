@@ -1,6 +1,6 @@
 """Several dispatcher instances on one PostgreSQL database.
 
-Two real dispatcher processes (tests/procs.py) share a fresh PostgreSQL database, the
+Two real dispatcher processes (testkit/procs.py) share a fresh PostgreSQL database, the
 DISPATCHER_NAME and the Fly and Daily emulators served in this process; each has its own port
 and its own DISPATCHER_URL, which the bots it starts call back. They share the sessions, the
 caps (MAX_SESSIONS, MAX_SESSIONS_PER_USER, checked atomically under an advisory lock) and one
@@ -22,11 +22,18 @@ import httpx
 import jwt
 
 from dispatcher.store import Store
-from tests.conftest import JWT_SECRET
-from tests.fakes.daily import DailyEmulator
-from tests.fakes.fly import FlyEmulator
-from tests.harness import daily_emulator, dispatcher_env, emulators, eventually, fly_emulator
-from tests.procs import DispatcherProcess, free_port
+from testkit.fakes.daily import DailyEmulator
+from testkit.fakes.fly import FlyEmulator
+from testkit.harness import (
+    JWT_SECRET,
+    daily_emulator,
+    dispatcher_env,
+    emulators,
+    fly_emulator,
+)
+from testkit.net import free_port
+from testkit.procs import DispatcherProcess
+from testkit.waits import eventually
 
 # Creates and lists unthrottled at the emulator (the dispatcher paces nothing either): the
 # subject here is the shared store, not Fly's rate limits.

@@ -18,16 +18,16 @@ from dispatcher.cli import listen
 from dispatcher.config import Settings
 from dispatcher.machines import BotSpec
 from dispatcher.machines.local import LocalMachines
-from tests.conftest import JWT_SECRET
-from tests.fakes.common import bind_loopback, serve
-from tests.harness import (
+from testkit.fakes import TESTBOT_DIR
+from testkit.harness import (
     DAILY_KEY,
-    TESTBOT_DIR,
+    JWT_SECRET,
     daily_emulator,
     dispatcher_env,
     dispatcher_stack,
-    eventually,
 )
+from testkit.net import bind_loopback, serve
+from testkit.waits import eventually
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -23,7 +23,8 @@ from dispatcher.machines import BotSpec, MachineExit, MachineRef
 from dispatcher.machines.local import LocalMachines
 from dispatcher.store import Event, Store
 from dispatcher.telemetry import Tracing
-from tests.harness import dispatcher_stack, emulators, eventually, run_dispatcher
+from testkit.harness import dispatcher_stack, emulators, run_dispatcher
+from testkit.waits import eventually
 
 # Reconciler passes every 0.2 s; a grace long enough that a bot ending on a loaded machine is
 # never SIGKILLed before it has reported.

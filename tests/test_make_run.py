@@ -31,9 +31,11 @@ import numpy as np
 import pytest
 
 from dispatcher.store import Event, Session, Store
+from testkit.fakes import TESTBOT_DIR
+from testkit.net import free_port
+from testkit.procs import REPO, DispatcherProcess
+from testkit.waits import eventually
 from tests.fixtures.peer import Peer, Speaker
-from tests.harness import TESTBOT_DIR, eventually
-from tests.procs import REPO, DispatcherProcess, free_port
 
 pytestmark = pytest.mark.timeout(600)
 

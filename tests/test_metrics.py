@@ -11,8 +11,9 @@ from dispatcher.app import create_app
 from dispatcher.config import Settings
 from dispatcher.metrics import Metrics
 from dispatcher.store import ACTIVE_STATES
-from tests.fakes.common import Fault
-from tests.harness import Stack, dispatcher_env, dispatcher_stack, eventually, fly_emulator
+from testkit.fakes.common import Fault
+from testkit.harness import Stack, dispatcher_env, dispatcher_stack, fly_emulator
+from testkit.waits import eventually
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

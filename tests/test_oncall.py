@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 
 from dispatcher.cli import main
-from tests.fakes.fly import FlyEmulator
-from tests.harness import (
+from testkit.fakes.fly import FlyEmulator
+from testkit.harness import (
     Stack,
     dispatcher_env,
     emulators,
-    eventually,
     fly_emulator,
     run_dispatcher,
 )
+from testkit.waits import eventually
 
 
 @contextlib.asynccontextmanager

@@ -21,18 +21,18 @@ from dispatcher.metrics import Metrics
 from dispatcher.pool import WARM_TIMEOUT_S, Pool
 from dispatcher.pool_store import AVAILABLE, CLAIMED, RETIRED, WARMING, PoolRows
 from dispatcher.store import Store
-from tests.fakes.common import Fault
-from tests.fakes.fly import FlyEmulator
-from tests.harness import (
+from testkit.fakes import TESTBOT_DIR
+from testkit.fakes.common import Fault
+from testkit.fakes.fly import FlyEmulator
+from testkit.harness import (
     BOT_IMAGE,
-    TESTBOT_DIR,
     Stack,
     dispatcher_stack,
     emulators,
-    eventually,
     fly_emulator,
     run_dispatcher,
 )
+from testkit.waits import eventually
 from tests.test_oncall import cli, cli_json, oncall_stack
 
 OTHER_IMAGE = "registry.fly.io/pipecat-bots:test-2"

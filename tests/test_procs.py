@@ -1,4 +1,4 @@
-"""The dispatcher-as-a-process harness (tests/procs.py): start, kill, restart, terminate, memory."""
+"""The dispatcher-as-a-process harness (testkit/procs.py): start, kill, restart, signal, memory."""
 
 from __future__ import annotations
 
@@ -12,9 +12,17 @@ import httpx
 import jwt
 import pytest
 
-from tests.conftest import JWT_SECRET
-from tests.harness import DAILY_KEY, FLY_TOKEN, dispatcher_env, emulators, eventually, fly_emulator
-from tests.procs import DispatcherProcess, free_port
+from testkit.harness import (
+    DAILY_KEY,
+    FLY_TOKEN,
+    JWT_SECRET,
+    dispatcher_env,
+    emulators,
+    fly_emulator,
+)
+from testkit.net import free_port
+from testkit.procs import DispatcherProcess
+from testkit.waits import eventually
 
 
 def headers(user: str = "user-1") -> dict[str, str]:

@@ -16,8 +16,8 @@ from dispatcher.config import Rate, Settings
 from dispatcher.errors import ConfigError, RetryLater, http_status
 from dispatcher.ratelimit import StartLimiter, client_address
 from dispatcher.store import Store
-from tests.conftest import JWT_SECRET
-from tests.harness import Stack, dispatcher_stack, eventually
+from testkit.harness import JWT_SECRET, Stack, dispatcher_stack
+from testkit.waits import eventually
 from tests.test_instances import two_instances
 
 # Each test turns on the limit it is about; the session caps stay out of the way.

@@ -39,11 +39,10 @@ from dispatcher.sessions import new_session_id
 from dispatcher.store import ENDED, ENDING, FAILED, READY, STARTING, Event, Session, Store
 from dispatcher.supervisor import Supervisor
 from dispatcher.telemetry import random_traceparent
-from tests.fakes.common import serve
-from tests.fakes.daily import DailyEmulator
-from tests.fakes.fly import ApiRequest, FlyEmulator, MachineRecord
-from tests.fakes.recorder import CallbackRecorder
-from tests.harness import (
+from testkit.fakes.daily import DailyEmulator
+from testkit.fakes.fly import ApiRequest, FlyEmulator, MachineRecord
+from testkit.fakes.recorder import CallbackRecorder
+from testkit.harness import (
     BOT_APP,
     DAILY_KEY,
     FAST_RETRY,
@@ -53,12 +52,13 @@ from tests.harness import (
     dispatcher_env,
     dispatcher_stack,
     emulators,
-    eventually,
     fly_emulator,
     run_dispatcher,
 )
+from testkit.net import serve
+from testkit.waits import eventually
 
-DISPATCHER = "test-dispatcher"  # DISPATCHER_NAME in tests.harness.dispatcher_env
+DISPATCHER = "test-dispatcher"  # DISPATCHER_NAME in testkit.harness.dispatcher_env
 LOOP = {"RECONCILE_INTERVAL_S": "0.3"}
 MACHINES = f"/v1/apps/{BOT_APP}/machines"
 

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.bot_process import (
+from testkit.bot_process import (
     BOOT_TIMEOUT_S,
     ROOT,
     SESSION_ID,
     STOP_TIMEOUT_S,
-    free_port,
     webrtc_env,
 )
-from tests.fakes.recorder import CALLBACK_TOKEN, DAILY_TOKEN, CallbackRecorder, contract_env
+from testkit.fakes.recorder import CALLBACK_TOKEN, DAILY_TOKEN, CallbackRecorder, contract_env
+from testkit.net import free_port
 
 UNREACHABLE_ROOM = "http://127.0.0.1:9/s-test1"
 

@@ -34,8 +34,14 @@ from schemathesis.specs.openapi.checks import (
 
 from dispatcher.config import Settings
 from dispatcher.openapi import openapi_document
-from tests.conftest import JWT_SECRET
-from tests.harness import Stack, dispatcher_env, dispatcher_stack, eventually, fly_emulator
+from testkit.harness import (
+    JWT_SECRET,
+    Stack,
+    dispatcher_env,
+    dispatcher_stack,
+    fly_emulator,
+)
+from testkit.waits import eventually
 
 MAX_EXAMPLES = 25
 # The operations that start a session (each one made is deleted at once).

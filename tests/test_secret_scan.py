@@ -18,8 +18,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from dispatcher.config import Settings
 from dispatcher.logs import JsonFormatter
 from dispatcher.telemetry import Tracing
-from tests.fakes.common import Fault
-from tests.harness import SECRETS, dispatcher_stack, eventually, fly_emulator
+from testkit.fakes.common import Fault
+from testkit.harness import SECRETS, dispatcher_stack, fly_emulator
+from testkit.waits import eventually
 
 
 def scan(haystacks: dict[str, str], needles: dict[str, str]) -> list[str]:

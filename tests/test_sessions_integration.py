@@ -13,8 +13,8 @@ import jwt
 import pytest
 
 from dispatcher.upstream import RetryPolicy
-from tests.fakes.fly import MachineRecord
-from tests.harness import (
+from testkit.fakes.fly import MachineRecord
+from testkit.harness import (
     BOT_APP,
     BOT_IMAGE,
     DAILY_KEY,
@@ -24,10 +24,10 @@ from tests.harness import (
     daily_emulator,
     dispatcher_stack,
     emulators,
-    eventually,
     fly_emulator,
     run_dispatcher,
 )
+from testkit.waits import eventually
 
 
 def live_machines(stack: Stack) -> list[object]:

@@ -582,7 +582,7 @@ def _others(cpu: dict[str, Any], cpus: int) -> float | None:
     if cpu["machine_busy"] is None or cpu["dispatcher_s"] is None:
         return None
     busy = cpu["machine_busy"] * cpu["wall_s"] * cpus
-    return max(0.0, busy - cpu["dispatcher_s"] - cpu["bench_s"] - cpu["bots_s"])
+    return max(0.0, float(busy - cpu["dispatcher_s"] - cpu["bench_s"] - cpu["bots_s"]))
 
 
 def _cpu(seconds: float | None) -> str:

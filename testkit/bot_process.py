@@ -22,6 +22,7 @@ SESSION_ID = "s-test1"
 # Generous bounds for a loaded machine: a bot boots in ~2 s, a stop takes ~1 s.
 BOOT_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
+WEBRTC_ARGV = ("--transport", "webrtc")
 
 
 @dataclass
@@ -83,7 +84,7 @@ def webrtc_env(dispatcher_url: str, port: int) -> dict[str, str]:
 async def start_bot(
     recorder: CallbackRecorder,
     tmp_path: Path,
-    argv: tuple[str, ...] = ("--transport", "webrtc"),
+    argv: tuple[str, ...] = WEBRTC_ARGV,
     **overrides: str | None,
 ) -> BotProcess:
     """Start the real bot with the webrtc contract env (Daily's variables removed)."""
@@ -113,7 +114,7 @@ async def booted(
     bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path, **overrides: str | None
 ) -> BotProcess:
     """A bot that listens for its offer."""
-    bot = await start_bot(recorder, tmp_path, **overrides)
+    bot = await start_bot(recorder, tmp_path, WEBRTC_ARGV, **overrides)
     bots.append(bot)
     assert await bot.listening(), bot.output()
     return bot

@@ -6,14 +6,12 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any
 
-T = TypeVar("T")
-
-Check = Callable[[], T | Awaitable[T]]
+Check = Callable[[], Any] | Callable[[], Awaitable[Any]]
 
 
-async def first_truthy(check: Check[T], within_s: float, tick_s: float = 0.05) -> T | None:
+async def first_truthy(check: Check, within_s: float, tick_s: float = 0.05) -> Any:
     """The first truthy result of `check()` (plain or async), polled every `tick_s` seconds;
     None when `within_s` seconds pass without one."""
     deadline = time.monotonic() + within_s
@@ -21,20 +19,20 @@ async def first_truthy(check: Check[T], within_s: float, tick_s: float = 0.05) -
         result = check()
         value = await result if inspect.isawaitable(result) else result
         if value:
-            return value  # type: ignore[return-value]
+            return value
         if time.monotonic() > deadline:
             return None
         await asyncio.sleep(tick_s)
 
 
-async def wait_until(check: Check[object], within_s: float, tick_s: float = 0.05) -> bool:
+async def wait_until(check: Check, within_s: float, tick_s: float = 0.05) -> bool:
     """Whether `check()` became true within `within_s` seconds."""
     return await first_truthy(check, within_s, tick_s) is not None
 
 
 async def eventually(
-    check: Check[T], timeout: float = 10.0, what: str = "condition", *, interval: float = 0.05
-) -> T:
+    check: Check, timeout: float = 10.0, what: str = "condition", *, interval: float = 0.05
+) -> Any:
     """The first truthy result of `check()` within `timeout` seconds; an AssertionError naming
     `what` after that."""
     result = await first_truthy(check, timeout, interval)

@@ -171,7 +171,6 @@ async def settled_roles(*instances: Instance) -> list[str]:
         roles = [await i.role() for i in instances]
         history.append(roles)
         recent = history[-ROLE_CHECKS:]
-        await asyncio.sleep(0.1)
         return (
             len(recent) == ROLE_CHECKS
             and roles.count("leader") == 1
@@ -179,7 +178,7 @@ async def settled_roles(*instances: Instance) -> list[str]:
         )
 
     try:
-        await eventually(settled, timeout=30, what="exactly one leader, stable")
+        await eventually(settled, timeout=30, what="exactly one leader, stable", interval=0.1)
     except AssertionError as exc:
         raise AssertionError(f"{exc}; last roles seen: {history[-ROLE_CHECKS:]}") from None
     return history[-1]

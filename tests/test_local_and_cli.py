@@ -80,11 +80,15 @@ async def test_local_bots_never_get_the_dispatchers_secrets(tmp_path: Path) -> N
 async def test_local_stop_escalates_to_sigkill(tmp_path: Path) -> None:
     """A local bot that ignores SIGTERM is killed after the grace period, exit 128+9."""
     machines = LocalMachines()
-    script = "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    ignoring = tmp_path / "ignoring-sigterm"
+    script = (
+        "import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"pathlib.Path({str(ignoring)!r}).touch(); time.sleep(60)"
+    )
     ref = await machines.launch(
         BotSpec(session_id="s-y", user="u", cmd=("python", "-c", script), env={})
     )
-    await asyncio.sleep(0.3)
+    await eventually(ignoring.exists, timeout=30, what="the bot to ignore SIGTERM")
     await machines.stop(ref, grace_s=1)
     exit = await machines.wait_exit(ref, 10)
     assert exit is not None and exit.exit_code == 137 and exit.requested_stop

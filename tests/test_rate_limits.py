@@ -294,10 +294,9 @@ async def test_starts_are_allowed_again_once_a_token_is_back(tmp_path: Path) -> 
                 accepted.append(answer)
                 return True
             assert_rate_limited(answer, at_most_s=3)
-            await asyncio.sleep(0.2)
             return False
 
-        await eventually(allowed_again, timeout=20, what="a start accepted again")
+        await eventually(allowed_again, timeout=20, what="a start accepted again", interval=0.2)
         assert made(stack) == (3, 3)
 
 

@@ -212,6 +212,7 @@ async def stop_session(bot: BotProcess, recorder: CallbackRecorder) -> None:
     assert ended.authorization == f"Bearer {CALLBACK_TOKEN}"
 
 
+@pytest.mark.slow
 async def test_preloads_then_runs_its_assignment(
     bots: list[BotProcess],
     recorder: CallbackRecorder,
@@ -300,6 +301,7 @@ async def test_refused_or_malformed_exits_2_without_callbacks(
     assert POOL_TOKEN not in bot.output()
 
 
+@pytest.mark.slow
 async def test_server_errors_and_dropped_connections_are_retried(
     bots: list[BotProcess],
     recorder: CallbackRecorder,
@@ -316,6 +318,7 @@ async def test_server_errors_and_dropped_connections_are_retried(
     assert bot.output().count("asking again in") == 3
 
 
+@pytest.mark.slow
 async def test_sigterm_while_waiting_exits_0_without_callbacks(
     bots: list[BotProcess],
     recorder: CallbackRecorder,
@@ -331,6 +334,7 @@ async def test_sigterm_while_waiting_exits_0_without_callbacks(
     assert "Stopped (sigterm) before any assignment" in bot.output()
 
 
+@pytest.mark.slow
 async def test_frozen_while_waiting_asks_again_once_resumed(
     bots: list[BotProcess],
     recorder: CallbackRecorder,
@@ -353,6 +357,7 @@ async def test_frozen_while_waiting_asks_again_once_resumed(
     assert "Paused for" in bot.output()
 
 
+@pytest.mark.slow
 async def test_traces_of_a_pooled_session_join_its_traceparent(
     bots: list[BotProcess],
     recorder: CallbackRecorder,
@@ -390,6 +395,7 @@ async def test_traces_of_a_pooled_session_join_its_traceparent(
         assert span["attributes"]["fly.machine.id"] == MACHINE_ID
 
 
+@pytest.mark.slow
 async def test_the_bots_module_is_imported_before_the_first_poll(
     bots: list[BotProcess],
     recorder: CallbackRecorder,

@@ -187,6 +187,7 @@ def assert_ended_cleanly(ended: dict[str, dict[str, Any]], where: str) -> None:
         assert found == ("ended", end, 0, None), (where, end, session)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)  # nine sessions booting at once, three of them to their time limit
 @pytest.mark.parametrize("name", BOTS)
 async def test_a_bot_file_runs_unchanged_on_both_backends(
@@ -296,6 +297,7 @@ async def available_pool_machine(stack: Stack) -> str:
     return found[0]
 
 
+@pytest.mark.slow
 async def test_a_pooled_bot_imports_the_teams_module_before_its_claim(tmp_path: Path) -> None:
     """On the Fly emulator with a warm pool of suspended machines, the pool machine's runtime
     imports the team's module (its marker written, once) before it asks for a session, so
@@ -341,6 +343,7 @@ async def deliver(stack: Stack, kind: str, room: str, **payload: Any) -> dict[st
     return dict(response.json())
 
 
+@pytest.mark.slow
 async def test_daily_sessions_are_ready_with_webhooks_configured(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

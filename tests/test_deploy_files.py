@@ -24,6 +24,9 @@ from dispatcher.app import create_app
 from dispatcher.config import Settings
 from dispatcher.machines import BOT_COMMAND
 
+# Its module-scoped fixtures are built once: on one xdist worker.
+pytestmark = pytest.mark.xdist_group("deploy_files")
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "tests" / "reference" / "fly-toml.schema.json"
 DISPATCHER_DOCKERFILE = ROOT / "Dockerfile.dispatcher"

@@ -119,6 +119,7 @@ async def wait_draining(http: httpx.AsyncClient) -> None:
     await eventually(draining, timeout=10, what="the dispatcher draining")
 
 
+@pytest.mark.slow
 async def test_sigterm_during_50_starts(tmp_path: Path) -> None:
     """SIGTERM during 50 starts in flight: while it drains /readyz and new starts answer 503
     `draining`; all 50 starts finish with 200; the process exits (-15) within the drain time;
@@ -257,6 +258,7 @@ async def test_sigterm_with_nothing_in_flight_exits_promptly(tmp_path: Path) -> 
     assert "dispatcher stopped" in log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cut", ["second-sigterm", "drain-timeout"])
 async def test_a_drain_cut_short(tmp_path: Path, cut: str) -> None:
     """A start that never finishes does not hold the process: a second SIGTERM during a long

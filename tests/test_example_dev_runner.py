@@ -81,6 +81,7 @@ async def runner(tmp_path: Path) -> AsyncIterator[DevRunner]:
             await proc.wait()
 
 
+@pytest.mark.slow
 async def test_the_example_answers_an_offer_and_greets_under_the_dev_runner(
     runner: DevRunner,
 ) -> None:

@@ -185,6 +185,7 @@ async def test_participants_route_lists_a_room(stage: Stage) -> None:
     assert missing.status_code == 404
 
 
+@pytest.mark.slow
 async def test_bot_joins_with_a_valid_token(stage: Stage) -> None:
     """A bot with a valid token fires on_joined and is in the emulator's room as its user ID."""
     url = await stage.room()
@@ -200,6 +201,7 @@ async def test_bot_joins_with_a_valid_token(stage: Stage) -> None:
     await run.exited_cleanly()
 
 
+@pytest.mark.slow
 async def test_user_joining_and_leaving_reach_the_bot(stage: Stage) -> None:
     """A user joining through the emulator fires the join events, and leaving the left ones."""
     url = await stage.room()
@@ -244,6 +246,7 @@ async def test_refused_join_fails_with_on_error(stage: Stage, problem: str) -> N
     assert stage.in_room("call") == set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ending", ["room-deleted", "ejected"])
 async def test_call_ending_underneath_makes_the_state_left(stage: Stage, ending: str) -> None:
     """A deleted room, or a token's ejection, ends the call: the state becomes left."""
@@ -258,6 +261,7 @@ async def test_call_ending_underneath_makes_the_state_left(stage: Stage, ending:
     assert stage.departure(bot) == ending
 
 
+@pytest.mark.slow
 async def test_bot_leaving_removes_it_from_the_room(stage: Stage) -> None:
     """A bot that ends (SIGTERM) leaves the room, which keeps its user, and exits cleanly."""
     url = await stage.room()
@@ -273,6 +277,7 @@ async def test_bot_leaving_removes_it_from_the_room(stage: Stage) -> None:
     assert stage.in_room("call") == {user}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("speaker", [False, True], ids=["user-tracks", "speaker"])
 async def test_audio_is_written_and_heard(stage: Stage, speaker: bool) -> None:
     """The bot's greeting is written in full, and the room's (silent) audio reaches the bot."""

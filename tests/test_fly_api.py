@@ -228,6 +228,7 @@ def test_retry_after_forms() -> None:
     assert 0 <= parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0  # type: ignore[operator]
 
 
+@pytest.mark.slow
 async def test_long_waits_do_not_block_other_calls() -> None:
     """Every followed session holds a connection in a long `wait`: with 120 of them pending,
     a `get` still goes through at once instead of queueing for a pooled connection."""

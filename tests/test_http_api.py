@@ -346,6 +346,7 @@ async def test_capacity_is_429_with_retry_after(tmp_path: Path) -> None:
         assert len(stack.fly.machines) == 1
 
 
+@pytest.mark.slow
 async def test_max_duration_ends_the_session(tmp_path: Path) -> None:
     """At SESSION_MAX_DURATION_S the bot gets SIGTERM and the session ends as max_duration."""
     async with dispatcher_stack(tmp_path, env={"SESSION_MAX_DURATION_S": "2"}) as stack:

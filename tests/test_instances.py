@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import jwt
+import pytest
 
 from dispatcher.store import Store
 from testkit.fakes.daily import DailyEmulator
@@ -187,6 +188,7 @@ async def settled_roles(*instances: Instance) -> list[str]:
 # -- visibility -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_session_started_on_one_instance_is_seen_and_deleted_on_the_other(
     tmp_path: Path, pg_database_url: str
 ) -> None:
@@ -225,6 +227,7 @@ async def test_a_session_started_on_one_instance_is_seen_and_deleted_on_the_othe
 # -- caps -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_max_sessions_counts_the_sessions_of_both_instances(
     tmp_path: Path, pg_database_url: str
 ) -> None:
@@ -252,6 +255,7 @@ async def test_max_sessions_counts_the_sessions_of_both_instances(
         assert await pair.store.count_active() == 3
 
 
+@pytest.mark.slow
 async def test_concurrent_starts_on_both_instances_never_exceed_max_sessions(
     tmp_path: Path, pg_database_url: str
 ) -> None:
@@ -277,6 +281,7 @@ async def test_concurrent_starts_on_both_instances_never_exceed_max_sessions(
         assert set(pair.daily.rooms) == accepted
 
 
+@pytest.mark.slow
 async def test_max_sessions_per_user_counts_the_sessions_of_both_instances(
     tmp_path: Path, pg_database_url: str
 ) -> None:
@@ -313,6 +318,7 @@ async def test_max_sessions_per_user_counts_the_sessions_of_both_instances(
 # -- leadership -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_one_reconciler_leader_and_handover(tmp_path: Path, pg_database_url: str) -> None:
     """RECONCILE_INTERVAL_S=0.3: exactly one instance leads. SIGKILL the leader: the other
     takes over, and its reconciler ends a session of the dead leader whose bot exited (no

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import jwt
+import pytest
 
 from dispatcher.cli import listen
 from dispatcher.config import Settings
@@ -245,6 +246,7 @@ async def test_bot_callbacks_only_on_the_internal_listener(tmp_path: Path) -> No
     assert f"bot callbacks on 127.0.0.1 port {internal} only" in output
 
 
+@pytest.mark.slow
 async def test_serve_refuses_bad_config_naming_the_variable() -> None:
     """A malformed setting stops start-up with exit code 2 and the variable's name."""
     async with dispatcher_process({"MAX_SESSIONS": "lots"}, 0) as proc:
@@ -254,6 +256,7 @@ async def test_serve_refuses_bad_config_naming_the_variable() -> None:
     assert "MAX_SESSIONS" in output and "Traceback" not in output
 
 
+@pytest.mark.slow
 async def test_serve_refuses_public_address_without_auth() -> None:
     """Without credentials, listening on a non-loopback address is refused."""
     async with dispatcher_process({}, 0, "--host", "0.0.0.0") as proc:

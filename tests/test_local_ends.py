@@ -187,6 +187,7 @@ def last_state(log: list[Event]) -> dict[str, Any]:
     return final.details
 
 
+@pytest.mark.slow
 async def test_bot_report_wins_over_a_stop_signal_after_it(tmp_path: Path) -> None:
     """A bot that reported `ended` with exit code 0 and is then killed by the stop the
     dispatcher sends (the reconciler's, for a session ending) is recorded with its own 0, not

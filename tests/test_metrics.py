@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dispatcher.app import create_app
@@ -42,6 +43,7 @@ def labelled(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], fl
     return {labels: v for (n, labels), v in samples.items() if n == name}
 
 
+@pytest.mark.slow
 async def test_metrics_after_a_scripted_run(tmp_path: Path) -> None:
     """One session ready then deleted, one crashing before ready, one ready timeout, one start
     refused at capacity, and a Fly create answered 429 once: the counters, histograms and the

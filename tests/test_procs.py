@@ -57,6 +57,7 @@ async def start_session(http: httpx.AsyncClient) -> str:
     return str(started.json()["sessionId"])
 
 
+@pytest.mark.slow
 async def test_kill_restart_terminate(tmp_path: Path) -> None:
     """A real process: healthy, a session ready, SIGKILL (-9), restarted on the same port with
     the session still there, the session deleted and ended, SIGTERM (-15), a log written."""
@@ -105,6 +106,7 @@ async def test_kill_restart_terminate(tmp_path: Path) -> None:
     assert DAILY_KEY not in log and FLY_TOKEN not in log and JWT_SECRET not in log
 
 
+@pytest.mark.slow
 async def test_process_on_a_fresh_postgresql_database(tmp_path: Path, pg_database_url: str) -> None:
     """`pg_database_url` is a database of its own that a dispatcher process can use."""
     port = free_port()

@@ -276,6 +276,7 @@ async def test_untrusted_proxy_headers_do_not_escape_the_limit(tmp_path: Path) -
         assert made(stack) == (1, 1)
 
 
+@pytest.mark.slow
 async def test_starts_are_allowed_again_once_a_token_is_back(tmp_path: Path) -> None:
     """START_RATE_PER_USER=2/6s (a token every 3 s): three starts at once, two accepted and
     one refused with Retry-After of at most 3 s; retried until accepted, it gets through."""
@@ -303,6 +304,7 @@ async def test_starts_are_allowed_again_once_a_token_is_back(tmp_path: Path) -> 
 # -- several instances ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_the_per_user_limit_holds_across_two_instances(
     tmp_path: Path, pg_database_url: str
 ) -> None:

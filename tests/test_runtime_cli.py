@@ -213,6 +213,7 @@ async def test_sigterm_during_a_hanging_join_ends_within_the_stop_timeout(
     assert ours and all(line["session_id"] == SESSION_ID for line in ours)
 
 
+@pytest.mark.slow
 async def test_the_idle_timeout_ends_the_session(recorder: CallbackRecorder) -> None:
     """BOT_IDLE_TIMEOUT_S reaches the example's worker (a webrtc session nobody joins): idle,
     the session ends idle_timeout, exit 0."""

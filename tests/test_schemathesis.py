@@ -43,6 +43,9 @@ from testkit.harness import (
 )
 from testkit.waits import eventually
 
+# Its module-scoped fixtures are built once: on one xdist worker.
+pytestmark = pytest.mark.xdist_group("schemathesis")
+
 MAX_EXAMPLES = 25
 # The operations that start a session (each one made is deleted at once).
 STARTS = ("POST /start", "POST /v1/public/{agent}/start")
@@ -191,6 +194,7 @@ schema = schemathesis.openapi.from_dict(
 )
 
 
+@pytest.mark.slow
 @schema.parametrize()
 def test_api(case: schemathesis.Case, live: LiveStack) -> None:
     """No 5xx, and every answer is one the document describes."""

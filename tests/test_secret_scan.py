@@ -33,6 +33,7 @@ def scan(haystacks: dict[str, str], needles: dict[str, str]) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 async def test_no_secret_leaves_its_place(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Sessions that end, crash and fail to start; then every trace of them is scanned: log
     records (and their JSON lines), spans, answers, requests, settings, the database."""

@@ -260,6 +260,7 @@ def test_the_environment_decides_whether_spans_are_exported() -> None:
     assert not Tracing().enabled
 
 
+@pytest.mark.slow
 async def test_the_real_bots_spans_join_the_dispatch_trace(
     tmp_path: Path,
     spans: Spans,

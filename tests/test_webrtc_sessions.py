@@ -171,6 +171,7 @@ async def test_ready_when_the_bot_is_connected(tmp_path: Path) -> None:
         await stack.wait_state(sid, "ready")
 
 
+@pytest.mark.slow
 async def test_offer_waits_for_a_bot_that_is_still_booting(tmp_path: Path) -> None:
     """An offer sent before the bot listens is retried until it does."""
     async with local_stack(tmp_path) as stack:

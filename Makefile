@@ -10,7 +10,7 @@ PORT ?= 7860
 # The project's environment, where `make run` installs a bot's BOT_REQUIREMENTS.
 VENV := $(or $(UV_PROJECT_ENVIRONMENT),.venv)
 
-.PHONY: run test sync uv lint web
+.PHONY: run test quick sync uv lint web
 
 uv:
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -39,8 +39,16 @@ lint: sync
 	$(UV) run ruff format --check .
 	$(UV) run mypy
 
+# Every test (CI runs this), on PYTEST_WORKERS xdist workers; tests whose module-scoped
+# fixtures are costly share one worker (xdist_group), hence --dist loadgroup.
+PYTEST_WORKERS ?= 2
 test: lint
-	$(UV) run pytest
+	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadgroup
+
+# The inner loop: every test but the slow, browser and image-replay ones (pytest markers),
+# without lint, on four workers (most tests wait on processes and sockets, not the CPU).
+quick: sync
+	$(UV) run pytest -n 4 --dist loadgroup -m "not slow and not browser and not image"
 
 # Rebuilds the web page into dispatcher/web/ (committed, so `make run` needs no npm). Only for
 # changes under web/: tests/test_web_assets.py fails when the committed build is stale.

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import statistics
 import sys
 import time
@@ -37,6 +36,9 @@ from pathlib import Path
 
 import httpx
 from aiohttp import web
+
+from bench.report import emit, percentile
+from testkit.net import free_port
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -57,12 +59,6 @@ POLL_S = 0.005
 STOP_TIMEOUT_S = 15
 
 Case = Callable[[], Awaitable[float]]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def base_env(dispatcher_url: str, bot: Path) -> dict[str, str]:
@@ -250,11 +246,6 @@ async def callback_sink() -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}"
 
 
-def p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-
-
 async def measure(runs: int, bot: Path) -> dict[str, list[float]]:
     """Each case's timings (seconds), `runs` of each after a warm-up round."""
     sink, dispatcher_url = await callback_sink()
@@ -297,7 +288,7 @@ def report(results: dict[str, list[float]], runs: int, bot: Path) -> str:
     for name, values in results.items():
         median = statistics.median(values)
         lines.append(
-            f"{name:<52} {median * 1000:>6.0f}ms {p95(values) * 1000:>6.0f}ms"
+            f"{name:<52} {median * 1000:>6.0f}ms {percentile(values, 95) * 1000:>6.0f}ms"
             f" {(median - own) * 1000:>+11.0f}ms {median / own:>5.2f}x"
         )
     return "\n".join(lines)
@@ -310,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         results = asyncio.run(measure(args.runs, args.bot.resolve()))
-        print(report(results, args.runs, args.bot.resolve()))
+        emit(report(results, args.runs, args.bot.resolve()))
 
 
 if __name__ == "__main__":

@@ -47,13 +47,11 @@ import httpx
 import jwt
 from sqlalchemy.ext.asyncio import create_async_engine
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench.report import emit, process_cpu_s
+from dispatcher.store import DISPATCHED, STARTING, Session, Store, engine_url
+from testkit.net import free_port
 
-from bench.load import process_cpu_s  # noqa: E402
-from dispatcher.store import DISPATCHED, STARTING, Session, Store, engine_url  # noqa: E402
-from tests.procs import free_port  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 TARGET_MS = 2.0
 SECRET = "cpu-floor-bench-secret-0123456789abcdef"  # noqa: S105 (a bench's own key)
@@ -339,9 +337,7 @@ def main() -> None:
         serve(args.serve)
         return
     report = asyncio.run(run_floor(args.n, args.warmup, args.database_url))
-    print(format_report(report))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+    emit(format_report(report), report, args.out)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ settled everything.
 
     .venv/bin/python bench/faults.py [--sessions 300] [--concurrency 16] [--seed 1] [--kills 3]
 
-The scenario is `tests/chaos.py` (its docstring says what is injected and how); `make test`
+The scenario is `testkit/chaos.py` (its docstring says what is injected and how); `make test`
 runs a short version of it (tests/test_faults.py). This prints the figures as a Markdown table:
 starts sent and accepted, refusals by status, what the clients sent again, the bots' scripted
 misbehaviour, faults injected by kind (answers spoiled, SIGKILLs, OOM kills), the emulators'
@@ -28,10 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from testkit.chaos import run_chaos
 
-from tests.chaos import run_chaos  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args() -> argparse.Namespace:

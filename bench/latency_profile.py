@@ -11,7 +11,7 @@ times, not how long an API call takes to answer.
     env |= latency_profile.dispatcher_pacing(scale_limits=1000)
     fly.secrets |= latency_profile.testbot_env()          # pooled test bots sleep BOT_BOOT
 
-`apply` configures a FlyEmulator and a DailyEmulator (tests/fakes); `dispatcher_pacing` gives the
+`apply` configures a FlyEmulator and a DailyEmulator (testkit/fakes); `dispatcher_pacing` gives the
 dispatcher's create pacing that matches the Fly create limit. BOT_BOOT and BOT_JOIN are the
 bot's own work (not an API's), for the benches' test bots to simulate.
 """
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tests.fakes.daily import DailyEmulator
-    from tests.fakes.fly import FlyEmulator
+    from testkit.fakes.daily import DailyEmulator
+    from testkit.fakes.fly import FlyEmulator
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ FLY_SUSPEND = Figure(
     "machine is suspended long before it is claimed)",
 )
 
-# The bot's own work, simulated by the benches' test bots (tests/fakes/images/testbot).
+# The bot's own work, simulated by the benches' test bots (testkit/fakes/images/testbot).
 BOT_BOOT = Figure(
     0.632,
     "measured: README 'Cold start' (bench/bot_cold_start.py --runs 10, one run, 2 cores): the "

@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import resource
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -51,21 +50,22 @@ from typing import Any
 import httpx
 import jwt
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench import latency_profile  # noqa: E402
-from dispatcher import app as dispatcher_app  # noqa: E402
-from tests.conftest import JWT_SECRET  # noqa: E402
-from tests.harness import (  # noqa: E402
+from bench import latency_profile
+from bench.report import emit, machine_busy, ms, pct, percentile, process_cpu_s, secs, summary
+from dispatcher import app as dispatcher_app
+from testkit.harness import (
     BOT_IMAGE,
+    JWT_SECRET,
     daily_emulator,
     dispatcher_env,
     emulators,
     fly_emulator,
 )
-from tests.procs import DispatcherProcess, free_port  # noqa: E402
+from testkit.net import free_port
+from testkit.procs import DispatcherProcess
+from testkit.waits import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PROFILES = {"realistic": 1.0, "fast": 0.1}
 """Latency profiles: the recorded latencies times this factor ("fast" is for smoke tests)."""
@@ -73,7 +73,7 @@ LIMIT_SCALES = {"realistic": 1.0, "lifted": 1000.0}
 """Rate limits (and the dispatcher's create pacing) times this factor."""
 TERMINAL = ("ended", "failed")
 BOTS = ("testbot", "light")
-"""testbot: tests/fakes/images/testbot (checks the whole bot contract; ~60-100 ms of CPU a run,
+"""testbot: testkit/fakes/images/testbot (checks the whole bot contract; ~60-100 ms of CPU a run,
 mostly imports). light: the same callbacks over a raw socket, nothing checked (~20-30 ms)."""
 LIGHT_BOT = """import json, os, socket, time
 
@@ -103,7 +103,6 @@ post("ended", {"reason": "completed", "exit_code": 0})
 """
 POLL_S = 1.0
 END_TIMEOUT_S = 180.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -143,44 +142,7 @@ class Answer:
         return str(self.status) if self.status == 200 else f"{self.status} {self.code or '-'}"
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) by the nearest-rank method."""
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))
-    return ordered[int(rank) - 1]
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    """p50, p90, p99 and max of some seconds."""
-    if not values:
-        return {}
-    return {
-        "p50": percentile(values, 50),
-        "p90": percentile(values, 90),
-        "p99": percentile(values, 99),
-        "max": max(values),
-    }
-
-
 # -- CPU accounting ----------------------------------------------------------------------------
-
-
-def process_cpu_s(pid: int) -> float | None:
-    """A running process's CPU time (user + system) from /proc/<pid>/stat."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    total = float(sum(values[:8]))
-    idle = values[3] + values[4]
-    return total - idle, total
 
 
 @dataclass
@@ -342,16 +304,6 @@ async def wait_for_sessions(url: str, answers: list[Answer]) -> dict[str, dict[s
             await asyncio.gather(*(look(sid) for sid in todo))
             if any(seen[sid].get("state") not in TERMINAL for sid in todo):
                 await asyncio.sleep(POLL_S)
-
-
-async def wait_until(check: Any, within_s: float) -> bool:
-    """Poll `check()` until it is true or `within_s` passes; whether it became true."""
-    deadline = time.monotonic() + within_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.1)
-    return True
 
 
 def bot_image(bot: str, workdir: Path) -> dict[str, Any]:
@@ -535,15 +487,7 @@ async def run_load(options: LoadOptions, workdir: Path | None = None) -> dict[st
 # -- the printout ------------------------------------------------------------------------------
 
 
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
-
-
-def _s(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds:.2f} s"
-
-
-def _dist(figures: dict[str, float], unit: Any = _s) -> str:
+def _dist(figures: dict[str, float], unit: Any = secs) -> str:
     if not figures:
         return "-"
     return "  ".join(f"{name} {unit(value)}" for name, value in figures.items())
@@ -562,9 +506,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['database']}, {o['bot']} bots that end {o['bot_seconds']:g} s after ready",
         f"machine: {m['cpus']} CPUs, {m['memory_gib']} GiB, Python {m['python']}; dispatcher, "
         "emulators + client, and bots share it",
-        f"profile: Fly create {_ms(fly_create)}, boot {_ms(boot)}, other Fly calls "
-        f"{_ms(0.05 * scale)}-{_ms(0.1 * scale)}; Daily create_room {_ms(room_create)}, other "
-        f"calls {_ms(0.15 * scale)}-{_ms(0.25 * scale)} (bench/latency_profile.py: sources)",
+        f"profile: Fly create {ms(fly_create)}, boot {ms(boot)}, other Fly calls "
+        f"{ms(0.05 * scale)}-{ms(0.1 * scale)}; Daily create_room {ms(room_create)}, other "
+        f"calls {ms(0.15 * scale)}-{ms(0.25 * scale)} (bench/latency_profile.py: sources)",
     ]
     for run in report["runs"]:
         lines += ["", *_format_run(run)]
@@ -584,7 +528,7 @@ def _format_run(run: dict[str, Any]) -> list[str]:
         f"{title}; dispatcher FLY_CREATE_RATE={pacing['FLY_CREATE_RATE']} (paced at {paced:.3g}/s)"
         f" FLY_CREATE_BURST={pacing['FLY_CREATE_BURST']} "
         f"CREATE_QUEUE_WAIT_S={pacing['CREATE_QUEUE_WAIT_S']}",
-        f"  answers           {run['starts']} in {_s(run['load_wall_s'])}: "
+        f"  answers           {run['starts']} in {secs(run['load_wall_s'])}: "
         f"{run['answers_per_s']:.1f}/s, of which 200: {run['sessions_per_s']:.1f}/s",
         "  status            "
         + ", ".join(f"{key}: {count}" for key, count in run["status"].items()),
@@ -594,24 +538,24 @@ def _format_run(run: dict[str, Any]) -> list[str]:
     ratio = run["p50_over_critical_path"]
     note = " (includes the wait in the create queue)" if run["mode"] == "realistic" else ""
     lines += [
-        f"  critical path     {_s(run['critical_path_s'])} (the slower of Fly create and Daily "
+        f"  critical path     {secs(run['critical_path_s'])} (the slower of Fly create and Daily "
         f"create_room); p50 of 200s / critical path = "
         + ("-" if ratio is None else f"{ratio:.2f}")
         + note,
         f"  time to ready     {_dist(run['ready_s'])} (session created -> bot's ready callback)",
         f"  dispatcher        peak RSS {run['peak_rss_bytes'] / 2**20:.0f} MiB; CPU "
-        f"{_cpu(cpu['dispatcher_s'])} over {_s(cpu['wall_s'])} of load "
+        f"{_cpu(cpu['dispatcher_s'])} over {secs(cpu['wall_s'])} of load "
         f"({_core(cpu['dispatcher_s'], cpu['wall_s'])}); "
         f"{_per(total['dispatcher_s'], run['starts'], 1000)} ms a start, "
         f"{_per(total['dispatcher_s'], run['sessions_started'], 1000)} ms a session, "
         "up to its end",
         f"  bench process     CPU {_cpu(cpu['bench_s'])} (emulators + client, "
         f"{_core(cpu['bench_s'], cpu['wall_s'])}); event loop lag "
-        f"{_dist({k: v for k, v in run['loop_lag_s'].items() if k in ('p99', 'max')}, _ms)}",
-        f"  whole machine     {_pct(cpu['machine_busy'])} busy during the load; until every "
+        f"{_dist({k: v for k, v in run['loop_lag_s'].items() if k in ('p99', 'max')}, ms)}",
+        f"  whole machine     {pct(cpu['machine_busy'])} busy during the load; until every "
         f"session ended: dispatcher {_cpu(total['dispatcher_s'])}, bench {_cpu(total['bench_s'])},"
         f" {run['fly']['machines_created']} bots {_cpu(total['bots_s'])}, other processes "
-        f"{_cpu(_others(total, run['cpus']))} CPU over {_s(total['wall_s'])}",
+        f"{_cpu(_others(total, run['cpus']))} CPU over {secs(total['wall_s'])}",
         f"  upstream          Fly: {run['fly']['machines_created']} machines created, "
         f"{run['fly']['requests']} requests, 429s {_counts(run['fly']['rate_limited'])}; "
         f"Daily: {run['daily']['rooms_created']} rooms created, {run['daily']['requests']} "
@@ -620,7 +564,7 @@ def _format_run(run: dict[str, Any]) -> list[str]:
     left = run["leftover"]
     lines.append(
         f"  end               sessions {_counts(run['session_states'])} within "
-        f"{_s(run['ended_after_s'])} after the last answer; left: {left['active_sessions']} "
+        f"{secs(run['ended_after_s'])} after the last answer; left: {left['active_sessions']} "
         f"active sessions, {left['live_machines']} machines, {left['bot_processes']} bot "
         f"processes; {left['rooms_not_yet_deleted']} rooms still queued for deletion at stop"
     )
@@ -638,11 +582,11 @@ def _others(cpu: dict[str, Any], cpus: int) -> float | None:
     if cpu["machine_busy"] is None or cpu["dispatcher_s"] is None:
         return None
     busy = cpu["machine_busy"] * cpu["wall_s"] * cpus
-    return max(0.0, busy - cpu["dispatcher_s"] - cpu["bench_s"] - cpu["bots_s"])
+    return max(0.0, float(busy - cpu["dispatcher_s"] - cpu["bench_s"] - cpu["bots_s"]))
 
 
 def _cpu(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds:.1f} s"
+    return secs(seconds, 1)
 
 
 def _per(total: float | None, count: int, unit: float = 1.0) -> str:
@@ -651,10 +595,6 @@ def _per(total: float | None, count: int, unit: float = 1.0) -> str:
 
 def _core(cpu_s: float | None, wall_s: float) -> str:
     return "-" if cpu_s is None or not wall_s else f"{cpu_s / wall_s:.2f} core"
-
-
-def _pct(fraction: float | None) -> str:
-    return "-" if fraction is None else f"{fraction * 100:.0f}%"
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -687,10 +627,7 @@ def main() -> None:
     )
     started = time.perf_counter()
     report = asyncio.run(run_load(options))
-    print(format_report(report))
-    print(f"\n(the whole run took {time.perf_counter() - started:.0f} s)")
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    emit(format_report(report), report, args.out, started=started)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ bench/latency_profile.py (every figure with its source), N sessions at concurren
   user token. Its machine runs the test bot with the session in env, not on the command line
   (the test bot's contract), and the bot's callbacks go to a recorder run by this process.
 
-Bots are the test bot (tests/fakes/images/testbot), each a real process, simulating the real
+Bots are the test bot (testkit/fakes/images/testbot), each a real process, simulating the real
 bot's own work: its boot (imports, VAD: BOT_BOOT, measured) and its join of the room (BOT_JOIN,
 assumed). A pooled bot sleeps BOT_BOOT before it asks for its assignment (TESTBOT_BOOT_S) and
 BOT_JOIN after it; a cold bot sleeps both before its ready callback (`ready_delay_s`). Bots stay
@@ -62,10 +62,9 @@ import platform
 import pstats
 import re
 import signal
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -77,16 +76,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench import latency_profile as lp  # noqa: E402
-from bench.load import percentile, process_cpu_s, start_headers, token  # noqa: E402
-from tests.fakes.common import serve  # noqa: E402
-from tests.fakes.daily import DailyEmulator  # noqa: E402
-from tests.fakes.fly import FlyEmulator  # noqa: E402
-from tests.harness import (  # noqa: E402
+from bench import latency_profile as lp
+from bench.load import start_headers, token
+from bench.report import emit, ms, process_cpu_s, summary
+from testkit.fakes.daily import DailyEmulator
+from testkit.fakes.fly import FlyEmulator
+from testkit.harness import (
     BOT_APP,
     BOT_IMAGE,
     DAILY_KEY,
@@ -96,7 +91,11 @@ from tests.harness import (  # noqa: E402
     emulators,
     fly_emulator,
 )
-from tests.procs import DispatcherProcess, free_port  # noqa: E402
+from testkit.net import free_port, serve
+from testkit.procs import DispatcherProcess
+from testkit.waits import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PHASES = ("cold", "pool-suspended", "pool-stopped", "reference")
 POOL_MODES = {"pool-suspended": "suspended", "pool-stopped": "stopped"}
@@ -201,14 +200,6 @@ def critical_paths(options: StartupOptions) -> dict[str, dict[str, float]]:
 # -- measuring ---------------------------------------------------------------------------------
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    """n, p50, p95, p99 and max of some seconds (nearest rank)."""
-    if not values:
-        return {}
-    figures = {f"p{q}": percentile(values, q) for q in (50, 95, 99)}
-    return {"n": len(values), **figures, "max": max(values)}
-
-
 def bot_script(phase: str, options: StartupOptions) -> dict[str, Any]:
     """The test bot's `testBot` script: ready after the simulated work left at its start."""
     work = lp.BOT_JOIN.value if phase in POOL_MODES else lp.BOT_BOOT.value + lp.BOT_JOIN.value
@@ -225,31 +216,13 @@ def ready_bots(fly: FlyEmulator) -> dict[str, str]:
     return found
 
 
-async def wait_until(check: Callable[[], bool], within_s: float, tick_s: float = 0.02) -> bool:
-    """Poll `check()` until it is true or `within_s` passes; whether it became true."""
-    deadline = time.monotonic() + within_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(tick_s)
-    return True
-
-
 Mark = tuple[float, float | None, float | None]
-
-
-def _cpu_of(stat: Path) -> float | None:
-    try:
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def mark(pid: int) -> Mark:
     """The moment, the dispatcher's CPU seconds so far (/proc/<pid>/stat: every thread, those
     ended included), and its main thread's (the event loop's)."""
-    return time.perf_counter(), process_cpu_s(pid), _cpu_of(Path(f"/proc/{pid}/task/{pid}/stat"))
+    return time.perf_counter(), process_cpu_s(pid), process_cpu_s(pid, pid)
 
 
 def cpu_window(pid: int, before: Mark) -> dict[str, float | None]:
@@ -774,7 +747,7 @@ async def run_reference(options: StartupOptions, workdir: Path) -> dict[str, Any
             60,
         )
     steps = {
-        name: summary([s.steps[name] for s in samples if name in s.steps])
+        name: summary([s.steps[name] for s in samples if name in s.steps], (50, 95, 99), count=True)
         for name in (
             "create_room",
             "bot_token",
@@ -803,10 +776,12 @@ def phase_report(
         "started": len(ok),
         "ready": len(ready),
         "errors": sorted({s.error for s in samples if s.error}),
-        "join_s": summary([s.join_s for s in ok if s.join_s is not None]),
-        "ready_s": summary(ready),
+        "join_s": summary([s.join_s for s in ok if s.join_s is not None], (50, 95, 99), count=True),
+        "ready_s": summary(ready, (50, 95, 99), count=True),
         "ready_dispatcher_s": summary(
-            [s.ready_dispatcher_s for s in ok if s.ready_dispatcher_s is not None]
+            [s.ready_dispatcher_s for s in ok if s.ready_dispatcher_s is not None],
+            (50, 95, 99),
+            count=True,
         ),
         "critical_path_s": critical_paths(options)[phase],
         **extra,
@@ -919,14 +894,10 @@ async def run_startup(options: StartupOptions, workdir: Path | None = None) -> d
     }
 
 
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.0f}"
-
-
 def _dist(figures: dict[str, float]) -> str:
     if not figures:
         return f"{'-':>6} {'-':>6} {'-':>6}"
-    return " ".join(f"{_ms(figures[q]):>6}" for q in ("p50", "p95", "p99"))
+    return " ".join(f"{ms(figures[q], ''):>6}" for q in ("p50", "p95", "p99"))
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -947,7 +918,7 @@ def format_report(report: dict[str, Any]) -> str:
         cpu = phase.get("cpu_ms_per_start")
         lines.append(
             f"{name:<15}{phase['ready']:>3}/{phase['sessions']:<3} {_dist(phase['join_s'])} "
-            f"{_ms(crit['join_s']):>6}  {_dist(phase['ready_s'])} {_ms(crit['ready_s']):>6}  "
+            f"{ms(crit['join_s'], ''):>6}  {_dist(phase['ready_s'])} {ms(crit['ready_s'], ''):>6}  "
             f"{'-' if cpu is None else f'{cpu:.2f}':>12}"
         )
     lines.append("")
@@ -979,7 +950,7 @@ def _phase_notes(name: str, phase: dict[str, Any]) -> list[str]:
     if phase.get("ready_dispatcher_s"):
         notes.append(
             f"{name}: ready as the dispatcher sees it (readyAt - createdAt) p50 "
-            f"{_ms(phase['ready_dispatcher_s']['p50'])} ms"
+            f"{ms(phase['ready_dispatcher_s']['p50'], '')} ms"
         )
     if pool := phase.get("pool"):
         notes.append(
@@ -991,8 +962,8 @@ def _phase_notes(name: str, phase: dict[str, Any]) -> list[str]:
         burst, follow, end = cpu["burst"], phase.get("cpu_ms_per_session_second_following"), None
         end = phase.get("cpu_ms_per_end")
         notes.append(
-            f"{name}: dispatcher CPU {_ms(burst['cpu_s'])} ms (other threads than the event "
-            f"loop's: {_ms(burst['other_threads_cpu_s'])} ms) over the {burst['wall_s']:.1f} s "
+            f"{name}: dispatcher CPU {ms(burst['cpu_s'], '')} ms (other threads than the event "
+            f"loop's: {ms(burst['other_threads_cpu_s'], '')} ms) over the {burst['wall_s']:.1f} s "
             f"burst; following {'-' if follow is None else f'{follow:.2f}'} ms per session-"
             f"second; ending {'-' if end is None else f'{end:.2f}'} ms per session"
         )
@@ -1013,7 +984,7 @@ def _phase_notes(name: str, phase: dict[str, Any]) -> list[str]:
     if steps := phase.get("steps_s"):
         notes.append(
             f"{name}: p50 at the end of each call (ms): "
-            + ", ".join(f"{k} {_ms(v.get('p50'))}" for k, v in steps.items())
+            + ", ".join(f"{k} {ms(v.get('p50'), '')}" for k, v in steps.items())
         )
     return notes
 
@@ -1054,10 +1025,7 @@ def main() -> None:
     )
     started = time.perf_counter()
     report = asyncio.run(run_startup(options))
-    print(format_report(report))
-    print(f"\n(the whole run took {time.perf_counter() - started:.0f} s)")
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    emit(format_report(report), report, args.out, started=started)
 
 
 if __name__ == "__main__":

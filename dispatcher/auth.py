@@ -51,10 +51,14 @@ class JWKS:
         http: httpx.AsyncClient,
         *,
         clock: Callable[[], float] = time.monotonic,
+        ttl_s: float = JWKS_TTL_S,
+        min_refresh_s: float = JWKS_MIN_REFRESH_S,
     ) -> None:
         self._url = url
         self._http = http
         self._clock = clock
+        self._ttl_s = ttl_s
+        self._min_refresh_s = min_refresh_s
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = -math.inf
         self._lock = asyncio.Lock()
@@ -62,10 +66,10 @@ class JWKS:
 
     async def key(self, kid: str | None, alg: str) -> jwt.PyJWK:
         """The key that signed a token (by its header's `kid` and `alg`)."""
-        if self._clock() - self._fetched_at > JWKS_TTL_S:
+        if self._clock() - self._fetched_at > self._ttl_s:
             await self._refresh(self._fetched_at)
         key = self._find(kid)
-        if key is None and self._clock() - self._fetched_at >= JWKS_MIN_REFRESH_S:
+        if key is None and self._clock() - self._fetched_at >= self._min_refresh_s:
             await self._refresh(self._fetched_at)
             key = self._find(kid)
         if key is None:
@@ -94,15 +98,15 @@ class JWKS:
                     raise ValueError("key set too large")
                 keys = _signing_keys(response.json())
             except (httpx.HTTPError, ValueError, jwt.PyJWTError) as exc:
-                # Keep what we have (and try again after JWKS_MIN_REFRESH_S); with nothing
+                # Keep what we have (and try again after min_refresh_s); with nothing
                 # cached, the caller cannot be told: the identity provider is unreachable.
                 log.warning("fetching the JWKS failed: %s", type(exc).__name__)
-                self._fetched_at = self._clock() - JWKS_TTL_S + JWKS_MIN_REFRESH_S
+                self._fetched_at = self._clock() - self._ttl_s + self._min_refresh_s
                 if not self._keys:
                     raise Unavailable(
                         "cannot verify tokens: the identity provider's keys are unreachable",
                         code=ErrorCode.JWKS_UNAVAILABLE,
-                        retry_after=JWKS_MIN_REFRESH_S,
+                        retry_after=self._min_refresh_s,
                     ) from None
                 return
             self._keys = keys
@@ -133,7 +137,14 @@ def _signing_keys(data: object) -> dict[str, jwt.PyJWK]:
 class Authenticator:
     """Verifies client credentials according to DISPATCHER_AUTH."""
 
-    def __init__(self, settings: Settings, *, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        http: httpx.AsyncClient | None = None,
+        jwks: JWKS | None = None,
+    ) -> None:
+        """`jwks` replaces the key set built from JWT_JWKS_URL (its clock and bounds given)."""
         self._mode = settings.auth
         self._key = settings.jwt_secret.reveal() if settings.jwt_secret else None
         self._algorithms = settings.jwt_algorithms
@@ -141,10 +152,10 @@ class Authenticator:
         self._issuer = settings.jwt_issuer
         self._admin_role = settings.jwt_admin_role
         self._http = http
-        self._own_http = http is None and settings.jwt_jwks_url is not None
+        self._own_http = jwks is None and http is None and settings.jwt_jwks_url is not None
         if self._own_http:
             self._http = httpx.AsyncClient(trust_env=False, follow_redirects=False)
-        self.jwks = (
+        self.jwks = jwks or (
             JWKS(settings.jwt_jwks_url, self._http)
             if settings.jwt_jwks_url and self._http is not None
             else None

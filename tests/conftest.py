@@ -9,31 +9,16 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from dispatcher.store import Store, engine_url
-from tests.fakes.common import serve
-from tests.fakes.recorder import CallbackRecorder
-from tests.otlp_collector import OtlpCollector
+from testkit.databases import PG_URL, pg_problem
+from testkit.fakes.recorder import CallbackRecorder
+from testkit.net import serve
+from testkit.otlp_collector import OtlpCollector
 
 if TYPE_CHECKING:
-    from tests.bot_process import BotProcess
-
-PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
-JWT_SECRET = "test-jwt-secret-" + "x" * 32
-
-
-async def _pg_reachable() -> str | None:
-    engine = create_async_engine(engine_url(PG_URL))
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(sa.text("SELECT 1"))
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    finally:
-        await engine.dispose()
-    return None
+    from testkit.bot_process import BotProcess
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -50,7 +35,7 @@ async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[Store
 
 async def _require_pg() -> None:
     """Skip when PostgreSQL is unreachable; fail instead under CI."""
-    problem = await _pg_reachable()
+    problem = await pg_problem()
     if problem:
         if os.environ.get("CI"):
             pytest.fail(f"PostgreSQL at {PG_URL} is required in CI: {problem}")
@@ -116,7 +101,7 @@ def otlp_collector() -> Iterator[OtlpCollector]:
 
 @pytest.fixture
 async def bots() -> AsyncIterator[list[BotProcess]]:
-    """Real bot runtime processes (tests/bot_process.py's `start_bot`) started by a test; killed
+    """Real bot runtime processes (testkit/bot_process.py's `start_bot`) started by a test; killed
     if a test leaves one running."""
     started: list[BotProcess] = []
     yield started

@@ -8,8 +8,7 @@ from typing import Any
 
 import jwt
 
-from tests.conftest import JWT_SECRET
-from tests.harness import Stack, dispatcher_stack
+from testkit.harness import JWT_SECRET, Stack, dispatcher_stack
 
 
 def token_headers(sub: str, **claims: Any) -> dict[str, str]:

@@ -10,7 +10,7 @@ import pytest
 from dispatcher.auth import Authenticator, hash_token, new_callback_token, token_matches
 from dispatcher.config import Settings
 from dispatcher.errors import Unauthorized
-from tests.conftest import JWT_SECRET
+from testkit.harness import JWT_SECRET
 
 
 def make_token(secret: str = JWT_SECRET, **claims: object) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -22,15 +23,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dispatcher import auth as auth_module
-from dispatcher.auth import Authenticator
+from dispatcher.auth import JWKS, Authenticator
 from dispatcher.config import Settings
 from dispatcher.errors import ConfigError, Unauthorized, Unavailable
-from tests.conftest import JWT_SECRET
-from tests.fakes.common import serve
-from tests.harness import dispatcher_stack, eventually
+from testkit.harness import JWT_SECRET, dispatcher_stack
+from testkit.net import serve
+from testkit.waits import eventually
 
 AUDIENCE, ISSUER = "dispatcher", "https://idp.example"
+MAX_AGE_S, MIN_REFRESH_S = 600.0, 10.0
 
 
 @dataclass
@@ -99,6 +100,29 @@ async def authn(idp: IdP) -> AsyncIterator[Authenticator]:
     await authenticator.aclose()
 
 
+@dataclass
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    now: float = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def timed(idp: IdP) -> AsyncIterator[tuple[Authenticator, Clock]]:
+    """An authenticator whose key set runs on a hand-moved clock: kept MAX_AGE_S, fetched again
+    for an unknown key id at most every MIN_REFRESH_S."""
+    clock = Clock()
+    settings = Settings.from_env(
+        {"JWT_JWKS_URL": idp.url, "JWT_AUDIENCE": AUDIENCE, "JWT_ISSUER": ISSUER}
+    )
+    async with httpx.AsyncClient(trust_env=False) as http:
+        jwks = JWKS(idp.url, http, clock=clock, ttl_s=MAX_AGE_S, min_refresh_s=MIN_REFRESH_S)
+        yield Authenticator(settings, jwks=jwks), clock
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
@@ -118,21 +142,20 @@ async def test_rs256_and_es256_tokens_of_the_provider(idp: IdP, authn: Authentic
     assert idp.fetches == 1
 
 
-async def test_a_rotated_key_is_fetched_once(
-    idp: IdP, authn: Authenticator, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_rotated_key_is_fetched_once(idp: IdP, timed: tuple[Authenticator, Clock]) -> None:
     """A token with a key id the cached set lacks makes one fetch (a rotation); garbage key ids
-    after that are refused without fetching again within JWKS_MIN_REFRESH_S."""
+    after that are refused without fetching again within the minimum refresh interval."""
+    authn, clock = timed
     await authn.authenticate(bearer(idp.token()))
     assert await refused(authn, idp.token(kid="rsa-2")) == "invalid-token"
-    assert idp.fetches == 1  # the set was fetched less than JWKS_MIN_REFRESH_S ago
-    monkeypatch.setattr(auth_module, "JWKS_MIN_REFRESH_S", 0.0)
+    assert idp.fetches == 1  # the set was fetched less than MIN_REFRESH_S ago
+    clock.now += MIN_REFRESH_S
     new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     idp.publish("rsa-2", new_key)
     rotated = idp.token(kid="rsa-2", key=new_key)
     assert (await authn.authenticate(bearer(rotated))).user == "user-1"
     assert idp.fetches == 2
-    monkeypatch.setattr(auth_module, "JWKS_MIN_REFRESH_S", 60.0)
+    clock.now += MIN_REFRESH_S / 2
     for n in range(5):
         assert await refused(authn, idp.token(kid=f"made-up-{n}")) == "invalid-token"
     assert idp.fetches == 2
@@ -226,21 +249,22 @@ async def test_hs256_beside_jwks_still_refuses_the_public_key_as_secret(idp: IdP
         await authenticator.aclose()
 
 
-async def test_an_unreachable_provider(
-    idp: IdP, authn: Authenticator, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_an_unreachable_provider(idp: IdP, timed: tuple[Authenticator, Clock]) -> None:
     """With no keys cached and the provider down: 503 jwks-unavailable (not a 401 that would
     log users out); once keys are cached, an outage keeps using them."""
+    authn, clock = timed
     idp.down = True
     with pytest.raises(Unavailable) as caught:
         await authn.authenticate(bearer(idp.token()))
     assert caught.value.code == "jwks-unavailable"
-    monkeypatch.setattr(auth_module, "JWKS_MIN_REFRESH_S", 0.0)
+    clock.now += MIN_REFRESH_S
     idp.down = False
     assert (await authn.authenticate(bearer(idp.token()))).user == "user-1"
+    assert idp.fetches == 2
     idp.down = True
-    monkeypatch.setattr(auth_module, "JWKS_TTL_S", 0.0)
+    clock.now += MAX_AGE_S + 1
     assert (await authn.authenticate(bearer(idp.token()))).user == "user-1"
+    assert idp.fetches == 3  # the stale set was fetched again, in vain, and kept
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.bot_cold_start import EXAMPLE, measure, report
 
 
+@pytest.mark.slow
 async def test_one_round_of_every_case_is_measured_and_reported() -> None:
     """One measured round: each case took some time, and the report has a line for each, with
     its time over the bot file's own imports."""

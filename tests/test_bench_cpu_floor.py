@@ -9,6 +9,7 @@ import pytest
 from bench.cpu_floor import TARGET_MS, format_report, run_floor
 
 
+@pytest.mark.slow
 async def test_cpu_floor_smoke(pg_database_url: str) -> None:
     """Every operation measured (100 calls: the server's CPU is read in 10 ms ticks; the sqlite3
     ones may still round to 0), the store on SQLite and PostgreSQL, each floor the sum of its

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench.load import LoadOptions, format_report, run_load
 
 STARTS = 10
 
 
+@pytest.mark.slow
 async def test_load_bench_smoke(tmp_path: Path) -> None:
     """Both limit modes: every start answered and counted, every 200 a session that ended on
     its own, nothing left running, and a printable report."""

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.startup import PHASES, StartupOptions, format_report, run_startup
 
 SESSIONS = 4
 
 
+@pytest.mark.slow
 async def test_startup_bench_smoke(tmp_path: Path) -> None:
     """Every phase: every session started and ready, ordered percentiles, a critical path, the
     dispatcher's CPU measured, every target computed, and a printable, JSON-able report."""
@@ -57,6 +60,7 @@ async def test_startup_bench_smoke(tmp_path: Path) -> None:
     assert "targets:" in text and all(name in text for name in PHASES)
 
 
+@pytest.mark.slow
 async def test_startup_bench_profiles_the_burst_and_the_starts_alone(tmp_path: Path) -> None:
     """--cprofile: one profile of the dispatcher's event loop per window, each with its own time
     by package and the dispatcher's functions, and a note for each in the printed report."""

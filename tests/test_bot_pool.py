@@ -32,19 +32,19 @@ from bot_runtime.pool import (
     PoolEnv,
     is_pooled,
 )
-from tests.bot_process import (
+from testkit.bot_process import (
     BOOT_TIMEOUT_S,
     ROOT,
     SESSION_ID,
     BotProcess,
-    free_port,
     webrtc_env,
 )
+from testkit.fakes.recorder import CALLBACK_TOKEN, TRACEPARENT, CallbackRecorder
+from testkit.net import free_port
+from testkit.otlp_collector import OtlpCollector
+from testkit.waits import eventually
 from tests.bots import OWN_TRANSPORT
-from tests.fakes.recorder import CALLBACK_TOKEN, TRACEPARENT, CallbackRecorder
 from tests.fixtures.peer import Peer, Speaker, utterance
-from tests.harness import eventually
-from tests.otlp_collector import OtlpCollector
 
 POOL_TOKEN = "pool-secret-token-0123456789"
 MACHINE_ID = "148ed193b95e89"
@@ -212,6 +212,7 @@ async def stop_session(bot: BotProcess, recorder: CallbackRecorder) -> None:
     assert ended.authorization == f"Bearer {CALLBACK_TOKEN}"
 
 
+@pytest.mark.slow
 async def test_preloads_then_runs_its_assignment(
     bots: list[BotProcess],
     recorder: CallbackRecorder,
@@ -300,6 +301,7 @@ async def test_refused_or_malformed_exits_2_without_callbacks(
     assert POOL_TOKEN not in bot.output()
 
 
+@pytest.mark.slow
 async def test_server_errors_and_dropped_connections_are_retried(
     bots: list[BotProcess],
     recorder: CallbackRecorder,
@@ -316,6 +318,7 @@ async def test_server_errors_and_dropped_connections_are_retried(
     assert bot.output().count("asking again in") == 3
 
 
+@pytest.mark.slow
 async def test_sigterm_while_waiting_exits_0_without_callbacks(
     bots: list[BotProcess],
     recorder: CallbackRecorder,
@@ -331,6 +334,7 @@ async def test_sigterm_while_waiting_exits_0_without_callbacks(
     assert "Stopped (sigterm) before any assignment" in bot.output()
 
 
+@pytest.mark.slow
 async def test_frozen_while_waiting_asks_again_once_resumed(
     bots: list[BotProcess],
     recorder: CallbackRecorder,
@@ -353,6 +357,7 @@ async def test_frozen_while_waiting_asks_again_once_resumed(
     assert "Paused for" in bot.output()
 
 
+@pytest.mark.slow
 async def test_traces_of_a_pooled_session_join_its_traceparent(
     bots: list[BotProcess],
     recorder: CallbackRecorder,
@@ -390,6 +395,7 @@ async def test_traces_of_a_pooled_session_join_its_traceparent(
         assert span["attributes"]["fly.machine.id"] == MACHINE_ID
 
 
+@pytest.mark.slow
 async def test_the_bots_module_is_imported_before_the_first_poll(
     bots: list[BotProcess],
     recorder: CallbackRecorder,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -11,6 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from testkit.net import free_port
 
 with warnings.catch_warnings():
     # pipecat.audio.utils imports audioop, deprecated in Python 3.11 (audioop-lts from 3.13).
@@ -60,12 +61,6 @@ class Served:
     connection: FakeConnection
     server: OfferServer
     http: httpx.AsyncClient
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def serve(connection: FakeConnection) -> tuple[OfferServer, str]:

@@ -23,14 +23,14 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from bot_runtime.logs import MASK, JsonLogSink, TextLogSink
 from bot_runtime.tracing import ENDED_SPAN, Tracing, exporters, remote_parent
-from tests.bot_process import (
+from testkit.bot_process import (
     SESSION_ID,
     BotProcess,
     start_bot,
 )
-from tests.fakes.recorder import CallbackRecorder
-from tests.harness import eventually
-from tests.otlp_collector import OtlpCollector, Span
+from testkit.fakes.recorder import CallbackRecorder
+from testkit.otlp_collector import OtlpCollector, Span
+from testkit.waits import eventually
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN_ID = "00f067aa0ba902b7"
@@ -94,6 +94,7 @@ def log_lines(bot: BotProcess) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 async def test_conversation_and_turns_join_the_dispatch_trace(
     bots: list[BotProcess],
     recorder: CallbackRecorder,
@@ -151,6 +152,7 @@ async def test_without_the_bots_tracing_the_runtime_traces_its_own_end(
     assert (resource["fly.machine.id"], resource["cloud.region"]) == (MACHINE_ID, REGION)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "env",
     [
@@ -175,6 +177,7 @@ async def test_nothing_is_exported(
     assert otlp_collector.spans() == []
 
 
+@pytest.mark.slow
 async def test_a_malformed_traceparent_starts_a_new_trace(
     bots: list[BotProcess],
     recorder: CallbackRecorder,
@@ -191,6 +194,7 @@ async def test_a_malformed_traceparent_starts_a_new_trace(
     assert all(line.get("trace_id") != TRACE_ID for line in log_lines(bot))
 
 
+@pytest.mark.slow
 async def test_log_lines_carry_the_session_machine_trace_and_span(
     bots: list[BotProcess],
     recorder: CallbackRecorder,

@@ -12,14 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.bot_process import (
+from testkit.bot_process import (
     BOOT_TIMEOUT_S,
     SESSION_ID,
     BotProcess,
     booted,
     start_bot,
 )
-from tests.fakes.recorder import CALLBACK_TOKEN, CallbackRecorder
+from testkit.fakes.recorder import CALLBACK_TOKEN, CallbackRecorder
 from tests.fixtures.peer import (
     Peer,
     Speaker,
@@ -45,6 +45,7 @@ async def peer() -> AsyncIterator[Peer]:
     await p.close()
 
 
+@pytest.mark.slow
 async def test_peer_hears_its_utterance_echoed_then_leaves(
     bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path, peer: Peer
 ) -> None:
@@ -91,6 +92,7 @@ async def test_peer_hears_its_utterance_echoed_then_leaves(
     assert ended.authorization == f"Bearer {CALLBACK_TOKEN}"
 
 
+@pytest.mark.slow
 async def test_sigterm_says_goodbye_and_exits_0(
     bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path, peer: Peer
 ) -> None:
@@ -108,6 +110,7 @@ async def test_sigterm_says_goodbye_and_exits_0(
     assert active_span(heard, 0.01) is not None, "no goodbye chime"
 
 
+@pytest.mark.slow
 async def test_sigterm_before_any_peer_exits_0(
     bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path
 ) -> None:
@@ -119,6 +122,7 @@ async def test_sigterm_before_any_peer_exits_0(
     assert recorder.of("ready") == []
 
 
+@pytest.mark.slow
 async def test_sigterm_while_booting_exits_0(
     bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path
 ) -> None:
@@ -136,6 +140,7 @@ async def test_sigterm_while_booting_exits_0(
     assert recorder.of("ready") == []
 
 
+@pytest.mark.slow
 async def test_max_duration_ends_the_session(
     bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path
 ) -> None:
@@ -146,6 +151,7 @@ async def test_max_duration_ends_the_session(
     assert [c.body for c in recorder.of("ended")] == [{"reason": "max_duration", "exit_code": 0}]
 
 
+@pytest.mark.slow
 async def test_signalling_routes_answer_json(
     bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path, peer: Peer
 ) -> None:
@@ -187,6 +193,7 @@ async def test_signalling_routes_answer_json(
     await refused(await bot.post(bad, method="PATCH"), 400, "invalid-candidate")
 
 
+@pytest.mark.slow
 async def test_no_secret_in_the_output(
     bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path
 ) -> None:

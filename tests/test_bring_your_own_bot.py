@@ -7,7 +7,7 @@ examples, a bot that builds its own transport) under the bot runtime, named by B
 - the Fly emulator: bots are the processes of machines whose image holds the bot file, over
   Daily.
 Daily sessions join the Daily emulator through the daily-python stand-in
-(tests/fakes/daily_python); the user joins and leaves the room through the emulator.
+(testkit/fakes/daily_python); the user joins and leaves the room through the emulator.
 
 Every bot reaches `ready` and is ended three ways: by `DELETE` (the bot gets SIGTERM), by the
 session's time limit, and by the user leaving; each ends with its reason and exit code 0.
@@ -36,9 +36,11 @@ from dispatcher import oncall
 from dispatcher.rooms.daily import daily_user_id
 from dispatcher.store import AVAILABLE, PoolRows, Store
 from dispatcher.webhooks import sign
-from tests.bots import DAILY_PYTHON, EXAMPLE, OWN_TRANSPORT, PIPECAT_STYLE
+from testkit.fakes import DAILY_PYTHON
+from testkit.harness import BOT_IMAGE, Stack, emulators, fly_emulator, run_dispatcher
+from testkit.waits import eventually
+from tests.bots import EXAMPLE, OWN_TRANSPORT, PIPECAT_STYLE
 from tests.fixtures.peer import Peer, Speaker
-from tests.harness import BOT_IMAGE, Stack, emulators, eventually, fly_emulator, run_dispatcher
 
 BOTS = {"example": EXAMPLE, "pipecat_style": PIPECAT_STYLE, "own_transport": OWN_TRANSPORT}
 # Generous for nine bots booting at once on two loaded cores; the time limit leaves the
@@ -184,6 +186,7 @@ def assert_ended_cleanly(ended: dict[str, dict[str, Any]], where: str) -> None:
         assert found == ("ended", end, 0, None), (where, end, session)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)  # nine sessions booting at once, three of them to their time limit
 @pytest.mark.parametrize("name", BOTS)
 async def test_a_bot_file_runs_unchanged_on_both_backends(
@@ -293,6 +296,7 @@ async def available_pool_machine(stack: Stack) -> str:
     return found[0]
 
 
+@pytest.mark.slow
 async def test_a_pooled_bot_imports_the_teams_module_before_its_claim(tmp_path: Path) -> None:
     """On the Fly emulator with a warm pool of suspended machines, the pool machine's runtime
     imports the team's module (its marker written, once) before it asks for a session, so
@@ -338,6 +342,7 @@ async def deliver(stack: Stack, kind: str, room: str, **payload: Any) -> dict[st
     return dict(response.json())
 
 
+@pytest.mark.slow
 async def test_daily_sessions_are_ready_with_webhooks_configured(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

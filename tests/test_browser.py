@@ -18,16 +18,18 @@ import json
 import os
 import re
 import signal
-import socket
 import time
 import wave
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+
+from testkit.net import free_port
+from testkit.waits import eventually
 
 if TYPE_CHECKING:
     from playwright.async_api import BrowserContext, Page, Route
@@ -92,12 +94,6 @@ def _require_chromium() -> None:
     pytest.skip(reason)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bot_pids(session_id: str) -> list[int]:
     """Processes whose environment carries SESSION_ID=<session_id>."""
     needle = f"SESSION_ID={session_id}".encode()
@@ -114,25 +110,11 @@ def bot_pids(session_id: str) -> list[int]:
     return pids
 
 
-async def eventually(
-    check: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.25
-) -> Any:
-    """The first truthy result of `check()` within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        last = await check()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
-        await asyncio.sleep(interval)
-
-
 class Dispatcher:
     """`make run PORT=<port>` in the repo root, as a newcomer runs it; its output collected."""
 
     def __init__(self, tmp_path: Path, env: dict[str, str] | None = None) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.lines: list[str] = []
         self.env = {k: v for k, v in os.environ.items() if not DISPATCHER_ENV.match(k)}
@@ -192,7 +174,7 @@ class Dispatcher:
         async def ready() -> bool:
             return (await self.session(session_id))["state"] == "ready"
 
-        await eventually(ready, END_TIMEOUT_S, f"session {session_id} to be ready")
+        await eventually(ready, END_TIMEOUT_S, f"session {session_id} to be ready", interval=0.25)
 
     async def wait_line(self, *parts: str) -> str:
         """The first line of the output holding every one of `parts`."""
@@ -200,7 +182,7 @@ class Dispatcher:
         async def line() -> str | None:
             return next((ln for ln in self.lines if all(p in ln for p in parts)), None)
 
-        return str(await eventually(line, END_TIMEOUT_S, f"a line with {parts}"))
+        return str(await eventually(line, END_TIMEOUT_S, f"a line with {parts}", interval=0.25))
 
     async def wait_ended(self, session_id: str) -> dict[str, Any]:
         """The session once `ended` (never `failed`), and its bot process gone."""
@@ -213,8 +195,10 @@ class Dispatcher:
         async def bot_gone() -> bool:
             return not bot_pids(session_id)
 
-        final = await eventually(ended, END_TIMEOUT_S, f"session {session_id} to end")
-        await eventually(bot_gone, END_TIMEOUT_S, f"the bot of {session_id} to exit")
+        final = await eventually(
+            ended, END_TIMEOUT_S, f"session {session_id} to end", interval=0.25
+        )
+        await eventually(bot_gone, END_TIMEOUT_S, f"the bot of {session_id} to exit", interval=0.25)
         return final
 
     async def stop(self) -> None:

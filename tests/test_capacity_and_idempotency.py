@@ -16,7 +16,8 @@ import pytest
 from dispatcher.errors import InProgress, http_status
 from dispatcher.idempotency import Idempotency, IdempotentStarts
 from dispatcher.store import ACTIVE_STATES, FAILED, Session, Store
-from tests.harness import Stack, daily_emulator, dispatcher_stack, eventually, fly_emulator
+from testkit.harness import Stack, daily_emulator, dispatcher_stack, fly_emulator
+from testkit.waits import eventually
 
 
 def machine_creates(stack: Stack) -> int:
@@ -176,6 +177,7 @@ async def test_create_pacing_refuses_past_the_queue_bound(tmp_path: Path) -> Non
         await end_all(stack, started)
 
 
+@pytest.mark.slow
 async def test_queued_creates_reach_fly_after_their_turn(tmp_path: Path) -> None:
     """Starts one after the other under a create pacing equal to Fly's own limit: each create
     that had to wait for its turn still reaches Fly after Fly's bucket refilled (no 429)."""
@@ -192,6 +194,7 @@ async def test_queued_creates_reach_fly_after_their_turn(tmp_path: Path) -> None
         await end_all(stack, started)
 
 
+@pytest.mark.slow
 async def test_create_retries_wait_for_their_turn_too(tmp_path: Path) -> None:
     """A create that failed (503, after using Fly's token) is retried in its own turn under the
     pacing, not at once into Fly's empty bucket: Fly never answers 429."""

@@ -6,7 +6,7 @@ import pytest
 
 from dispatcher.config import Settings, image_is_pinned
 from dispatcher.errors import ConfigError
-from tests.conftest import JWT_SECRET
+from testkit.harness import JWT_SECRET
 
 FLY = {
     "FLY_API_TOKEN": "fm2_secret-token",

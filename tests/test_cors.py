@@ -10,8 +10,8 @@ import pytest
 
 from dispatcher.config import Settings
 from dispatcher.errors import ConfigError
-from tests.harness import dispatcher_env, dispatcher_stack
-from tests.procs import DispatcherProcess
+from testkit.harness import dispatcher_env, dispatcher_stack
+from testkit.procs import DispatcherProcess
 from tests.test_config import FLY
 
 APP = "https://app.example.com"

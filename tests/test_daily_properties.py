@@ -19,9 +19,9 @@ from dispatcher.rooms.daily import DailyRooms
 from dispatcher.rooms.daily_api import DailyAPI
 from dispatcher.start import StartRequest, parse_start
 from dispatcher.upstream import RetryPolicy
-from tests.fakes.common import serve
-from tests.fakes.daily import DailyEmulator
-from tests.harness import Stack, dispatcher_stack
+from testkit.fakes.daily import DailyEmulator
+from testkit.harness import Stack, dispatcher_stack
+from testkit.net import serve
 
 KEY = "k" * 64
 FAST = RetryPolicy(attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)

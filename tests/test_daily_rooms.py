@@ -13,8 +13,8 @@ from dispatcher.errors import UpstreamError
 from dispatcher.rooms.daily import MAX_USER_ID, DailyRooms, daily_user_id
 from dispatcher.rooms.daily_api import DailyAPI
 from dispatcher.upstream import RetryPolicy
-from tests.fakes.common import serve
-from tests.fakes.daily import ROOM_PAGING, DailyEmulator, JoinRefused
+from testkit.fakes.daily import ROOM_PAGING, DailyEmulator, JoinRefused
+from testkit.net import serve
 
 KEY = "k" * 64
 FAST = RetryPolicy(attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)

@@ -24,6 +24,9 @@ from dispatcher.app import create_app
 from dispatcher.config import Settings
 from dispatcher.machines import BOT_COMMAND
 
+# Its module-scoped fixtures are built once: on one xdist worker.
+pytestmark = pytest.mark.xdist_group("deploy_files")
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "tests" / "reference" / "fly-toml.schema.json"
 DISPATCHER_DOCKERFILE = ROOT / "Dockerfile.dispatcher"
@@ -494,7 +497,7 @@ def in_build_context(path: str) -> bool:
     "path",
     [
         "tests/test_config.py",
-        "tests/fakes/images/testbot/bot_runtime/__main__.py",
+        "testkit/fakes/images/testbot/bot_runtime/__main__.py",
         "tests/bots/pipecat_style/bot.py",
         "tests/fixtures/utterance_16k.wav",
         "bench/run.py",

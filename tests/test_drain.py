@@ -1,6 +1,6 @@
 """Graceful drain of a dispatcher process on SIGTERM (cli.DrainingServer, SessionService.drain).
 
-The dispatcher runs as a real child process (tests/procs.py) against the Fly and Daily emulators
+The dispatcher runs as a real child process (testkit/procs.py) against the Fly and Daily emulators
 served in this process. The Fly emulator's create answers are held back by a gate until the test
 releases them (the machine itself is made at once, as when Fly's answer is slow), so the starts
 are in flight for as long as the test needs, with no sleeps.
@@ -19,11 +19,18 @@ import jwt
 import pytest
 
 from dispatcher.store import Store
-from tests.conftest import JWT_SECRET
-from tests.fakes.common import Latency
-from tests.fakes.fly import FlyEmulator
-from tests.harness import daily_emulator, dispatcher_env, emulators, eventually, fly_emulator
-from tests.procs import DispatcherProcess, free_port
+from testkit.fakes.common import Latency
+from testkit.fakes.fly import FlyEmulator
+from testkit.harness import (
+    JWT_SECRET,
+    daily_emulator,
+    dispatcher_env,
+    emulators,
+    fly_emulator,
+)
+from testkit.net import free_port
+from testkit.procs import DispatcherProcess
+from testkit.waits import eventually
 
 STARTS = 50
 DRAIN_TIMEOUT_S = 20.0
@@ -112,6 +119,7 @@ async def wait_draining(http: httpx.AsyncClient) -> None:
     await eventually(draining, timeout=10, what="the dispatcher draining")
 
 
+@pytest.mark.slow
 async def test_sigterm_during_50_starts(tmp_path: Path) -> None:
     """SIGTERM during 50 starts in flight: while it drains /readyz and new starts answer 503
     `draining`; all 50 starts finish with 200; the process exits (-15) within the drain time;
@@ -250,6 +258,7 @@ async def test_sigterm_with_nothing_in_flight_exits_promptly(tmp_path: Path) -> 
     assert "dispatcher stopped" in log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cut", ["second-sigterm", "drain-timeout"])
 async def test_a_drain_cut_short(tmp_path: Path, cut: str) -> None:
     """A start that never finishes does not hold the process: a second SIGTERM during a long

@@ -21,9 +21,9 @@ import httpx
 import numpy as np
 import pytest
 
+from testkit.net import free_port
 from tests.bots import EXAMPLE
 from tests.fixtures.peer import Peer, Speaker, heard_echo
-from tests.procs import free_port
 
 BOOT_TIMEOUT_S = 60.0
 
@@ -81,6 +81,7 @@ async def runner(tmp_path: Path) -> AsyncIterator[DevRunner]:
             await proc.wait()
 
 
+@pytest.mark.slow
 async def test_the_example_answers_an_offer_and_greets_under_the_dev_runner(
     runner: DevRunner,
 ) -> None:

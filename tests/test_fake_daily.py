@@ -13,14 +13,15 @@ import httpx
 import jwt
 import pytest
 
-from tests.fakes.common import Fault, serve
-from tests.fakes.daily import (
+from testkit.fakes.common import Fault
+from testkit.fakes.daily import (
     DEFAULT_API_KEY,
     DEFAULT_DOMAIN_ID,
     RATE_LIMITS,
     DailyEmulator,
     JoinRefused,
 )
+from testkit.net import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 OTHER_KEY = "f" * 64
@@ -629,11 +630,11 @@ async def test_fault_delay_and_latency(api: httpx.AsyncClient, emu: DailyEmulato
 
 
 async def test_standalone_process_answers() -> None:
-    """`python -m tests.fakes.daily` prints its URL and answers GET / with the given key."""
+    """`python -m testkit.fakes.daily` prints its URL and answers GET / with the given key."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "tests.fakes.daily",
+        "testkit.fakes.daily",
         "--port",
         "0",
         "--api-key",

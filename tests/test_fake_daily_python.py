@@ -1,6 +1,6 @@
-"""The daily-python stand-in (`tests/fakes/daily_python`) under Pipecat's real DailyTransport.
+"""The daily-python stand-in (`testkit/fakes/daily_python`) under Pipecat's real DailyTransport.
 
-Each test runs `tests/fakes/daily_python/audio_bot.py` in a subprocess with the stand-in first
+Each test runs `testkit/fakes/daily_python/audio_bot.py` in a subprocess with the stand-in first
 on PYTHONPATH, against a `DailyEmulator` served on loopback in the test's event loop, and reads
 the JSON events the bot prints. Waits are bounded by a deadline; nothing asserts on time taken.
 """
@@ -22,13 +22,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fakes.common import serve
-from tests.fakes.daily import DEFAULT_API_KEY, DailyEmulator
-from tests.procs import free_port
+from testkit.fakes import DAILY_PYTHON
+from testkit.fakes.daily import DEFAULT_API_KEY, DailyEmulator
+from testkit.net import free_port, serve
 
 ROOT = Path(__file__).resolve().parent.parent
-STAND_IN = ROOT / "tests" / "fakes" / "daily_python"
-BOT = STAND_IN / "audio_bot.py"
+BOT = DAILY_PYTHON / "audio_bot.py"
 DEADLINE_S = 60.0
 POLL_S = 0.05
 GREETING_BYTES = 16000 * 2 * 48 // 100
@@ -132,7 +131,7 @@ class Stage:
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.tmp),
             "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join([str(STAND_IN), str(ROOT)]),
+            "PYTHONPATH": os.pathsep.join([str(DAILY_PYTHON), str(ROOT)]),
             "DAILY_EMULATOR_URL": emulator or self.url,
         }
         argv = [str(BOT), room_url, *(["--token", token] if token else [])]
@@ -145,7 +144,7 @@ class Stage:
         run = BotRun(proc, stderr)
         self.bots.append(run)
         started = await run.wait_for("started")
-        assert Path(started["daily"]).is_relative_to(STAND_IN), started
+        assert Path(started["daily"]).is_relative_to(DAILY_PYTHON), started
         return run
 
     def in_room(self, room: str) -> set[str]:
@@ -186,6 +185,7 @@ async def test_participants_route_lists_a_room(stage: Stage) -> None:
     assert missing.status_code == 404
 
 
+@pytest.mark.slow
 async def test_bot_joins_with_a_valid_token(stage: Stage) -> None:
     """A bot with a valid token fires on_joined and is in the emulator's room as its user ID."""
     url = await stage.room()
@@ -201,6 +201,7 @@ async def test_bot_joins_with_a_valid_token(stage: Stage) -> None:
     await run.exited_cleanly()
 
 
+@pytest.mark.slow
 async def test_user_joining_and_leaving_reach_the_bot(stage: Stage) -> None:
     """A user joining through the emulator fires the join events, and leaving the left ones."""
     url = await stage.room()
@@ -245,6 +246,7 @@ async def test_refused_join_fails_with_on_error(stage: Stage, problem: str) -> N
     assert stage.in_room("call") == set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ending", ["room-deleted", "ejected"])
 async def test_call_ending_underneath_makes_the_state_left(stage: Stage, ending: str) -> None:
     """A deleted room, or a token's ejection, ends the call: the state becomes left."""
@@ -259,6 +261,7 @@ async def test_call_ending_underneath_makes_the_state_left(stage: Stage, ending:
     assert stage.departure(bot) == ending
 
 
+@pytest.mark.slow
 async def test_bot_leaving_removes_it_from_the_room(stage: Stage) -> None:
     """A bot that ends (SIGTERM) leaves the room, which keeps its user, and exits cleanly."""
     url = await stage.room()
@@ -274,6 +277,7 @@ async def test_bot_leaving_removes_it_from_the_room(stage: Stage) -> None:
     assert stage.in_room("call") == {user}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("speaker", [False, True], ids=["user-tracks", "speaker"])
 async def test_audio_is_written_and_heard(stage: Stage, speaker: bool) -> None:
     """The bot's greeting is written in full, and the room's (silent) audio reaches the bot."""

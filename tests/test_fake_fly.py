@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fakes.common import serve
-from tests.fakes.fly import DEFAULT_APP, DEFAULT_TOKEN, FlyEmulator, MachineRecord
+from testkit.fakes.fly import DEFAULT_APP, DEFAULT_TOKEN, FlyEmulator, MachineRecord
+from testkit.net import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "registry.fly.io/bots:test"
@@ -668,11 +668,11 @@ async def test_aclose_leaves_no_process_behind(image: Path) -> None:
 
 
 async def test_standalone_starts_and_answers() -> None:
-    """`python -m tests.fakes.fly` serves the API on the port it prints."""
+    """`python -m testkit.fakes.fly` serves the API on the port it prints."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "tests.fakes.fly",
+        "testkit.fakes.fly",
         "--port",
         "0",
         "--token",

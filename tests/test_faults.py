@@ -1,4 +1,4 @@
-"""Fault injection: the short chaos run (tests/chaos.py; the long one is bench/faults.py), and
+"""Fault injection: the short chaos run (testkit/chaos.py; the long one is bench/faults.py), and
 the failures it found, each pinned down on its own."""
 
 from __future__ import annotations
@@ -13,19 +13,21 @@ import httpx
 import pytest
 
 from dispatcher.upstream import RetryPolicy
-from tests.chaos import FAULT_WEIGHTS, OOM, SIGKILL, run_chaos
-from tests.fakes.common import Fault
-from tests.harness import (
+from testkit.chaos import FAULT_WEIGHTS, OOM, SIGKILL, run_chaos
+from testkit.fakes.common import Fault
+from testkit.harness import (
     dispatcher_env,
     dispatcher_stack,
     emulators,
-    eventually,
     fly_emulator,
 )
-from tests.procs import DispatcherProcess, free_port
+from testkit.net import free_port
+from testkit.procs import DispatcherProcess
+from testkit.waits import eventually
 from tests.test_procs import headers
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_chaos_short(tmp_path: Path) -> None:
     """32 sessions, 8 at a time, under every fault kind and one SIGKILL with a restart: nothing
@@ -71,6 +73,7 @@ async def test_ambiguous_create_of_a_bot_that_exited_at_once_is_adopted(tmp_path
     assert len(mine) == 1 and mine[0].id == session["machineId"]
 
 
+@pytest.mark.slow
 async def test_a_start_that_fails_after_its_bot_called_ready_fails(tmp_path: Path) -> None:
     """The create succeeded but answered 500, the bot called ready during the retries, then the
     lookups kept failing: the start answers 502 and the session is failed, not left ready."""
@@ -102,6 +105,7 @@ async def test_a_delete_whose_stop_took_effect_before_its_answer_was_lost(tmp_pa
     assert [m.state for m in fly.machines.values()] == ["destroyed"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("meanwhile", ["ready", "deleted"])
 async def test_a_start_that_died_with_its_dispatcher_after_a_callback_is_failed(
     tmp_path: Path, meanwhile: str

@@ -14,8 +14,8 @@ from dispatcher.errors import UpstreamError, UpstreamTimeout
 from dispatcher.machines import MachineExit
 from dispatcher.machines.fly_api import FlyAPI, auth_header, latest_exit
 from dispatcher.upstream import RetryPolicy, parse_retry_after
-from tests.fakes.common import serve
-from tests.harness import BOT_APP, BOT_IMAGE, FLY_TOKEN, fly_emulator
+from testkit.harness import BOT_APP, BOT_IMAGE, FLY_TOKEN, fly_emulator
+from testkit.net import serve
 
 BASE = "https://fly.test"
 APP = f"{BASE}/v1/apps/bots"
@@ -229,6 +229,7 @@ def test_retry_after_forms() -> None:
     assert 0 <= parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0  # type: ignore[operator]
 
 
+@pytest.mark.slow
 async def test_long_waits_do_not_block_other_calls() -> None:
     """Every followed session holds a connection in a long `wait`: with 120 of them pending,
     a `get` still goes through at once instead of queueing for a pooled connection."""

@@ -11,8 +11,8 @@ import pytest
 
 from dispatcher.callbacks import bot_error
 from dispatcher.start import MAX_BODY_BYTES
-from tests.conftest import JWT_SECRET
-from tests.harness import Stack, daily_emulator, dispatcher_stack, eventually
+from testkit.harness import JWT_SECRET, Stack, daily_emulator, dispatcher_stack
+from testkit.waits import eventually
 
 
 def upstream_untouched(stack: Stack) -> bool:
@@ -346,6 +346,7 @@ async def test_capacity_is_429_with_retry_after(tmp_path: Path) -> None:
         assert len(stack.fly.machines) == 1
 
 
+@pytest.mark.slow
 async def test_max_duration_ends_the_session(tmp_path: Path) -> None:
     """At SESSION_MAX_DURATION_S the bot gets SIGTERM and the session ends as max_duration."""
     async with dispatcher_stack(tmp_path, env={"SESSION_MAX_DURATION_S": "2"}) as stack:

@@ -18,8 +18,8 @@ from dispatcher.errors import BadRequest
 from dispatcher.http.input import MAX_JSON_DEPTH, json_object, parse_json, whole_number
 from dispatcher.store import AVAILABLE, PoolRows, Store
 from dispatcher.webhooks import sign
-from tests.conftest import JWT_SECRET
-from tests.harness import Stack, dispatcher_stack, eventually
+from testkit.harness import JWT_SECRET, Stack, dispatcher_stack
+from testkit.waits import eventually
 
 # 4 KB of nested arrays: past the interpreter's recursion limit, within every route's size limit.
 NESTED = b"[" * 2048 + b"]" * 2048

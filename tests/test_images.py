@@ -20,7 +20,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,8 +31,8 @@ import httpx
 import pytest
 from packaging.requirements import Requirement
 
-from tests.fakes.common import serve
-from tests.harness import DAILY_KEY, FLY_TOKEN, daily_emulator, fly_emulator
+from testkit.harness import DAILY_KEY, FLY_TOKEN, daily_emulator, fly_emulator
+from testkit.net import free_port, serve
 from tests.test_deploy_files import (
     BOT_DOCKERFILE,
     DISPATCHER_DOCKERFILE,
@@ -48,6 +47,9 @@ from tests.test_deploy_files import (
     load_toml,
     parse_dockerfile,
 )
+
+# Its module-scoped fixtures are built once: on one xdist worker.
+pytestmark = pytest.mark.xdist_group("images")
 
 # The base image's PATH (python:3.11-slim-bookworm), which the images' ENV PATH extends.
 BASE_PATH = "/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -131,13 +133,6 @@ def host_env() -> dict[str, str]:
         if outer or name.startswith(("UV_INTERNAL", "UV_RUN_RECURSION")):
             del env[name]
     return env
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- the network switched off --------------------------------------------------------------
@@ -434,6 +429,7 @@ def test_offline_really_has_no_network(offline: Offline, tmp_path: Path) -> None
 # --- the dispatcher's image -----------------------------------------------------------------
 
 
+@pytest.mark.image
 def test_dispatcher_image_holds_the_dispatcher_only(dispatcher_image: Image) -> None:
     """The dispatcher's environment has its locked dependencies and itself: no pipecat, no bot
     dependency, no dev tool, and the package installed (not a link to the source)."""
@@ -460,6 +456,7 @@ def test_dispatcher_image_holds_the_dispatcher_only(dispatcher_image: Image) -> 
     assert (Path(probe[0]).parent / "web" / "index.html").is_file()
 
 
+@pytest.mark.image
 async def test_dispatcher_image_serves(dispatcher_image: Image, tmp_path: Path) -> None:
     """The image's CMD, with fly.dispatcher.toml's [env] and the guide's secrets (the Machines
     API and Daily played by their emulators), starts in fly mode, healthy and ready; bot
@@ -537,6 +534,7 @@ def read(log: Path) -> str:
     return log.read_text()
 
 
+@pytest.mark.image
 def test_dispatcher_image_size(dispatcher_image: Image) -> None:
     """The dispatcher's environment stays within its budget."""
     assert size_mb(venv_of(dispatcher_image)) < DISPATCHER_BUDGET_MB
@@ -545,6 +543,7 @@ def test_dispatcher_image_size(dispatcher_image: Image) -> None:
 # --- the bot's image ------------------------------------------------------------------------
 
 
+@pytest.mark.image
 def test_bot_image_holds_the_runtime_and_the_examples_requirements(bot_image: Image) -> None:
     """The bot's environment has the runtime's locked packages at their locked versions, and
     what the example's requirements add (Deepgram's SDK): none of the dispatcher's, no dev tool,
@@ -556,6 +555,7 @@ def test_bot_image_holds_the_runtime_and_the_examples_requirements(bot_image: Im
     assert not set(versions) & (DISPATCHER_ONLY | DEV_ONLY | CUT_FROM_BOT)
 
 
+@pytest.mark.image
 def test_bot_image_loads_the_vad_model_offline(
     bot_image: Image, offline: Offline, tmp_path: Path
 ) -> None:
@@ -595,6 +595,7 @@ def test_bot_image_loads_the_vad_model_offline(
     assert runtime_file == str(Path(bot_image.env["PYTHONPATH"]) / "bot_runtime" / "__init__.py")
 
 
+@pytest.mark.image
 def test_bot_image_needs_only_what_the_slim_base_has(bot_image: Image) -> None:
     """Every native library in the bot's environment links only to libraries it bundles or that
     Debian bookworm slim has (glibc 2.36 at most, libgcc, libstdc++, zlib)."""
@@ -624,6 +625,7 @@ def test_bot_image_needs_only_what_the_slim_base_has(bot_image: Image) -> None:
     assert (2, 17) <= newest_glibc <= BOOKWORM_GLIBC
 
 
+@pytest.mark.image
 def test_bot_image_cmd_runs_the_bot(bot_image: Image, offline: Offline) -> None:
     """The image's CMD starts the runtime, which with no contract env exits 2 naming the
     variable."""
@@ -644,6 +646,7 @@ def check_entrypoint(image: Image, offline: Offline, entrypoint: str) -> str:
     return output
 
 
+@pytest.mark.image
 def test_bot_image_runs_the_example_by_default(bot_image: Image, offline: Offline) -> None:
     """The default build's working directory is the example's folder and BOT_ENTRYPOINT its
     bot.py, which the runtime finds ready with no network, as it does `bot:bot` (the module
@@ -678,6 +681,7 @@ def canonical(requirement: str) -> str:
     return str(parsed)
 
 
+@pytest.mark.image
 def test_bot_image_is_compiled_and_within_budget(bot_image: Image) -> None:
     """Bytecode is compiled at build (the runtime's, the bot folder's and their dependencies'),
     and the environment stays within its budget."""
@@ -694,6 +698,7 @@ def test_bot_image_is_compiled_and_within_budget(bot_image: Image) -> None:
 # --- the bot image, built from a team's folder ----------------------------------------------
 
 
+@pytest.mark.image
 def test_team_image_installs_the_folders_requirements(team_image: Image) -> None:
     """Built from a team's folder, the image has that folder's requirements (from its
     pyproject.toml) on top of the runtime's locked versions, and not the example's."""
@@ -704,6 +709,7 @@ def test_team_image_installs_the_folders_requirements(team_image: Image) -> None
     assert "deepgram-sdk" not in versions, "the example's requirement"
 
 
+@pytest.mark.image
 def test_team_image_runs_the_folders_bot(team_image: Image, offline: Offline) -> None:
     """The team's bot.py is the image's entry point: with no network the runtime finds it ready,
     and its function runs, with its sibling module and its own requirement."""
@@ -733,6 +739,7 @@ def failed_build(tmp_path_factory: pytest.TempPathFactory, offline: Offline, **a
     return replay.log[-1]
 
 
+@pytest.mark.image
 def test_team_requirements_cannot_change_a_locked_version(
     tmp_path_factory: pytest.TempPathFactory, offline: Offline
 ) -> None:
@@ -744,6 +751,7 @@ def test_team_requirements_cannot_change_a_locked_version(
     assert "httpx==0.27.2" in failed and f"httpx=={httpx}" in failed, failed
 
 
+@pytest.mark.image
 def test_a_broken_entry_point_fails_the_build(
     tmp_path_factory: pytest.TempPathFactory, offline: Offline
 ) -> None:

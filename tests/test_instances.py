@@ -1,6 +1,6 @@
 """Several dispatcher instances on one PostgreSQL database.
 
-Two real dispatcher processes (tests/procs.py) share a fresh PostgreSQL database, the
+Two real dispatcher processes (testkit/procs.py) share a fresh PostgreSQL database, the
 DISPATCHER_NAME and the Fly and Daily emulators served in this process; each has its own port
 and its own DISPATCHER_URL, which the bots it starts call back. They share the sessions, the
 caps (MAX_SESSIONS, MAX_SESSIONS_PER_USER, checked atomically under an advisory lock) and one
@@ -20,13 +20,21 @@ from typing import Any
 
 import httpx
 import jwt
+import pytest
 
 from dispatcher.store import Store
-from tests.conftest import JWT_SECRET
-from tests.fakes.daily import DailyEmulator
-from tests.fakes.fly import FlyEmulator
-from tests.harness import daily_emulator, dispatcher_env, emulators, eventually, fly_emulator
-from tests.procs import DispatcherProcess, free_port
+from testkit.fakes.daily import DailyEmulator
+from testkit.fakes.fly import FlyEmulator
+from testkit.harness import (
+    JWT_SECRET,
+    daily_emulator,
+    dispatcher_env,
+    emulators,
+    fly_emulator,
+)
+from testkit.net import free_port
+from testkit.procs import DispatcherProcess
+from testkit.waits import eventually
 
 # Creates and lists unthrottled at the emulator (the dispatcher paces nothing either): the
 # subject here is the shared store, not Fly's rate limits.
@@ -164,7 +172,6 @@ async def settled_roles(*instances: Instance) -> list[str]:
         roles = [await i.role() for i in instances]
         history.append(roles)
         recent = history[-ROLE_CHECKS:]
-        await asyncio.sleep(0.1)
         return (
             len(recent) == ROLE_CHECKS
             and roles.count("leader") == 1
@@ -172,7 +179,7 @@ async def settled_roles(*instances: Instance) -> list[str]:
         )
 
     try:
-        await eventually(settled, timeout=30, what="exactly one leader, stable")
+        await eventually(settled, timeout=30, what="exactly one leader, stable", interval=0.1)
     except AssertionError as exc:
         raise AssertionError(f"{exc}; last roles seen: {history[-ROLE_CHECKS:]}") from None
     return history[-1]
@@ -181,6 +188,7 @@ async def settled_roles(*instances: Instance) -> list[str]:
 # -- visibility -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_session_started_on_one_instance_is_seen_and_deleted_on_the_other(
     tmp_path: Path, pg_database_url: str
 ) -> None:
@@ -219,6 +227,7 @@ async def test_a_session_started_on_one_instance_is_seen_and_deleted_on_the_othe
 # -- caps -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_max_sessions_counts_the_sessions_of_both_instances(
     tmp_path: Path, pg_database_url: str
 ) -> None:
@@ -246,6 +255,7 @@ async def test_max_sessions_counts_the_sessions_of_both_instances(
         assert await pair.store.count_active() == 3
 
 
+@pytest.mark.slow
 async def test_concurrent_starts_on_both_instances_never_exceed_max_sessions(
     tmp_path: Path, pg_database_url: str
 ) -> None:
@@ -271,6 +281,7 @@ async def test_concurrent_starts_on_both_instances_never_exceed_max_sessions(
         assert set(pair.daily.rooms) == accepted
 
 
+@pytest.mark.slow
 async def test_max_sessions_per_user_counts_the_sessions_of_both_instances(
     tmp_path: Path, pg_database_url: str
 ) -> None:
@@ -307,6 +318,7 @@ async def test_max_sessions_per_user_counts_the_sessions_of_both_instances(
 # -- leadership -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_one_reconciler_leader_and_handover(tmp_path: Path, pg_database_url: str) -> None:
     """RECONCILE_INTERVAL_S=0.3: exactly one instance leads. SIGKILL the leader: the other
     takes over, and its reconciler ends a session of the dead leader whose bot exited (no

@@ -13,21 +13,22 @@ from pathlib import Path
 
 import httpx
 import jwt
+import pytest
 
 from dispatcher.cli import listen
 from dispatcher.config import Settings
 from dispatcher.machines import BotSpec
 from dispatcher.machines.local import LocalMachines
-from tests.conftest import JWT_SECRET
-from tests.fakes.common import bind_loopback, serve
-from tests.harness import (
+from testkit.fakes import TESTBOT_DIR
+from testkit.harness import (
     DAILY_KEY,
-    TESTBOT_DIR,
+    JWT_SECRET,
     daily_emulator,
     dispatcher_env,
     dispatcher_stack,
-    eventually,
 )
+from testkit.net import bind_loopback, serve
+from testkit.waits import eventually
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,11 +81,15 @@ async def test_local_bots_never_get_the_dispatchers_secrets(tmp_path: Path) -> N
 async def test_local_stop_escalates_to_sigkill(tmp_path: Path) -> None:
     """A local bot that ignores SIGTERM is killed after the grace period, exit 128+9."""
     machines = LocalMachines()
-    script = "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    ignoring = tmp_path / "ignoring-sigterm"
+    script = (
+        "import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"pathlib.Path({str(ignoring)!r}).touch(); time.sleep(60)"
+    )
     ref = await machines.launch(
         BotSpec(session_id="s-y", user="u", cmd=("python", "-c", script), env={})
     )
-    await asyncio.sleep(0.3)
+    await eventually(ignoring.exists, timeout=30, what="the bot to ignore SIGTERM")
     await machines.stop(ref, grace_s=1)
     exit = await machines.wait_exit(ref, 10)
     assert exit is not None and exit.exit_code == 137 and exit.requested_stop
@@ -241,6 +246,7 @@ async def test_bot_callbacks_only_on_the_internal_listener(tmp_path: Path) -> No
     assert f"bot callbacks on 127.0.0.1 port {internal} only" in output
 
 
+@pytest.mark.slow
 async def test_serve_refuses_bad_config_naming_the_variable() -> None:
     """A malformed setting stops start-up with exit code 2 and the variable's name."""
     async with dispatcher_process({"MAX_SESSIONS": "lots"}, 0) as proc:
@@ -250,6 +256,7 @@ async def test_serve_refuses_bad_config_naming_the_variable() -> None:
     assert "MAX_SESSIONS" in output and "Traceback" not in output
 
 
+@pytest.mark.slow
 async def test_serve_refuses_public_address_without_auth() -> None:
     """Without credentials, listening on a non-loopback address is refused."""
     async with dispatcher_process({}, 0, "--host", "0.0.0.0") as proc:

@@ -26,7 +26,8 @@ from dispatcher.machines import BotSpec, MachineExit, MachineRef
 from dispatcher.machines.local import LocalMachines
 from dispatcher.store import Event, Store
 from dispatcher.telemetry import Tracing
-from tests.harness import dispatcher_stack, emulators, eventually, run_dispatcher
+from testkit.harness import dispatcher_stack, emulators, run_dispatcher
+from testkit.waits import eventually
 
 # Reconciler passes every 0.2 s; a grace long enough that a bot ending on a loaded machine is
 # never SIGKILLed before it has reported.
@@ -214,6 +215,7 @@ def last_state(log: list[Event]) -> dict[str, Any]:
     return final.details
 
 
+@pytest.mark.slow
 async def test_bot_report_wins_over_a_stop_signal_after_it(tmp_path: Path) -> None:
     """A bot that reported `ended` with exit code 0 and is then killed by the stop the
     dispatcher sends (the reconciler's, for a session ending) is recorded with its own 0, not

@@ -17,8 +17,10 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from dispatcher.logs import JsonFormatter, TextFormatter, bind, configure_logging, session_context
-from tests.harness import TESTBOT_DIR, Stack, dispatcher_stack, eventually
-from tests.procs import DispatcherProcess
+from testkit.fakes import TESTBOT_DIR
+from testkit.harness import Stack, dispatcher_stack
+from testkit.procs import DispatcherProcess
+from testkit.waits import eventually
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 

@@ -31,9 +31,11 @@ import numpy as np
 import pytest
 
 from dispatcher.store import Event, Session, Store
+from testkit.fakes import TESTBOT_DIR
+from testkit.net import free_port
+from testkit.procs import REPO, DispatcherProcess
+from testkit.waits import eventually
 from tests.fixtures.peer import Peer, Speaker
-from tests.harness import TESTBOT_DIR, eventually
-from tests.procs import REPO, DispatcherProcess, free_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -244,6 +246,7 @@ async def assert_ended_by_the_stop(tmp_path: Path, sid: str) -> None:
     assert [(r["reason"], r["exit_code"]) for r in reports] == [("sigterm", 0)], log
 
 
+@pytest.mark.slow
 async def test_first_screen_of_a_first_make_run(tmp_path: Path) -> None:
     """A first `make run` (an empty environment to install) shows where to open the page and
     what to do, with no package list before it."""
@@ -281,6 +284,7 @@ async def test_a_failed_install_still_shows_why(tmp_path: Path) -> None:
         await terminal.aclose()
 
 
+@pytest.mark.slow
 async def test_ctrl_c_of_make_run_in_a_terminal(tmp_path: Path) -> None:
     """Ctrl-C of `make run` in a terminal, with a session live: the bot ends properly first (its
     `ended` accepted, no retries), the terminal shows no traceback, no `Interrupt` and no error,
@@ -305,6 +309,7 @@ async def test_ctrl_c_of_make_run_in_a_terminal(tmp_path: Path) -> None:
         await terminal.aclose()
 
 
+@pytest.mark.slow
 async def test_sigterm_to_the_process_group_of_make_run(tmp_path: Path) -> None:
     """SIGTERM to the whole process group of `make run` (make, uv and the dispatcher each get
     it, and uv and make pass it on), with a session live: the dispatcher drains once, its bot
@@ -350,6 +355,7 @@ async def test_sigterm_to_the_process_group_of_make_run(tmp_path: Path) -> None:
             await proc.wait()
 
 
+@pytest.mark.slow
 async def test_sigkill_takes_the_bots_and_the_next_start_records_them_lost(
     tmp_path: Path,
 ) -> None:

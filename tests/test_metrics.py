@@ -5,14 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dispatcher.app import create_app
 from dispatcher.config import Settings
 from dispatcher.metrics import Metrics
 from dispatcher.store import ACTIVE_STATES
-from tests.fakes.common import Fault
-from tests.harness import Stack, dispatcher_env, dispatcher_stack, eventually, fly_emulator
+from testkit.fakes.common import Fault
+from testkit.harness import Stack, dispatcher_env, dispatcher_stack, fly_emulator
+from testkit.waits import eventually
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -41,6 +43,7 @@ def labelled(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], fl
     return {labels: v for (n, labels), v in samples.items() if n == name}
 
 
+@pytest.mark.slow
 async def test_metrics_after_a_scripted_run(tmp_path: Path) -> None:
     """One session ready then deleted, one crashing before ready, one ready timeout, one start
     refused at capacity, and a Fly create answered 429 once: the counters, histograms and the

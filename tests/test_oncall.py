@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 
 from dispatcher.cli import main
-from tests.fakes.fly import FlyEmulator
-from tests.harness import (
+from testkit.fakes.fly import FlyEmulator
+from testkit.harness import (
     Stack,
     dispatcher_env,
     emulators,
-    eventually,
     fly_emulator,
     run_dispatcher,
 )
+from testkit.waits import eventually
 
 
 @contextlib.asynccontextmanager
@@ -172,6 +172,7 @@ async def test_trace_of_a_crash_before_ready(
         print(table)  # docs/operations.md's example comes from this output (pytest -s)
 
 
+@pytest.mark.slow
 async def test_trace_of_a_session_ended_by_max_duration(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -238,6 +239,7 @@ async def test_show_and_trace_give_the_bots_error(
         await assert_table_names_steps(trace, sid)
 
 
+@pytest.mark.slow
 async def test_sessions_list_show_and_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`sessions list` filters, `sessions show`, `sessions stop` ends a running session as the
     operator (its machine destroyed), and an unknown id exits 1."""

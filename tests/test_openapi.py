@@ -28,8 +28,7 @@ from dispatcher.lifecycle import END_REASON_VALUES, STATE_VALUES
 from dispatcher.openapi.document import openapi_document
 from dispatcher.rooms.daily import ROOM_PROPERTIES, TOKEN_PROPERTIES
 from dispatcher.store import Session
-from tests.conftest import JWT_SECRET
-from tests.harness import Stack, dispatcher_env, dispatcher_stack
+from testkit.harness import JWT_SECRET, Stack, dispatcher_env, dispatcher_stack
 
 # Routes that are not part of the public API: the bots' callbacks, local mode's page, and the
 # Prometheus scrape (on the internal listener).

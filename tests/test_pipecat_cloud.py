@@ -12,7 +12,7 @@ import pytest
 from pipecatcloud.exception import AgentStartError
 from pipecatcloud.session import Session, SessionParams
 
-from tests.harness import Stack, dispatcher_stack
+from testkit.harness import Stack, dispatcher_stack
 
 AGENT = "my-agent"
 

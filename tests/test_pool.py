@@ -20,18 +20,18 @@ from dispatcher.machines import MachineInfo, MachineRef
 from dispatcher.metrics import Metrics
 from dispatcher.pool import WARM_TIMEOUT_S, Pool
 from dispatcher.store import AVAILABLE, CLAIMED, RETIRED, WARMING, PoolRows, Store
-from tests.fakes.common import Fault
-from tests.fakes.fly import FlyEmulator
-from tests.harness import (
+from testkit.fakes import TESTBOT_DIR
+from testkit.fakes.common import Fault
+from testkit.fakes.fly import FlyEmulator
+from testkit.harness import (
     BOT_IMAGE,
-    TESTBOT_DIR,
     Stack,
     dispatcher_stack,
     emulators,
-    eventually,
     fly_emulator,
     run_dispatcher,
 )
+from testkit.waits import eventually
 from tests.test_oncall import cli, cli_json, oncall_stack
 
 OTHER_IMAGE = "registry.fly.io/pipecat-bots:test-2"
@@ -126,6 +126,7 @@ async def test_an_empty_pool_falls_back_to_a_cold_create(tmp_path: Path) -> None
     assert "dispatcher_pool_misses_total 1.0" in metrics
 
 
+@pytest.mark.slow
 async def test_a_pool_machine_that_fails_to_start_is_replaced(tmp_path: Path) -> None:
     """Fly answers the first start 500: that machine is destroyed and the next one started.
     When every start fails, the session still gets a cold machine."""
@@ -157,6 +158,7 @@ async def test_a_pool_machine_that_fails_to_start_is_replaced(tmp_path: Path) ->
     assert "dispatcher_pool_start_failures_total 2.0" in metrics
 
 
+@pytest.mark.slow
 async def test_a_new_image_replaces_the_pool(tmp_path: Path) -> None:
     """The dispatcher restarted with another BOT_IMAGE: the old image's pool machines are
     destroyed and new ones made; a start gets one of the new image."""
@@ -179,6 +181,7 @@ async def test_a_new_image_replaces_the_pool(tmp_path: Path) -> None:
     assert fly.machines[session["machineId"]].config["image"] == OTHER_IMAGE
 
 
+@pytest.mark.slow
 async def test_two_instances_never_claim_one_machine(tmp_path: Path, pg_database_url: str) -> None:
     """Two dispatchers on one PostgreSQL database and one pool of 2: 6 starts split over
     both, at once; exactly 2 pooled on distinct machines, 4 cold, every bot ready on a machine

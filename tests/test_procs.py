@@ -1,4 +1,4 @@
-"""The dispatcher-as-a-process harness (tests/procs.py): start, kill, restart, terminate, memory."""
+"""The dispatcher-as-a-process harness (testkit/procs.py): start, kill, restart, signal, memory."""
 
 from __future__ import annotations
 
@@ -12,9 +12,17 @@ import httpx
 import jwt
 import pytest
 
-from tests.conftest import JWT_SECRET
-from tests.harness import DAILY_KEY, FLY_TOKEN, dispatcher_env, emulators, eventually, fly_emulator
-from tests.procs import DispatcherProcess, free_port
+from testkit.harness import (
+    DAILY_KEY,
+    FLY_TOKEN,
+    JWT_SECRET,
+    dispatcher_env,
+    emulators,
+    fly_emulator,
+)
+from testkit.net import free_port
+from testkit.procs import DispatcherProcess
+from testkit.waits import eventually
 
 
 def headers(user: str = "user-1") -> dict[str, str]:
@@ -49,6 +57,7 @@ async def start_session(http: httpx.AsyncClient) -> str:
     return str(started.json()["sessionId"])
 
 
+@pytest.mark.slow
 async def test_kill_restart_terminate(tmp_path: Path) -> None:
     """A real process: healthy, a session ready, SIGKILL (-9), restarted on the same port with
     the session still there, the session deleted and ended, SIGTERM (-15), a log written."""
@@ -97,6 +106,7 @@ async def test_kill_restart_terminate(tmp_path: Path) -> None:
     assert DAILY_KEY not in log and FLY_TOKEN not in log and JWT_SECRET not in log
 
 
+@pytest.mark.slow
 async def test_process_on_a_fresh_postgresql_database(tmp_path: Path, pg_database_url: str) -> None:
     """`pg_database_url` is a database of its own that a dispatcher process can use."""
     port = free_port()

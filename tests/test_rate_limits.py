@@ -16,8 +16,8 @@ from dispatcher.config import Rate, Settings
 from dispatcher.errors import ConfigError, RetryLater, http_status
 from dispatcher.ratelimit import StartLimiter, client_address
 from dispatcher.store import Store
-from tests.conftest import JWT_SECRET
-from tests.harness import Stack, dispatcher_stack, eventually
+from testkit.harness import JWT_SECRET, Stack, dispatcher_stack
+from testkit.waits import eventually
 from tests.test_instances import two_instances
 
 # Each test turns on the limit it is about; the session caps stay out of the way.
@@ -276,6 +276,7 @@ async def test_untrusted_proxy_headers_do_not_escape_the_limit(tmp_path: Path) -
         assert made(stack) == (1, 1)
 
 
+@pytest.mark.slow
 async def test_starts_are_allowed_again_once_a_token_is_back(tmp_path: Path) -> None:
     """START_RATE_PER_USER=2/6s (a token every 3 s): three starts at once, two accepted and
     one refused with Retry-After of at most 3 s; retried until accepted, it gets through."""
@@ -294,16 +295,16 @@ async def test_starts_are_allowed_again_once_a_token_is_back(tmp_path: Path) -> 
                 accepted.append(answer)
                 return True
             assert_rate_limited(answer, at_most_s=3)
-            await asyncio.sleep(0.2)
             return False
 
-        await eventually(allowed_again, timeout=20, what="a start accepted again")
+        await eventually(allowed_again, timeout=20, what="a start accepted again", interval=0.2)
         assert made(stack) == (3, 3)
 
 
 # -- several instances ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_the_per_user_limit_holds_across_two_instances(
     tmp_path: Path, pg_database_url: str
 ) -> None:

@@ -39,11 +39,10 @@ from dispatcher.sessions import new_session_id
 from dispatcher.store import ENDED, ENDING, FAILED, READY, STARTING, Event, Session, Store
 from dispatcher.supervisor import EXIT_MARGIN_S, Supervisor
 from dispatcher.telemetry import random_traceparent
-from tests.fakes.common import serve
-from tests.fakes.daily import DailyEmulator
-from tests.fakes.fly import ApiRequest, FlyEmulator, MachineRecord
-from tests.fakes.recorder import CallbackRecorder
-from tests.harness import (
+from testkit.fakes.daily import DailyEmulator
+from testkit.fakes.fly import ApiRequest, FlyEmulator, MachineRecord
+from testkit.fakes.recorder import CallbackRecorder
+from testkit.harness import (
     BOT_APP,
     DAILY_KEY,
     FAST_RETRY,
@@ -53,12 +52,13 @@ from tests.harness import (
     dispatcher_env,
     dispatcher_stack,
     emulators,
-    eventually,
     fly_emulator,
     run_dispatcher,
 )
+from testkit.net import serve
+from testkit.waits import eventually
 
-DISPATCHER = "test-dispatcher"  # DISPATCHER_NAME in tests.harness.dispatcher_env
+DISPATCHER = "test-dispatcher"  # DISPATCHER_NAME in testkit.harness.dispatcher_env
 LOOP = {"RECONCILE_INTERVAL_S": "0.3"}
 MACHINES = f"/v1/apps/{BOT_APP}/machines"
 
@@ -134,6 +134,7 @@ def inventory_lists(fly: FlyEmulator) -> int:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", ["exit_event", "MonitorEvent"])
 async def test_machine_exit_of_an_unfollowed_session_ends_it(tmp_path: Path, shape: str) -> None:
     """A bot that exits while no dispatcher follows its session: the reconciler ends the session
@@ -155,6 +156,7 @@ async def test_machine_exit_of_an_unfollowed_session_ends_it(tmp_path: Path, sha
         assert not requests_to(upstream.fly, machine.id, "stop")
 
 
+@pytest.mark.slow
 async def test_oom_kill_of_an_unfollowed_session(tmp_path: Path) -> None:
     """An OOM kill while nobody follows the session ends it as oom_killed (Fly's exit event)."""
     async with emulators(fly=fly_emulator()) as upstream:
@@ -175,6 +177,7 @@ async def test_oom_kill_of_an_unfollowed_session(tmp_path: Path) -> None:
         assert last.state == "ended" and last.details["oom_killed"] is True
 
 
+@pytest.mark.slow
 async def test_max_duration_of_an_unfollowed_session(tmp_path: Path) -> None:
     """Past its max duration, a session nobody follows is asked to end by the reconciler: its
     bot gets SIGTERM through Fly's stop with the grace period, and it ends as max_duration."""
@@ -200,6 +203,7 @@ async def test_max_duration_of_an_unfollowed_session(tmp_path: Path) -> None:
         assert log[-2].details == {"reason": "max_duration"}
 
 
+@pytest.mark.slow
 async def test_max_duration_bot_ignoring_sigterm_is_stopped_for_good(tmp_path: Path) -> None:
     """A bot that ignores SIGTERM too is killed at the end of the stop's grace period (Fly's
     SIGKILL); the session nobody followed still ends as max_duration."""
@@ -256,6 +260,7 @@ async def test_machine_outliving_its_stop_is_destroyed(tmp_path: Path) -> None:
         assert sid not in r.daily.rooms
 
 
+@pytest.mark.slow
 async def test_ready_timeout_of_an_unfollowed_session(tmp_path: Path) -> None:
     """A bot that never calls ready, its dispatcher gone: the reconciler stops it after
     READY_TIMEOUT_S and the session fails as ready_timeout."""
@@ -687,6 +692,7 @@ async def test_rooms_of_ended_sessions_are_deleted(tmp_path: Path) -> None:
         assert len([q for q in r.daily.requests if q.method == "DELETE"]) == 2
 
 
+@pytest.mark.slow
 async def test_many_room_deletes_are_paced_under_dailys_limit(tmp_path: Path) -> None:
     """Eight rooms to delete in one pass go out paced by the janitor: Daily (about 2 deletes a
     second, a burst of 2) never answers 429."""
@@ -708,6 +714,7 @@ async def test_many_room_deletes_are_paced_under_dailys_limit(tmp_path: Path) ->
             assert session is not None and session.room_deleted_at is not None
 
 
+@pytest.mark.slow
 async def test_room_delete_retries_are_paced_too(tmp_path: Path) -> None:
     """Deletes that fail once (503) are retried in their own turn: the retries never hit
     Daily's delete limit either."""
@@ -725,6 +732,7 @@ async def test_room_delete_retries_are_paced_too(tmp_path: Path) -> None:
         assert r.daily.limiter.refused.get("delete_room", 0) == 0
 
 
+@pytest.mark.slow
 async def test_failed_room_delete_is_recorded_and_retried(tmp_path: Path) -> None:
     """A room delete that fails (Daily answers 500 throughout) is recorded in the session's log
     and left unmarked; a later pass deletes the room."""

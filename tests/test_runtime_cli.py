@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.bot_process import (
+from testkit.bot_process import (
     BOOT_TIMEOUT_S,
     ROOT,
     SESSION_ID,
     STOP_TIMEOUT_S,
-    free_port,
     webrtc_env,
 )
-from tests.fakes.recorder import CALLBACK_TOKEN, DAILY_TOKEN, CallbackRecorder, contract_env
+from testkit.fakes.recorder import CALLBACK_TOKEN, DAILY_TOKEN, CallbackRecorder, contract_env
+from testkit.net import free_port
 
 UNREACHABLE_ROOM = "http://127.0.0.1:9/s-test1"
 
@@ -213,6 +213,7 @@ async def test_sigterm_during_a_hanging_join_ends_within_the_stop_timeout(
     assert ours and all(line["session_id"] == SESSION_ID for line in ours)
 
 
+@pytest.mark.slow
 async def test_the_idle_timeout_ends_the_session(recorder: CallbackRecorder) -> None:
     """BOT_IDLE_TIMEOUT_S reaches the example's worker (a webrtc session nobody joins): idle,
     the session ends idle_timeout, exit 0."""

@@ -32,7 +32,7 @@ from bot_runtime.entrypoint import EntryPoint
 from bot_runtime.outcome import SessionOutcome
 from bot_runtime.session import BotSession, SessionLimits
 from bot_runtime.signals import StopSignals
-from tests.harness import eventually
+from testkit.waits import eventually
 
 Bot = Callable[[Any], Coroutine[Any, Any, Any]]
 QUICK = SessionLimits(end_grace_s=5.0, cancel_grace_s=0.2)

@@ -34,8 +34,17 @@ from schemathesis.specs.openapi.checks import (
 
 from dispatcher.config import Settings
 from dispatcher.openapi.document import openapi_document
-from tests.conftest import JWT_SECRET
-from tests.harness import Stack, dispatcher_env, dispatcher_stack, eventually, fly_emulator
+from testkit.harness import (
+    JWT_SECRET,
+    Stack,
+    dispatcher_env,
+    dispatcher_stack,
+    fly_emulator,
+)
+from testkit.waits import eventually
+
+# Its module-scoped fixtures are built once: on one xdist worker.
+pytestmark = pytest.mark.xdist_group("schemathesis")
 
 MAX_EXAMPLES = 25
 # The operations that start a session (each one made is deleted at once).
@@ -185,6 +194,7 @@ schema = schemathesis.openapi.from_dict(
 )
 
 
+@pytest.mark.slow
 @schema.parametrize()
 def test_api(case: schemathesis.Case, live: LiveStack) -> None:
     """No 5xx, and every answer is one the document describes."""

@@ -18,8 +18,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from dispatcher.config import Settings
 from dispatcher.logs import JsonFormatter
 from dispatcher.telemetry import Tracing
-from tests.fakes.common import Fault
-from tests.harness import SECRETS, dispatcher_stack, eventually, fly_emulator
+from testkit.fakes.common import Fault
+from testkit.harness import SECRETS, dispatcher_stack, fly_emulator
+from testkit.waits import eventually
 
 
 def scan(haystacks: dict[str, str], needles: dict[str, str]) -> list[str]:
@@ -32,6 +33,7 @@ def scan(haystacks: dict[str, str], needles: dict[str, str]) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 async def test_no_secret_leaves_its_place(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Sessions that end, crash and fail to start; then every trace of them is scanned: log
     records (and their JSON lines), spans, answers, requests, settings, the database."""

@@ -13,8 +13,8 @@ import jwt
 import pytest
 
 from dispatcher.upstream import RetryPolicy
-from tests.fakes.fly import MachineRecord
-from tests.harness import (
+from testkit.fakes.fly import MachineRecord
+from testkit.harness import (
     BOT_APP,
     BOT_IMAGE,
     DAILY_KEY,
@@ -24,10 +24,10 @@ from tests.harness import (
     daily_emulator,
     dispatcher_stack,
     emulators,
-    eventually,
     fly_emulator,
     run_dispatcher,
 )
+from testkit.waits import eventually
 
 
 def live_machines(stack: Stack) -> list[object]:
@@ -152,6 +152,7 @@ async def test_ready_timeout(tmp_path: Path) -> None:
         assert machine.exit_events()[0]["requested_stop"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ignores_sigterm", [False, True])
 async def test_max_duration_stops_the_bot(tmp_path: Path, ignores_sigterm: bool) -> None:
     """At SESSION_MAX_DURATION_S the bot gets SIGTERM through Fly's stop with the grace period,
@@ -174,6 +175,7 @@ async def test_max_duration_stops_the_bot(tmp_path: Path, ignores_sigterm: bool)
         await eventually(lambda: sid not in stack.daily.rooms, what="room deleted")
 
 
+@pytest.mark.slow
 async def test_followers_survive_a_fly_outage(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -235,6 +237,7 @@ async def test_followers_survive_a_fly_outage(
     assert not failures, [r.getMessage() for r in failures]
 
 
+@pytest.mark.slow
 async def test_a_ready_timeout_during_a_fly_outage_still_stops_the_bot(tmp_path: Path) -> None:
     """A bot not ready in time while every Fly call answers 503: its follower keeps asking Fly
     to stop it past one call's retries, and once Fly is back the bot is stopped and the session
@@ -321,6 +324,7 @@ async def test_room_created_but_answered_500_is_adopted(tmp_path: Path) -> None:
         assert list(daily.rooms) == [response.json()["sessionId"]]
 
 
+@pytest.mark.slow
 async def test_fly_failing_deletes_the_room(tmp_path: Path) -> None:
     """Fly failing for good answers 502 and deletes the room that was made meanwhile."""
     fly = fly_emulator()
@@ -356,6 +360,7 @@ async def test_no_capacity_anywhere_is_502(tmp_path: Path) -> None:
         assert not stack.daily.rooms
 
 
+@pytest.mark.slow
 async def test_upstream_timeout_is_504(tmp_path: Path) -> None:
     """Daily not answering in time gives 504 JSON and leaves nothing behind."""
     daily = daily_emulator()
@@ -427,6 +432,7 @@ async def test_start_finishes_when_the_client_goes_away(tmp_path: Path) -> None:
         assert (await stack.wait_state(sid, "ended"))["endReason"] == "deleted"
 
 
+@pytest.mark.slow
 async def test_daily_down_at_start_up_does_not_stop_the_dispatcher(tmp_path: Path) -> None:
     """A Daily outage while the dispatcher starts: it serves, /readyz says so, starts wait for
     Daily and work once it answers."""

@@ -29,7 +29,7 @@ from dispatcher.store import (
     engine_url,
     lock_key,
 )
-from tests.conftest import PG_URL
+from testkit.databases import PG_URL
 
 
 def new_session(sid: str, user: str = "u1", state: str = STARTING) -> Session:

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.recorder import (
+from testkit.fakes import TESTBOT_DIR
+from testkit.fakes.recorder import (
     CALLBACK_TOKEN,
     DAILY_TOKEN,
     ROOM_URL,
@@ -19,7 +20,6 @@ from tests.fakes.recorder import (
     CallbackRecorder,
     contract_env,
 )
-from tests.harness import TESTBOT_DIR
 from tests.test_bot_pool import DROP, HANG, AssignmentServer
 
 

@@ -14,9 +14,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from dispatcher.telemetry import Tracing, hashed_user, tracer_provider_from_env
-from tests.fakes.common import Fault
-from tests.harness import Stack, dispatcher_stack, eventually, fly_emulator
-from tests.otlp_collector import OtlpCollector
+from testkit.fakes.common import Fault
+from testkit.harness import Stack, dispatcher_stack, fly_emulator
+from testkit.otlp_collector import OtlpCollector
+from testkit.waits import eventually
 from tests.test_bot_tracing import CONVERSATION_STARTED
 
 
@@ -259,6 +260,7 @@ def test_the_environment_decides_whether_spans_are_exported() -> None:
     assert not Tracing().enabled
 
 
+@pytest.mark.slow
 async def test_the_real_bots_spans_join_the_dispatch_trace(
     tmp_path: Path,
     spans: Spans,

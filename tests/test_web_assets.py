@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# Its module-scoped fixtures are built once: on one xdist worker.
+pytestmark = pytest.mark.xdist_group("web_assets")
+
 ROOT = Path(__file__).resolve().parent.parent
 WEB_SRC = ROOT / "web"
 WEB_OUT = ROOT / "dispatcher" / "web"

@@ -29,7 +29,8 @@ from dispatcher.webhooks import (
     timestamp_seconds,
     verify,
 )
-from tests.harness import Stack, dispatcher_stack, eventually
+from testkit.harness import Stack, dispatcher_stack
+from testkit.waits import eventually
 
 KEY = bytes(range(32))
 SECRET = base64.b64encode(KEY).decode()

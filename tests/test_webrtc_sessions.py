@@ -1,6 +1,6 @@
 """webrtc sessions: the start answer, the bot contract, and the per-session proxy to the bot.
 
-The bots here are the test bot image (tests/fakes/images/testbot) run as local processes: in
+The bots here are the test bot image (testkit/fakes/images/testbot) run as local processes: in
 webrtc mode it checks the contract, serves `/api/offer` on the port it was given and answers
 with what it saw. The real bot's WebRTC is tested in tests/test_bot_*.py and the browser test.
 """
@@ -18,8 +18,8 @@ import pytest
 
 from dispatcher.errors import BadRequest, BotUnreachable, Gone
 from dispatcher.http.proxy import BotProxy, check_path
-from tests.fakes.common import bind_loopback
-from tests.harness import Stack, dispatcher_stack
+from testkit.harness import Stack, dispatcher_stack
+from testkit.net import bind_loopback
 
 OFFER = {"sdp": "v=0 fake-offer", "type": "offer", "pc_id": None, "restart_pc": False}
 
@@ -171,6 +171,7 @@ async def test_ready_when_the_bot_is_connected(tmp_path: Path) -> None:
         await stack.wait_state(sid, "ready")
 
 
+@pytest.mark.slow
 async def test_offer_waits_for_a_bot_that_is_still_booting(tmp_path: Path) -> None:
     """An offer sent before the bot listens is retried until it does."""
     async with local_stack(tmp_path) as stack:

@@ -1,6 +1,6 @@
 """Daily's room and meeting-token properties: each one's JSON type and, where Daily documents
 them, its values or longest length. The dispatcher checks a client's properties against these
-facts, and the Daily emulator (tests/fakes/daily.py) refuses with them, so the two cannot drift.
+facts, and the Daily emulator (testkit/fakes/daily.py) refuses with them, so the two cannot drift.
 
 Daily's room and token properties (its schemas `RoomProperties` and `MeetingTokenProperties`,
 and the abbreviations of self-signed tokens), taken from:

@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 EXAMPLE = ROOT / "examples" / "bot" / "bot.py"
 PIPECAT_STYLE = Path(__file__).resolve().parent / "pipecat_style" / "bot.py"
 OWN_TRANSPORT = Path(__file__).resolve().parent / "own_transport" / "bot.py"
-DAILY_PYTHON = ROOT / "tests" / "fakes" / "daily_python"
 
 
 def example_module(name: str) -> ModuleType:

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tests.fakes.common import (
+from testkit.fakes.common import (
     DropConnections,
     DroppedConnection,
     Fault,
@@ -29,11 +29,11 @@ from tests.fakes.common import (
     RateLimiter,
     control_routes,
 )
-from tests.fakes.fly.errors import ApiError, ApiRequest, OutageBegan, _bad_request, _not_found
-from tests.fakes.fly.handlers import MachineHandlers
-from tests.fakes.fly.machine import MachineRecord, ulid
-from tests.fakes.fly.openapi import OpenAPIRequests, SpecViolation
-from tests.fakes.fly.runtime import EXIT_EVENT_SHAPES, _kill_group
+from testkit.fakes.fly.errors import ApiError, ApiRequest, OutageBegan, _bad_request, _not_found
+from testkit.fakes.fly.handlers import MachineHandlers
+from testkit.fakes.fly.machine import MachineRecord, ulid
+from testkit.fakes.fly.openapi import OpenAPIRequests, SpecViolation
+from testkit.fakes.fly.runtime import EXIT_EVENT_SHAPES, _kill_group
 
 DEFAULT_LIMITS: dict[str, tuple[float, int]] = {
     "create": (1.0, 3),

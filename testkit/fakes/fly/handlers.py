@@ -14,11 +14,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
-from tests.fakes.common import FaultPlan
-from tests.fakes.fly.errors import ApiError, OutageBegan, _bad_request, _not_found
-from tests.fakes.fly.machine import MachineRecord, parse_duration, parse_signal, ulid, utc_now
-from tests.fakes.fly.runtime import MachineRuntime
-from tests.fakes.fly.validation import validate_create
+from testkit.fakes.common import FaultPlan, Latency
+from testkit.fakes.fly.errors import ApiError, OutageBegan, _bad_request, _not_found
+from testkit.fakes.fly.machine import MachineRecord, parse_duration, parse_signal, ulid, utc_now
+from testkit.fakes.fly.runtime import MachineRuntime
+from testkit.fakes.fly.validation import validate_create
 
 WAITABLE_STATES = ("started", "stopped", "suspended", "destroyed", "failed", "settled")
 MAX_WAIT_S = 60.0
@@ -57,6 +57,7 @@ class MachineHandlers(MachineRuntime):
     capacity_status: int
     list_lag_s: float
     faults: FaultPlan
+    latency: Latency
 
     def _machine(self, request: Request) -> MachineRecord:
         machine = self.machines.get(request.path_params["id"])

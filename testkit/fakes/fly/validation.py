@@ -1,6 +1,6 @@
 """The create body's rules that Fly's prose documents beyond its OpenAPI schema (400 when broken).
 
-Types and enums are the OpenAPI document's (`tests/fakes/fly/openapi.py`, checked before this);
+Types and enums are the OpenAPI document's (`testkit/fakes/fly/openapi.py`, checked before this);
 these are the rules of reference §3: a config with an image, a guest's CPU kind, CPUs and memory
 (a multiple of 256 MB), a restart's retries, and Go durations in `stop_config.timeout`.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.fakes.fly.errors import _bad_request
-from tests.fakes.fly.machine import parse_duration
+from testkit.fakes.fly.errors import _bad_request
+from testkit.fakes.fly.machine import parse_duration
 
 
 def validate_create(body: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""What a chaos run (tests/chaos.py) did, and the invariants it checks once settled: from the
+"""What a chaos run (testkit/chaos.py) did, and the invariants it checks once settled: from the
 store and the emulators' own state, no accepted session lost, no unaccepted one left live, no
 machine without a live session, no room of an ended session, no session with two machines."""
 
@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dispatcher.store import Session, Store
-from tests.fakes.daily import DailyEmulator
-from tests.fakes.fly import FlyEmulator
+from testkit.fakes.daily import DailyEmulator
+from testkit.fakes.fly import FlyEmulator
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Run the Fly Machines API emulator on its own: `python -m tests.fakes.fly --port N`."""
+"""Run the Fly Machines API emulator on its own: `python -m testkit.fakes.fly --port N`."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ import contextlib
 import sys
 from pathlib import Path
 
-from tests.fakes.common import (
-    serve,
-    standalone,
-)
-from tests.fakes.fly.api import DEFAULT_APP, DEFAULT_TOKEN, FlyEmulator
-from tests.fakes.fly.runtime import EXIT_EVENT_SHAPES
+from testkit.fakes.common import standalone
+from testkit.fakes.fly.api import DEFAULT_APP, DEFAULT_TOKEN, FlyEmulator
+from testkit.fakes.fly.runtime import EXIT_EVENT_SHAPES
+from testkit.net import serve
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -27,7 +25,7 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 
 def _parse_cli(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="python -m tests.fakes.fly", add_help=False)
+    parser = argparse.ArgumentParser(prog="python -m testkit.fakes.fly", add_help=False)
     parser.add_argument("--token", default=DEFAULT_TOKEN)
     parser.add_argument("--app", action="append", default=[], help="an app that exists")
     parser.add_argument("--image", action="append", default=[], metavar="REF=DIR")

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,20 +14,15 @@ from typing import Any
 
 import httpx
 
-from tests.fakes.recorder import CallbackRecorder, contract_env
+from testkit.fakes.recorder import CallbackRecorder, contract_env
+from testkit.net import free_port
 
 ROOT = Path(__file__).parent.parent
 SESSION_ID = "s-test1"
 # Generous bounds for a loaded machine: a bot boots in ~2 s, a stop takes ~1 s.
 BOOT_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+WEBRTC_ARGV = ("--transport", "webrtc")
 
 
 @dataclass
@@ -90,7 +84,7 @@ def webrtc_env(dispatcher_url: str, port: int) -> dict[str, str]:
 async def start_bot(
     recorder: CallbackRecorder,
     tmp_path: Path,
-    argv: tuple[str, ...] = ("--transport", "webrtc"),
+    argv: tuple[str, ...] = WEBRTC_ARGV,
     **overrides: str | None,
 ) -> BotProcess:
     """Start the real bot with the webrtc contract env (Daily's variables removed)."""
@@ -120,7 +114,7 @@ async def booted(
     bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path, **overrides: str | None
 ) -> BotProcess:
     """A bot that listens for its offer."""
-    bot = await start_bot(recorder, tmp_path, **overrides)
+    bot = await start_bot(recorder, tmp_path, WEBRTC_ARGV, **overrides)
     bots.append(bot)
     assert await bot.listening(), bot.output()
     return bot

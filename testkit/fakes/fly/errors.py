@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 from starlette.responses import JSONResponse, Response
 
-from tests.fakes.common import Fault
+from testkit.fakes.common import Fault
 
 
 class ApiRequest(NamedTuple):

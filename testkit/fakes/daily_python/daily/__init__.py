@@ -1,7 +1,7 @@
 """A stand-in for daily-python (`import daily`) whose calls join rooms of the Daily emulator.
 
-With `tests/fakes/daily_python` first on PYTHONPATH and `DAILY_EMULATOR_URL` set to the base URL
-of a `tests.fakes.daily.DailyEmulator`, a `CallClient` joins the room named by the meeting URL's
+With `testkit/fakes/daily_python` first on PYTHONPATH and `DAILY_EMULATOR_URL` set to the base URL
+of a `testkit.fakes.daily.DailyEmulator`, a `CallClient` joins the room named by the meeting URL's
 last path segment through the emulator's control routes (which check the token as Daily would),
 watches the room for other participants, and leaves it again. Media is simulated at real-time
 pace: written audio completes after its duration; remote participants sound like silence.

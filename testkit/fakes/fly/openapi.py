@@ -28,7 +28,9 @@ import jsonschema
 from referencing import Registry
 from referencing.jsonschema import DRAFT4
 
-SPEC_PATH = Path(__file__).resolve().parents[2] / "reference" / "fly-machines-openapi.json"
+SPEC_PATH = (
+    Path(__file__).resolve().parents[3] / "tests" / "reference" / "fly-machines-openapi.json"
+)
 _SPEC_URI = "urn:fly-machines-openapi"
 _GO_BOOLS = frozenset(
     {"1", "t", "T", "TRUE", "true", "True", "0", "f", "F", "FALSE", "false", "False"}

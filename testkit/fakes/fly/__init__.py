@@ -44,7 +44,7 @@ Follows /work/shared/reference/fly-machines.md. Choices where the reference is s
   answering gets a 500 from uvicorn, not a dropped connection.
 """
 
-from tests.fakes.fly.api import (
+from testkit.fakes.fly.api import (
     APP_SCOPED_LIMITS,
     DEFAULT_APP,
     DEFAULT_LIMITS,
@@ -52,15 +52,15 @@ from tests.fakes.fly.api import (
     FlyEmulator,
     Handler,
 )
-from tests.fakes.fly.errors import ApiError, ApiRequest
-from tests.fakes.fly.handlers import (
+from testkit.fakes.fly.errors import ApiError, ApiRequest
+from testkit.fakes.fly.handlers import (
     MAX_WAIT_S,
     REGION_NAMES,
     SUSPEND_MAX_MEMORY_MB,
     WAITABLE_STATES,
     MachineHandlers,
 )
-from tests.fakes.fly.machine import (
+from testkit.fakes.fly.machine import (
     MachineRecord,
     parse_duration,
     parse_image_ref,
@@ -68,8 +68,8 @@ from tests.fakes.fly.machine import (
     ulid,
     utc_now,
 )
-from tests.fakes.fly.runtime import DEFAULT_MAX_RETRIES, EXIT_EVENT_SHAPES, MachineRuntime
-from tests.fakes.fly.validation import validate_create
+from testkit.fakes.fly.runtime import DEFAULT_MAX_RETRIES, EXIT_EVENT_SHAPES, MachineRuntime
+from testkit.fakes.fly.validation import validate_create
 
 __all__ = [
     "APP_SCOPED_LIMITS",

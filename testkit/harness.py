@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +16,15 @@ from dispatcher.app import create_app
 from dispatcher.config import Settings
 from dispatcher.telemetry import Tracing
 from dispatcher.upstream import RetryPolicy
-from tests.conftest import JWT_SECRET
-from tests.fakes.common import bind_loopback, serve
-from tests.fakes.daily import DailyEmulator
-from tests.fakes.fly import FlyEmulator
+from testkit.fakes import TESTBOT_DIR
+from testkit.fakes.daily import DailyEmulator
+from testkit.fakes.fly import FlyEmulator
+from testkit.net import bind_loopback, serve
+from testkit.waits import eventually
 
-TESTBOT_DIR = Path(__file__).parent / "fakes" / "images" / "testbot"
 BOT_APP = "pipecat-bots"
 BOT_IMAGE = "registry.fly.io/pipecat-bots:test-1"
+JWT_SECRET = "test-jwt-secret-" + "x" * 32
 FLY_TOKEN = "fm2_fly-secret-token-value"
 DAILY_KEY = "daily-secret-api-key-" + "0123456789abcdef" * 3
 FAST_RETRY = RetryPolicy(
@@ -95,20 +94,6 @@ class Stack:
 
         await eventually(reached, timeout=timeout, what=f"{sid} in {states}: {session}")
         return session
-
-
-async def eventually(
-    check: Callable[[], bool | Awaitable[bool]], *, timeout: float = 10.0, what: str = "condition"
-) -> None:
-    """Wait until `check()` (plain or async) is true, polling; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if await result if inspect.isawaitable(result) else result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def dispatcher_env(

@@ -15,19 +15,10 @@ from types import TracebackType
 
 import httpx
 
-from tests.fakes.common import bind_loopback
+from testkit.net import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 20.0
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    sock = bind_loopback()
-    try:
-        return int(sock.getsockname()[1])
-    finally:
-        sock.close()
 
 
 class DispatcherProcess:

@@ -5,7 +5,7 @@ the invariants, checked against the store and the emulators once the reconciler 
 One run (`run_chaos`):
 
 1. The Fly and Daily emulators are served in this process with their rate limits on; the
-   dispatcher is a child process (`tests.procs.DispatcherProcess`) on a SQLite file, its
+   dispatcher is a child process (`testkit.procs.DispatcherProcess`) on a SQLite file, its
    reconciler every 0.5 s and its create pacing set to the emulator's create limit.
 2. `concurrency` clients post `sessions` starts, each bot scripted through its body: most are
    normal (ready, then the client DELETEs the session after a moment), others crash before
@@ -57,13 +57,13 @@ import jwt
 
 from dispatcher.app import create_app
 from dispatcher.store import Store
-from tests.chaos_report import ChaosReport, check, settle
-from tests.conftest import JWT_SECRET
-from tests.fakes.common import Fault
-from tests.fakes.daily import DailyEmulator
-from tests.fakes.fly import FlyEmulator
-from tests.harness import daily_emulator, dispatcher_env, emulators, fly_emulator
-from tests.procs import DispatcherProcess, free_port
+from testkit.chaos_report import ChaosReport, check, settle
+from testkit.fakes.common import Fault
+from testkit.fakes.daily import DailyEmulator
+from testkit.fakes.fly import FlyEmulator
+from testkit.harness import JWT_SECRET, daily_emulator, dispatcher_env, emulators, fly_emulator
+from testkit.net import free_port
+from testkit.procs import DispatcherProcess
 
 # The emulator's create limit, raised from Fly's 1/s so that pacing does not dominate a run;
 # FLY_CREATE_RATE/BURST say the same (the dispatcher paces 10% under it by itself).

@@ -1,20 +1,16 @@
-"""Plumbing shared by the API emulators: rate limits, latency, faults, a loopback server."""
+"""Plumbing shared by the API emulators: rate limits, latency, faults, their control routes."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -248,44 +244,6 @@ def control_routes(
         Route("/_emulator/limits", set_limits, methods=["POST"]),
         Route("/_emulator/state", get_state, methods=["GET"]),
     ]
-
-
-def bind_loopback(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
-    """A listening TCP socket on loopback (port 0: any free port).
-
-    The protocol is given explicitly: asyncio sets TCP_NODELAY only on sockets whose proto is
-    IPPROTO_TCP, and without it small answers stall ~40 ms behind delayed ACKs.
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
-
-
-@contextlib.asynccontextmanager
-async def serve(
-    app: Starlette, port: int = 0, host: str = "127.0.0.1", *, sock: socket.socket | None = None
-) -> AsyncIterator[str]:
-    """Run `app` under uvicorn on loopback (or on `sock`) in this event loop; yields its URL."""
-    sock = sock or bind_loopback(port, host)
-    host = sock.getsockname()[0]
-    config = uvicorn.Config(
-        app, log_level="warning", lifespan="on", access_log=False, proxy_headers=False
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.005)
-        yield f"http://{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 def standalone(description: str, default_port: int) -> argparse.Namespace:

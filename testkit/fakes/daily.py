@@ -4,7 +4,7 @@ It follows `/work/shared/reference/daily.md`: rooms, REST and self-signed meetin
 presence, Daily's error bodies and rate limits. A participant joining a room is played by
 `DailyEmulator.join` (or `POST /_emulator/rooms/{name}/join`), which checks a token the way
 Daily's media servers would; `GET /_emulator/rooms/{name}/participants` lists who is in it,
-for the daily-python stand-in (`tests/fakes/daily_python/`) to watch. `GET /rooms` lists rooms
+for the daily-python stand-in (`testkit/fakes/daily_python/`) to watch. `GET /rooms` lists rooms
 newest first, and its cursors go by creation as Daily documents them: `starting_after=<id>`
 gives the rooms created after that one, `ending_before=<id>` those created before it (the
 `limit` rooms next to it, newest first: [inf]); `rooms_paging` plays other readings of them
@@ -40,7 +40,7 @@ from starlette.routing import Route
 
 from dispatcher.rooms import daily_properties
 from dispatcher.rooms.daily_properties import Property
-from tests.fakes.common import (
+from testkit.fakes.common import (
     DropConnections,
     DroppedConnection,
     Fault,
@@ -48,9 +48,9 @@ from tests.fakes.common import (
     Latency,
     RateLimiter,
     control_routes,
-    serve,
     standalone,
 )
+from testkit.net import serve
 
 DEFAULT_API_KEY = "7c1f3e0a9b2d4c6e8f0a1b3c5d7e9f1a2b4c6d8e0f1a3b5c7d9e1f2a4b6c8d0e"
 DEFAULT_DOMAIN_ID = "5c5a3bde-2b1e-4c8c-9a55-1d2f0e7b9a10"
@@ -705,7 +705,7 @@ async def _fault_response(fault: Fault) -> Response:
 
 
 def main() -> None:
-    """`python -m tests.fakes.daily --port N [--api-key K] [--domain NAME] ...`."""
+    """`python -m testkit.fakes.daily --port N [--api-key K] [--domain NAME] ...`."""
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--api-key", default=DEFAULT_API_KEY)
     own.add_argument("--domain", default="pipecat-test")

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Awaitable
 from typing import Any
 
-from tests.fakes.fly.machine import MachineRecord, utc_now
+from testkit.fakes.fly.machine import MachineRecord, utc_now
 
 logger = logging.getLogger(__package__)
 

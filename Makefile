@@ -39,11 +39,16 @@ lint: sync
 	$(UV) run ruff format --check .
 	$(UV) run mypy
 
-# Every test (CI runs this), on PYTEST_WORKERS xdist workers; tests whose module-scoped
-# fixtures are costly share one worker (xdist_group), hence --dist loadgroup.
+# Every test (CI runs this): most on PYTEST_WORKERS xdist workers, those whose module-scoped
+# fixtures are costly on one worker each (xdist_group, hence --dist loadgroup); then, in one
+# process, the browser tests (their page timeouts want the machine) and the `serial` ones.
+# Both passes run; the target fails if either did.
 PYTEST_WORKERS ?= 2
 test: lint
-	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	status=0; \
+	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not browser and not serial" || status=$$?; \
+	$(UV) run pytest -m "browser or serial" || status=$$?; \
+	exit $$status
 
 # The inner loop: every test but the slow, browser and image-replay ones (pytest markers),
 # without lint, on four workers (most tests wait on processes and sockets, not the CPU).

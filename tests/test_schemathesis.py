@@ -43,8 +43,8 @@ from testkit.harness import (
 )
 from testkit.waits import eventually
 
-# Its module-scoped fixtures are built once: on one xdist worker.
-pytestmark = pytest.mark.xdist_group("schemathesis")
+# Schemathesis's cases share one node id, which an xdist worker would run once: not on xdist.
+pytestmark = pytest.mark.serial
 
 MAX_EXAMPLES = 25
 # The operations that start a session (each one made is deleted at once).

@@ -35,8 +35,9 @@ from testkit.waits import eventually
 STARTS = 50
 DRAIN_TIMEOUT_S = 20.0
 # After the drain uvicorn closes its listeners, gives open connections up to
-# timeout_graceful_shutdown (5 s, cli.py) and runs the lifespan's shutdown: a generous bound.
-SHUTDOWN_ALLOWANCE_S = 8.0
+# timeout_graceful_shutdown (5 s, cli.py) and runs the lifespan's shutdown. Not a timed
+# assertion: how long a test waits for the process to exit on its own, on a loaded machine.
+SHUTDOWN_ALLOWANCE_S = 60.0
 
 
 class HeldCreates(Latency):
@@ -159,7 +160,6 @@ async def test_sigterm_during_50_starts(tmp_path: Path) -> None:
                 assert all(s.state in ("starting", "ready") for s in reserved), reserved
                 assert all(s.machine_id is None for s in reserved), reserved
 
-                sigterm_at = time.monotonic()
                 proc.terminate()
                 await wait_draining(http)
 
@@ -183,11 +183,9 @@ async def test_sigterm_during_50_starts(tmp_path: Path) -> None:
                 session_ids = {answer.json()["sessionId"] for answer in answers}
                 assert len(session_ids) == STARTS
 
-                bound = DRAIN_TIMEOUT_S + SHUTDOWN_ALLOWANCE_S
-                returncode = await proc.wait(bound)
-                elapsed = time.monotonic() - sigterm_at
+                returncode = await proc.wait(DRAIN_TIMEOUT_S + SHUTDOWN_ALLOWANCE_S)
                 assert returncode == -signal.SIGTERM
-                assert elapsed < bound, elapsed
+                assert "drain time is up" not in proc.log_text()
 
                 # No 51st session or machine for the refused start.
                 assert creates(fly) == STARTS
@@ -285,7 +283,6 @@ async def test_a_drain_cut_short(tmp_path: Path, cut: str) -> None:
             )
             try:
                 await eventually(lambda: gate.held == 1, what="a create in flight")
-                sigterm_at = time.monotonic()
                 proc.terminate()
                 await wait_draining(http)
                 if cut == "second-sigterm":
@@ -300,9 +297,7 @@ async def test_a_drain_cut_short(tmp_path: Path, cut: str) -> None:
                     proc.terminate()
                     assert await proc.wait(30) == -signal.SIGTERM
                 else:
-                    bound = drain_s + SHUTDOWN_ALLOWANCE_S
-                    assert await proc.wait(bound) == -signal.SIGTERM
-                    assert time.monotonic() - sigterm_at < bound
+                    assert await proc.wait(drain_s + SHUTDOWN_ALLOWANCE_S) == -signal.SIGTERM
                     assert "drain time is up with starts in flight" in proc.log_text()
                 try:
                     answer = await start

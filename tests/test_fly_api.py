@@ -10,12 +10,14 @@ import httpx
 import pytest
 import respx
 
+from dispatcher.aio import cancel_and_wait
 from dispatcher.errors import UpstreamError, UpstreamTimeout
 from dispatcher.machines import MachineExit
 from dispatcher.machines.fly_api import FlyAPI, auth_header, latest_exit
 from dispatcher.upstream import RetryPolicy, parse_retry_after
 from testkit.harness import BOT_APP, BOT_IMAGE, FLY_TOKEN, fly_emulator
 from testkit.net import serve
+from testkit.waits import eventually
 
 BASE = "https://fly.test"
 APP = f"{BASE}/v1/apps/bots"
@@ -239,10 +241,15 @@ async def test_long_waits_do_not_block_other_calls() -> None:
         # Created, never launched: a wait for `started` runs to its timeout.
         created = await api.create({"config": {"image": BOT_IMAGE}, "skip_launch": True})
         waits = [
-            asyncio.create_task(api.wait(created.id, "started", timeout_s=3)) for _ in range(120)
+            asyncio.create_task(api.wait(created.id, "started", timeout_s=60)) for _ in range(120)
         ]
-        await asyncio.sleep(0.5)
-        assert await api.get(created.id) is not None
-        assert not any(w.done() for w in waits), "the get waited for the waits to end"
-        assert await asyncio.gather(*waits) == [False] * 120
+        try:
+            await eventually(
+                lambda: sum(r.path.endswith("/wait") for r in fly.requests) == 120,
+                what="120 waits pending at Fly",
+            )
+            assert await api.get(created.id) is not None
+            assert not any(w.done() for w in waits), "the get waited for the waits to end"
+        finally:
+            await cancel_and_wait(*waits)
         await api.destroy(created.id)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).parent.parent
 SESSION_ID = "s-test1"
 # Generous bounds for a loaded machine: a bot boots in ~2 s, a stop takes ~1 s.
 BOOT_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 30.0
 WEBRTC_ARGV = ("--transport", "webrtc")
 
 

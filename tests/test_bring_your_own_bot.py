@@ -187,6 +187,8 @@ def assert_ended_cleanly(ended: dict[str, dict[str, Any]], where: str) -> None:
 
 
 @pytest.mark.slow
+# Nine real Pipecat bots booting at once want the machine: run in make test's one-process pass.
+@pytest.mark.serial
 @pytest.mark.timeout(600)  # nine sessions booting at once, three of them to their time limit
 @pytest.mark.parametrize("name", BOTS)
 async def test_a_bot_file_runs_unchanged_on_both_backends(

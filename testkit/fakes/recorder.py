@@ -64,7 +64,7 @@ class CallbackRecorder:
         """The calls received for `operation`."""
         return [c for c in self.calls if c.operation == operation]
 
-    async def wait_for(self, operation: str, timeout_s: float = 10.0) -> Callback:
+    async def wait_for(self, operation: str, timeout_s: float = 30.0) -> Callback:
         """The first call for `operation`, once it has arrived."""
         async with asyncio.timeout(timeout_s):
             while not self.of(operation):

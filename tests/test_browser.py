@@ -410,6 +410,32 @@ async def test_talk_to_a_bot_and_hang_up(dispatcher: Dispatcher, browser: Browse
     print(f"browser session: {time.monotonic() - began:.1f} s from Connect to the bot's exit")
 
 
+async def test_hang_up_reads_the_same_when_the_bot_reports_first(
+    dispatcher: Dispatcher, browser: Browser
+) -> None:
+    """Disconnect hangs up the transport before it DELETEs the session, so the bot may report
+    `participant_left` first (a race CI saw). The DELETE is held here until the dispatcher has
+    recorded that end: the page still says the user hung up, and shows no error."""
+    page = browser.page
+    session_id = await browser.connect()
+    dispatcher.sessions.append(session_id)
+    recorded: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+    async def hold_the_delete(route: Route) -> None:
+        if route.request.method == "DELETE" and not recorded.done():
+            recorded.set_result(await dispatcher.wait_ended(session_id))
+        await route.continue_()
+
+    await page.route(f"**/sessions/{session_id}", hold_the_delete)
+    await page.click("#disconnect")
+    final = await asyncio.wait_for(recorded, END_TIMEOUT_S * 2)
+    assert final["endReason"] == "participant_left", final
+    await page.wait_for_selector('#session-state[data-state="ended"]', state="attached")
+    await browser.wait_text("#status", "Ended: you hung up.")
+    assert "session-delete-sent" in await browser.events()
+    assert await page.is_hidden("#error"), await browser.text("#error")
+
+
 async def test_the_microphone_opens_when_the_bot_is_ready(
     dispatcher: Dispatcher, browser: Browser
 ) -> None:

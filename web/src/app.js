@@ -122,7 +122,10 @@ const END_REASONS = {
 };
 
 function endWords() {
-  if (view.endReason === "deleted" && view.endedHere) return "you hung up";
+  // Disconnect sends the hang-up to the bot and then the DELETE: whichever the dispatcher
+  // records first (the bot's own `participant_left` or `deleted`), this page hung up.
+  const hungUp = view.endReason === "deleted" || view.endReason === "participant_left";
+  if (hungUp && view.endedHere) return "you hung up";
   return END_REASONS[view.endReason] ?? view.endReason;
 }
 

@@ -45,7 +45,7 @@ from dispatcher.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-# Room names that are session ids (see sessions.new_session_id); other rooms are not ours.
+# Room names that are session ids (see starter.new_session_id); other rooms are not ours.
 SESSION_ROOM = re.compile(r"^s-[0-9a-f]{16}$")
 # Rooms of sessions that ended less than this ago are left to the supervisor that ended them.
 ROOM_GRACE_S = 10.0

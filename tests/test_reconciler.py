@@ -35,7 +35,7 @@ from dispatcher.machines.fly_api import FlyAPI
 from dispatcher.reconciler import Reconciler
 from dispatcher.rooms.daily import DailyRooms
 from dispatcher.rooms.daily_api import DailyAPI
-from dispatcher.sessions import new_session_id
+from dispatcher.starter import new_session_id
 from dispatcher.store import ENDED, ENDING, FAILED, READY, STARTING, Event, Session, Store
 from dispatcher.supervisor import EXIT_MARGIN_S, Supervisor
 from dispatcher.telemetry import random_traceparent

@@ -7,7 +7,6 @@ with what it saw. The real bot's WebRTC is tested in tests/test_bot_*.py and the
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -158,11 +157,12 @@ async def test_create_daily_room_false_is_webrtc_where_webrtc_is_offered(tmp_pat
 
 
 async def test_ready_when_the_bot_is_connected(tmp_path: Path) -> None:
-    """A bot that reports ready once connected is ready only after the offer went through."""
+    """A bot that reports ready once connected is ready only after the offer went through:
+    a bot started beside it that does not wait for the offer is ready, it is not."""
     async with local_stack(tmp_path) as stack:
         sid = await start_webrtc(stack, {"testBot": {"ready_on_offer": True}})
-        await stack.wait_state(sid, "dispatched")
-        await asyncio.sleep(0.3)
+        control = await start_webrtc(stack, {"testBot": {}})
+        await stack.wait_state(control, "ready")
         assert (await stack.session(sid))["state"] == "dispatched"
         offer = await stack.http.post(
             f"/sessions/{sid}/api/offer", json=OFFER, headers=stack.headers()

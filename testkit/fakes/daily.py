@@ -158,6 +158,8 @@ class RecordedRequest(NamedTuple):
     path: str
     query: dict[str, str]
     body: Any
+    # When it arrived (time.monotonic()), before the rate limit looked at it.
+    at: float = 0.0
 
 
 @dataclass
@@ -579,7 +581,9 @@ class DailyEmulator:
             body = _parse(raw)
             logged = raw.decode(errors="replace") if body is _UNPARSEABLE else body
             query = dict(request.query_params)
-            self.requests.append(RecordedRequest(request.method, request.url.path, query, logged))
+            self.requests.append(
+                RecordedRequest(request.method, request.url.path, query, logged, time.monotonic())
+            )
             fault: Fault | None = None
             try:
                 self._authenticate(request)

@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from http import HTTPStatus
 from pathlib import Path
@@ -248,7 +249,9 @@ class FlyEmulator(MachineHandlers):
                 body = json.loads(raw)
             except ValueError:
                 body = raw.decode("utf-8", "replace")
-        self.requests.append(ApiRequest(request.method, request.url.path, request.url.query, body))
+        self.requests.append(
+            ApiRequest(request.method, request.url.path, request.url.query, body, time.monotonic())
+        )
         return body
 
     def _authorize(self, request: Request) -> None:

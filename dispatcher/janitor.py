@@ -1,10 +1,11 @@
 """Deleting the rooms of ended sessions, paced under Daily's delete limit, recorded in the store.
 
 The pace is shared by every instance on the database when the pacer's bucket is in the store
-(dispatcher/app.py). A room whose `exp` passes before its turn needs no delete: Daily treats a
-room past its `exp` as deleted and removes it itself (docs/reference/daily.md §3), so it is
-marked deleted at its `exp` without a call, which keeps a backlog of deletes from growing
-without bound when sessions end faster than Daily lets rooms go.
+(dispatcher/app.py). A room whose `exp` passes before its turn needs no delete: no one can join
+it, and Daily treats a room past its `exp` as implicitly deleted and garbage-collects it later
+(docs/reference/daily.md §3), so it is marked deleted at its `exp` without a call, which keeps
+a backlog of deletes from growing without bound when sessions end faster than Daily lets rooms
+go.
 """
 
 from __future__ import annotations
@@ -136,11 +137,11 @@ class RoomJanitor:
 
     async def _expired(self, session: Session) -> None:
         """Mark the room deleted as of its `exp` without calling Daily: Daily treats a room past
-        its `exp` as deleted (no one can join it) and removes it itself."""
+        its `exp` as implicitly deleted (no one can join it) and garbage-collects it later."""
         if session.room_deleted_at is not None:
             return
         exp = room_exp(session.expires_at)
-        log.info("room %s expired: Daily removes it, no delete needed", session.room_name)
+        log.info("room %s expired: no delete needed", session.room_name)
         await self._store.record(
             session.id, "room_expired", {"room": session.room_name, "exp": exp}
         )

@@ -704,7 +704,7 @@ async def test_many_room_deletes_are_paced_under_dailys_limit(tmp_path: Path) ->
 
         report = await r.reconciler.reconcile()
         assert report.rooms_queued == len(sids) and not report.errors
-        # The pass did not wait for them: at 1.8 deletes/s most are still queued.
+        # The pass did not wait for them: at 1.6 deletes/s most are still queued.
         assert r.janitor.queued >= len(sids) // 2
         await r.janitor.join()
         assert not set(sids) & set(r.daily.rooms)

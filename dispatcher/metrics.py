@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter as Counter_
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
@@ -20,6 +21,8 @@ from dispatcher.lifecycle import ACTIVE_STATES
 if TYPE_CHECKING:
     from dispatcher.pacing import Pacer
     from dispatcher.store import Session, Store
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Seconds: a join URL takes about a second, a bot a few seconds to tens (READY_TIMEOUT_S), a
@@ -170,7 +173,10 @@ class Metrics:
                 await self._store.count_rooms_to_delete(dispatcher=self._dispatcher)
             )
         for call, pacer in self._paced.items():
-            self.paced_queue.labels(call=call).set(await pacer.queued())
+            try:
+                self.paced_queue.labels(call=call).set(await pacer.queued())
+            except Exception as exc:  # e.g. Daily's domain, the bucket's key, not known yet
+                log.debug("no %s queue to show: %s", call, exc)
         if self._pool is not None:
             machines = Counter_(await self._pool())
             for region, state in {*machines, *self._pool_seen}:

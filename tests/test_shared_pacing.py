@@ -97,8 +97,15 @@ async def instances(
             proc = await stack.enter_async_context(
                 DispatcherProcess(env | ENV, tmp_path, port=port)
             )
+            # No keep-alive: the deletes come after a wait longer than uvicorn keeps an idle
+            # connection (5 s), and a request sent as the server closes one is lost.
             http = await stack.enter_async_context(
-                httpx.AsyncClient(base_url=proc.url, timeout=60, trust_env=False)
+                httpx.AsyncClient(
+                    base_url=proc.url,
+                    timeout=60,
+                    trust_env=False,
+                    limits=httpx.Limits(max_keepalive_connections=0),
+                )
             )
             # One after the other: the first creates the tables.
             await proc.start()

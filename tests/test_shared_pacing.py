@@ -67,12 +67,20 @@ def most_in_any_second(times: Sequence[float]) -> int:
 
 def creates(fly: FlyEmulator) -> list[float]:
     """When each machine create reached Fly (refused ones too)."""
-    return [r.at for r in fly.requests if r.method == "POST" and r.path.endswith("/machines")]
+    return [
+        at
+        for r, at in zip(fly.requests, fly.arrivals, strict=True)
+        if r.method == "POST" and r.path.endswith("/machines")
+    ]
 
 
 def room_deletes(daily: DailyEmulator) -> list[float]:
     """When each room delete reached Daily (refused ones too)."""
-    return [r.at for r in daily.requests if r.method == "DELETE" and r.path.startswith("/rooms/")]
+    return [
+        at
+        for r, at in zip(daily.requests, daily.arrivals, strict=True)
+        if r.method == "DELETE" and r.path.startswith("/rooms/")
+    ]
 
 
 @contextlib.asynccontextmanager

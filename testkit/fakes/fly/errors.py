@@ -17,8 +17,6 @@ class ApiRequest(NamedTuple):
     path: str
     query: str
     body: Any
-    # When it arrived (time.monotonic()), before the rate limit looked at it.
-    at: float = 0.0
 
 
 class ApiError(Exception):

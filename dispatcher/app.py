@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import httpx
@@ -23,7 +24,7 @@ from dispatcher.http.cors import cors_middleware
 from dispatcher.http.errors import EXCEPTION_HANDLERS
 from dispatcher.http.proxy import BotProxy
 from dispatcher.http.routes import routes
-from dispatcher.janitor import RoomJanitor
+from dispatcher.janitor import ROOM_DELETE_BURST, ROOM_DELETE_RATE, RoomJanitor
 from dispatcher.lifecycle import EndReason
 from dispatcher.machines import MachineBackend
 from dispatcher.machines.fly import FlyMachines
@@ -34,8 +35,9 @@ from dispatcher.ratelimit import StartLimiter
 from dispatcher.readiness import Readiness
 from dispatcher.reconciler import Reconciler
 from dispatcher.rooms import RoomBackend
+from dispatcher.rooms.daily import ROOM_CREATE_BURST, ROOM_CREATE_RATE, DailyRooms
 from dispatcher.sessions import SessionService
-from dispatcher.store import PoolRows, Store
+from dispatcher.store import PoolRows, Store, StoreBucket
 from dispatcher.supervisor import Supervisor
 from dispatcher.telemetry import Telemetry, Tracing
 from dispatcher.upstream import RetryPolicy
@@ -125,7 +127,7 @@ class Lifespan:
             db = store or await Store.open(settings.database_url)
             if store is None:
                 stack.push_async_callback(db.close)
-            pacer = _pacer(settings)
+            pacer = _pacer(settings, db)
             apis = await stack.enter_async_context(
                 upstreams(settings, retry, timeout_s=upstream_timeout_s, telemetry=telemetry)
             )
@@ -133,7 +135,8 @@ class Lifespan:
             stack.push_async_callback(bots.aclose)
             transports = rooms if rooms is not None else room_backends(settings, apis, retry)
             await _open(transports)
-            janitor = RoomJanitor(db, transports)
+            janitor = RoomJanitor(db, transports, pacer=_daily_pacer(db, transports, "delete"))
+            room_pacer = _daily_pacer(db, transports, "create", settings.create_queue_wait_s)
             stack.push_async_callback(janitor.aclose)
             pool = _pool(settings, db, bots, pacer, metrics)
             if pool is not None:
@@ -151,7 +154,16 @@ class Lifespan:
             self.services = services = Services(
                 settings=settings,
                 service=SessionService(
-                    settings, db, bots, transports, supervisor, janitor, pacer, telemetry, pool
+                    settings,
+                    db,
+                    bots,
+                    transports,
+                    supervisor,
+                    janitor,
+                    pacer,
+                    telemetry,
+                    pool,
+                    room_pacer=room_pacer,
                 ),
                 callbacks=BotCallbacks(settings, db, transports, supervisor, telemetry, pool),
                 readiness=_readiness(db, bots, transports),
@@ -169,8 +181,17 @@ class Lifespan:
             metrics.watch(
                 db,
                 settings.dispatcher_name,
-                create_queue=lambda: pacer.queued if pacer else 0,
+                create_queue=lambda: pacer.waiting if pacer else 0,
                 room_delete_queue=lambda: janitor.queued,
+                paced={
+                    name: p
+                    for name, p in (
+                        ("fly_create", pacer),
+                        ("daily_room_create", room_pacer),
+                        ("daily_room_delete", janitor.pacer if "daily" in transports else None),
+                    )
+                    if p is not None
+                },
                 leader=lambda: reconciler.leader,
                 pool=_pool_states(pool) if pool is not None else None,
             )
@@ -224,8 +245,9 @@ class Lifespan:
             self.services.machines.kill_all()
 
 
-def _pacer(settings: Settings) -> Pacer | None:
-    """The pacing of machine creates (fly only), a little under Fly's own rate."""
+def _pacer(settings: Settings, db: Store) -> Pacer | None:
+    """The pacing of machine creates (fly only), a little under Fly's own rate, in the store:
+    one bucket per bot app, shared by every instance on the database."""
     if settings.machine_backend != "fly":
         return None
     return Pacer(
@@ -233,6 +255,29 @@ def _pacer(settings: Settings) -> Pacer | None:
         settings.fly_create_burst,
         max_wait_s=settings.create_queue_wait_s,
         what="machine creates",
+        bucket=StoreBucket(db, f"pace:fly-create:{settings.fly_bot_app}"),
+    )
+
+
+def _daily_pacer(
+    db: Store, transports: Mapping[str, RoomBackend], call: str, max_wait_s: float = math.inf
+) -> Pacer | None:
+    """The pacing of Daily room creates or deletes (`call`), in the store: one bucket per
+    Daily domain (learnt when Daily first answers), shared by every instance on the database."""
+    daily = transports.get("daily")
+    if daily is None:
+        return None
+
+    def key() -> str:
+        domain = daily.domain.name if isinstance(daily, DailyRooms) else "daily"
+        return f"pace:daily-room-{call}:{domain}"
+
+    if call == "create":
+        rate, burst = ROOM_CREATE_RATE, ROOM_CREATE_BURST
+    else:
+        rate, burst = ROOM_DELETE_RATE, ROOM_DELETE_BURST
+    return Pacer(
+        rate, burst, max_wait_s=max_wait_s, what=f"room {call}s", bucket=StoreBucket(db, key)
     )
 
 

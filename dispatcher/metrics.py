@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter as Counter_
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -18,7 +19,10 @@ from prometheus_client import (
 from dispatcher.lifecycle import ACTIVE_STATES
 
 if TYPE_CHECKING:
+    from dispatcher.pacing import Pacer
     from dispatcher.store import Session, Store
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Seconds: a join URL takes about a second, a bot a few seconds to tens (READY_TIMEOUT_S), a
@@ -87,6 +91,18 @@ class Metrics:
         self.room_delete_queue = Gauge(
             "dispatcher_room_delete_queue_depth", "Room deletes queued and not done", registry=r
         )
+        self.paced_queue = Gauge(
+            "dispatcher_paced_queue",
+            "Paced upstream calls (fly_create, daily_room_create, daily_room_delete) waiting for "
+            "their turn on every instance, from the store's shared buckets",
+            ["call"],
+            registry=r,
+        )
+        self.rooms_awaiting_delete = Gauge(
+            "dispatcher_rooms_awaiting_delete",
+            "Rooms of ended sessions neither deleted nor expired yet, from the store",
+            registry=r,
+        )
         self.leader = Gauge(
             "dispatcher_reconciler_leader",
             "1 when this instance runs the reconciler, else 0",
@@ -125,6 +141,7 @@ class Metrics:
         # (region, state) pairs shown before: shown as 0 once empty rather than vanishing.
         self._pool_seen: set[tuple[str, str]] = set()
         self._dispatcher: str | None = None
+        self._paced: Mapping[str, Pacer] = {}
 
     def watch(
         self,
@@ -135,10 +152,13 @@ class Metrics:
         room_delete_queue: Callable[[], int],
         leader: Callable[[], bool],
         pool: Callable[[], Awaitable[list[tuple[str, str]]]] | None = None,
+        paced: Mapping[str, Pacer] | None = None,
     ) -> None:
-        """What is read at scrape time: the store's sessions, queue depths, leadership, and
-        the pool's machines as (region, state) pairs."""
+        """What is read at scrape time: the store's sessions and rooms to delete, queue
+        depths, leadership, the pool's machines as (region, state) pairs, and the shared
+        queues of the `paced` calls."""
         self._store, self._dispatcher, self._pool = store, dispatcher, pool
+        self._paced = dict(paced or {})
         self.create_queue.set_function(lambda: float(create_queue()))
         self.room_delete_queue.set_function(lambda: float(room_delete_queue()))
         self.leader.set_function(lambda: float(leader()))
@@ -149,6 +169,14 @@ class Metrics:
             counts = await self._store.count_by_state(dispatcher=self._dispatcher)
             for active in ACTIVE_STATES:
                 self.sessions.labels(state=active).set(counts.get(active, 0))
+            self.rooms_awaiting_delete.set(
+                await self._store.count_rooms_to_delete(dispatcher=self._dispatcher)
+            )
+        for call, pacer in self._paced.items():
+            try:
+                self.paced_queue.labels(call=call).set(await pacer.queued())
+            except Exception as exc:  # e.g. Daily's domain, the bucket's key, not known yet
+                log.debug("no %s queue to show: %s", call, exc)
         if self._pool is not None:
             machines = Counter_(await self._pool())
             for region, state in {*machines, *self._pool_seen}:

@@ -186,7 +186,7 @@ class Pool:
             wanted += [region] * max(0, self._settings.pool_size - have)
         # As many at once as free create turns allow (never a turn a start would wait for).
         turns = 0
-        while turns < len(wanted) and (self._pacer is None or self._pacer.take_now()):
+        while turns < len(wanted) and (self._pacer is None or await self._pacer.take_now()):
             turns += 1
         results = await asyncio.gather(*(self._make(region) for region in wanted[:turns]))
         return sum(results)

@@ -52,6 +52,7 @@ class SessionService:
         telemetry: Telemetry | None = None,
         pool: Pool | None = None,
         *,
+        room_pacer: Pacer | None = None,
         idempotent_wait_s: float = IDEMPOTENT_WAIT_S,
     ) -> None:
         self._settings = settings
@@ -61,7 +62,16 @@ class SessionService:
         self._rooms = rooms
         self._supervisor = supervisor
         self._starter = Starter(
-            settings, store, machines, rooms, supervisor, janitor, pacer, self._telemetry, pool
+            settings,
+            store,
+            machines,
+            rooms,
+            supervisor,
+            janitor,
+            pacer,
+            self._telemetry,
+            pool,
+            room_pacer,
         )
         self._keys = IdempotentStarts(
             store, abandoned_after_s=settings.start_timeout_s, wait_s=idempotent_wait_s

@@ -4,10 +4,11 @@ create both at once, record the dispatch, and undo what was made when either fai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -58,6 +59,7 @@ class Starter:
         pacer: Pacer | None,
         telemetry: Telemetry,
         pool: Pool | None,
+        room_pacer: Pacer | None = None,
     ) -> None:
         self._settings = settings
         self._telemetry = telemetry
@@ -67,6 +69,8 @@ class Starter:
         self._supervisor = supervisor
         self._janitor = janitor
         self._pacer = pacer
+        # Daily room creates (their share of Daily's budget), shared like the machine creates.
+        self._room_pacer = room_pacer
         self._pool = pool
 
     async def start(
@@ -79,14 +83,34 @@ class Starter:
             pooled = await self._pool.take(
                 session_id, self._regions(request.region), request.body_json
             )
-        # A cold create takes its turn now: a full queue is refused before anything is made.
-        delay = self._pacer.reserve() if self._pacer and pooled is None else 0.0
+        # A cold create and a Daily room take their turns now: a full queue is refused
+        # before anything is made, and a turn taken is given back.
+        fly = self._pacer if pooled is None else None
+        room = self._room_pacer if request.transport == "daily" else None
+        taken: list[Pacer] = []
         try:
-            return await self._create(principal, request, session_id, rooms, delay, pooled)
-        except RetryLater:
-            if self._pacer and pooled is None:
-                self._pacer.cancel()
+            delay = await fly.reserve() if fly else 0.0
+            taken += [fly] if fly else []
+            room_delay = await room.reserve() if room else 0.0
+            taken += [room] if room else []
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._give_back(taken, pooled)
             raise
+        try:
+            return await self._create(
+                principal, request, session_id, rooms, (delay, room_delay), pooled
+            )
+        except RetryLater:
+            await self._give_back(taken, None)
+            raise
+
+    async def _give_back(self, pacers: list[Pacer], pooled: PoolMachine | None) -> None:
+        """Undo the turns taken (and the pool machine claimed) for a start refused."""
+        for pacer in pacers:
+            await pacer.cancel()
+        if pooled is not None and self._pool is not None:
+            await self._pool.release(pooled)
 
     async def _create(
         self,
@@ -94,9 +118,10 @@ class Starter:
         request: StartRequest,
         session_id: str,
         rooms: RoomBackend,
-        delay: float,
+        delays: tuple[float, float],
         pooled: PoolMachine | None,
     ) -> dict[str, Any]:
+        delay, room_delay = delays
         now = time.time()
         expires_at = now + self._settings.session_max_duration_s
         plan = rooms.plan(
@@ -157,7 +182,9 @@ class Starter:
             regions=self._regions(request.region),
         )
         room_done, launched = await asyncio.gather(
-            rooms.create(plan), self._launch(spec, delay, pooled), return_exceptions=True
+            _after(room_delay, lambda: rooms.create(plan)),
+            self._launch(spec, delay, pooled),
+            return_exceptions=True,
         )
         room_error = room_done if isinstance(room_done, BaseException) else None
         machine = launched if isinstance(launched, MachineRef) else None
@@ -210,7 +237,7 @@ class Starter:
                 if pooled is not None:
                     self._pool.notify(pooled)
                 elif self._pacer is not None:
-                    delay = self._pacer.reserve(bounded=False)
+                    delay = await self._pacer.reserve(bounded=False)
         if delay > 0:
             await asyncio.sleep(delay)
         return await self._machines.launch(spec)
@@ -288,6 +315,13 @@ class Starter:
         if requested:
             return (requested, *(r for r in regions if r != requested))
         return regions
+
+
+async def _after(delay: float, call: Callable[[], Awaitable[None]]) -> None:
+    """`call()` once `delay` seconds have passed (a paced call's turn)."""
+    if delay > 0:
+        await asyncio.sleep(delay)
+    await call()
 
 
 def _maybe_happened(error: BaseException | None) -> bool:

@@ -42,7 +42,9 @@ async def test_local_backend_runs_a_whole_session(tmp_path: Path) -> None:
         await stack.http.delete(f"/sessions/{sid}", headers=stack.headers())
         ended = await stack.wait_state(sid, "ended")
         assert ended["endReason"] == "deleted" and ended["exitCode"] == 0
-        assert stack.daily is not None and sid not in stack.daily.rooms
+        daily = stack.daily
+        assert daily is not None
+        await eventually(lambda: sid not in daily.rooms, what="room deleted (by the janitor)")
 
 
 async def test_local_backend_records_a_crash(tmp_path: Path) -> None:

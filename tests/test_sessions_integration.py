@@ -64,7 +64,8 @@ async def test_whole_session(tmp_path: Path) -> None:
         ended = await stack.wait_state(sid, "ended")
         assert ended["endReason"] == "deleted" and ended["exitCode"] == 0
         await eventually(lambda: machine.state == "destroyed", what="machine destroyed")
-        assert sid not in stack.daily.rooms
+        daily = stack.daily
+        await eventually(lambda: sid not in daily.rooms, what="room deleted (by the janitor)")
         assert any(line.startswith("testbot") and "ready" in line for line in machine.logs)
 
 
@@ -357,7 +358,8 @@ async def test_no_capacity_anywhere_is_502(tmp_path: Path) -> None:
         assert stack.daily is not None
         response = await stack.start()
         assert response.status_code == 502
-        assert not stack.daily.rooms
+        daily = stack.daily
+        await eventually(lambda: not daily.rooms, what="room deleted (queued by the janitor)")
 
 
 @pytest.mark.slow
@@ -391,7 +393,8 @@ async def test_restarted_dispatcher_follows_running_sessions(tmp_path: Path) -> 
             ended = await second.wait_state(sid, "ended")
             assert ended["endReason"] == "deleted"
             await eventually(lambda: machine.state == "destroyed", what="destroyed")
-            assert sid not in upstream.daily.rooms
+            daily = upstream.daily
+            await eventually(lambda: sid not in daily.rooms, what="room deleted (by the janitor)")
 
 
 async def test_machine_exit_is_noticed_after_a_restart(tmp_path: Path) -> None:

@@ -51,7 +51,19 @@ TOKEN_PROPERTIES: dict[str, Property] = {
 }
 GEO_REGIONS = ROOM["geo"].values
 MAX_PARTICIPANTS = 2
+# Daily's budget is 20 requests a second, or 100 per 5 s, for most endpoints (reference/daily.md
+# §2). Room creates take 15 a second of it, room deletes 1.6 (dispatcher/janitor.py), and the
+# rest is left for the odd room lookup, room list and readiness check.
+ROOM_CREATE_RATE = 15.0
+ROOM_CREATE_BURST = 10
 ROOM_EXP_MARGIN_S = 300
+
+
+def room_exp(session_expires_at: float) -> int:
+    """The `exp` of a session's room: its hard end plus a margin (unix seconds)."""
+    return int(session_expires_at) + ROOM_EXP_MARGIN_S
+
+
 MAX_USER_ID = 36
 
 
@@ -124,7 +136,7 @@ class DailyRooms:
     ) -> RoomPlan:
         """A private room named after the session, its URL and two self-signed tokens (ICE
         servers are Daily's business: `default_ice_servers` does not apply)."""
-        exp = int(expires_at) + ROOM_EXP_MARGIN_S
+        exp = room_exp(expires_at)
         properties = {
             **room_properties,
             "exp": exp,

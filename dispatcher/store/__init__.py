@@ -4,7 +4,7 @@ idempotency keys, rate buckets, webhook ids, leadership locks and the warm pool'
 from __future__ import annotations
 
 from dispatcher.lifecycle import ACTIVE_STATES, TERMINAL_STATES, State
-from dispatcher.store.buckets import RateBuckets
+from dispatcher.store.buckets import RateBuckets, StoreBucket, db_now
 from dispatcher.store.keys import IdempotencyKeys, IdempotencyRecord
 from dispatcher.store.locks import HeldLock, Locks, lock_key
 from dispatcher.store.pool import AVAILABLE, CLAIMED, RETIRED, WARMING, PoolMachine, PoolRows
@@ -55,6 +55,8 @@ __all__ = [
     "PoolRows",
     "Session",
     "Store",
+    "StoreBucket",
+    "db_now",
     "engine_url",
     "events",
     "idempotency_keys",

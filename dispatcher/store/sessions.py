@@ -283,6 +283,24 @@ class SessionRows(Database):
             rows = (await conn.execute(query)).all()
         return [Session(**row._asdict()) for row in rows]
 
+    async def count_rooms_to_delete(self, *, dispatcher: str | None = None) -> int:
+        """How many terminal sessions (of one dispatcher app when named) have a room not
+        known to be deleted (nor marked expired)."""
+        query = (
+            sa.select(sa.func.count())
+            .select_from(sessions)
+            .where(
+                sessions.c.state.in_(TERMINAL_STATES),
+                sessions.c.room_name.is_not(None),
+                sessions.c.room_deleted_at.is_(None),
+            )
+        )
+        if dispatcher is not None:
+            query = query.where(sessions.c.dispatcher == dispatcher)
+        async with self.read() as conn:
+            count = await conn.scalar(query)
+        return int(count or 0)
+
     async def count_active(self) -> int:
         """How many sessions are not in a terminal state."""
         async with self.read() as conn:

@@ -281,6 +281,8 @@ class DailyEmulator:
         self.deleted: list[Room] = []
         self.departures: list[Participant] = []
         self.requests: list[RecordedRequest] = []
+        # When each of `requests` arrived (time.monotonic()), before the rate limit saw it.
+        self.arrivals: list[float] = []
         self.faults = FaultPlan()
         self.latency = Latency()
         self.limiter = RateLimiter(RATE_LIMITS, enabled=rate_limits)
@@ -580,6 +582,7 @@ class DailyEmulator:
             logged = raw.decode(errors="replace") if body is _UNPARSEABLE else body
             query = dict(request.query_params)
             self.requests.append(RecordedRequest(request.method, request.url.path, query, logged))
+            self.arrivals.append(time.monotonic())
             fault: Fault | None = None
             try:
                 self._authenticate(request)

@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from http import HTTPStatus
 from pathlib import Path
@@ -153,6 +154,8 @@ class FlyEmulator(MachineHandlers):
         self.list_lag_s = list_lag_s
         self.machines: dict[str, MachineRecord] = {}
         self.requests: list[ApiRequest] = []
+        # When each of `requests` arrived (time.monotonic()), before the rate limit saw it.
+        self.arrivals: list[float] = []
         self.openapi = _openapi()
         self.undeclared: list[str] = []
         self.faults = FaultPlan()
@@ -249,6 +252,7 @@ class FlyEmulator(MachineHandlers):
             except ValueError:
                 body = raw.decode("utf-8", "replace")
         self.requests.append(ApiRequest(request.method, request.url.path, request.url.query, body))
+        self.arrivals.append(time.monotonic())
         return body
 
     def _authorize(self, request: Request) -> None:

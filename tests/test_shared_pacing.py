@@ -1,0 +1,300 @@
+"""Pacing shared through the store: four dispatcher instances on one PostgreSQL database keep,
+together, to Fly's machine create limit and to Daily's room delete limit as the emulators
+enforce them, with no per-instance arithmetic.
+
+Four real dispatcher processes (testkit/procs.py) share a fresh database and the emulators
+served in this process, whose limits are Fly's and Daily's own (reference: 1 create a second
+per app with a burst of 3; about 2 room deletes a second with a burst of 2). Each instance
+alone paces under those limits; before the pacing was shared, four of them together overran
+them. The checks are on what the emulators recorded (the 429s they answered, the most requests
+that arrived within any one second), never on how long anything took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import signal
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dispatcher.janitor import EXPIRED_MARGIN_S, RoomJanitor
+from dispatcher.lifecycle import State
+from dispatcher.metrics import Metrics
+from dispatcher.pacing import Pace, Pacer
+from dispatcher.rooms.daily import ROOM_EXP_MARGIN_S, room_exp
+from dispatcher.store import Session, Store, StoreBucket
+from testkit.fakes.daily import RATE_LIMITS as DAILY_LIMITS
+from testkit.fakes.daily import DailyEmulator
+from testkit.fakes.fly import DEFAULT_LIMITS, FlyEmulator
+from testkit.harness import daily_emulator, dispatcher_env, emulators, fly_emulator
+from testkit.net import free_port
+from testkit.procs import DispatcherProcess
+from testkit.waits import eventually
+from tests.test_instances import Instance, headers
+
+ENDED = State.ENDED
+INSTANCES = 4
+SESSIONS = 12  # three per instance
+# Sessions wait up to 12 s for their create turn and are ready well after that: no timeout
+# of the start or of the bot's readiness may end one meanwhile. FLY_CREATE_BURST is one under
+# Fly's burst of 3, the margin docs/operations.md advises for creates that travel unevenly
+# (on a busy machine, one sent late and the next on time).
+ENV = {
+    "FLY_CREATE_BURST": "2",
+    "CREATE_QUEUE_WAIT_S": "60",
+    "READY_TIMEOUT_S": "120",
+    "MAX_SESSIONS": "100",
+    "MAX_SESSIONS_PER_USER": "100",
+}
+
+
+def most_in_any_second(times: Sequence[float]) -> int:
+    """The most of `times` (seconds) that fall within any one second."""
+    ordered = sorted(times)
+    most, first = 0, 0
+    for last, at in enumerate(ordered):
+        while ordered[first] <= at - 1.0:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
+
+
+def creates(fly: FlyEmulator) -> list[float]:
+    """When each machine create reached Fly (refused ones too)."""
+    return [
+        at
+        for r, at in zip(fly.requests, fly.arrivals, strict=True)
+        if r.method == "POST" and r.path.endswith("/machines")
+    ]
+
+
+def room_deletes(daily: DailyEmulator) -> list[float]:
+    """When each room delete reached Daily (refused ones too)."""
+    return [
+        at
+        for r, at in zip(daily.requests, daily.arrivals, strict=True)
+        if r.method == "DELETE" and r.path.startswith("/rooms/")
+    ]
+
+
+@contextlib.asynccontextmanager
+async def instances(
+    tmp_path: Path, database_url: str, fly: FlyEmulator, daily: DailyEmulator
+) -> AsyncIterator[list[Instance]]:
+    """INSTANCES dispatcher processes on `database_url`, wired to the emulators (served here);
+    stopped with SIGTERM on the way out."""
+    async with (
+        emulators(fly=fly, daily=daily) as urls,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        started: list[Instance] = []
+        for _ in range(INSTANCES):
+            port = free_port()
+            env = dispatcher_env(
+                fly_url=urls.fly_url,
+                daily_url=urls.daily_url,
+                dispatcher_url=f"http://127.0.0.1:{port}",
+                db=database_url,
+            )
+            proc = await stack.enter_async_context(
+                DispatcherProcess(env | ENV, tmp_path, port=port)
+            )
+            # No keep-alive: the deletes come after a wait longer than uvicorn keeps an idle
+            # connection (5 s), and a request sent as the server closes one is lost.
+            http = await stack.enter_async_context(
+                httpx.AsyncClient(
+                    base_url=proc.url,
+                    timeout=60,
+                    trust_env=False,
+                    limits=httpx.Limits(max_keepalive_connections=0),
+                )
+            )
+            # One after the other: the first creates the tables.
+            await proc.start()
+            started.append(Instance(proc, http))
+        yield started
+        for instance in started:
+            instance.proc.terminate()
+        for instance in started:
+            assert await instance.proc.wait(30) == -signal.SIGTERM
+
+
+@pytest.mark.slow
+async def test_four_instances_together_keep_to_flys_create_limit_and_dailys_delete_limit(
+    tmp_path: Path, pg_database_url: str
+) -> None:
+    """Twelve starts at once, three on each of four instances: Fly never answers a create
+    429, and no more creates reached it within any one second than its bucket holds (1 a
+    second plus a burst of 3). Then the twelve sessions are deleted at once: their rooms go
+    without a 429 from Daily, and no more deletes reached it within any second than its
+    bucket holds (2 a second plus a burst of 2)."""
+    fly, daily = fly_emulator(), daily_emulator()
+    async with instances(tmp_path, pg_database_url, fly, daily) as group:
+        users = [f"user-{i}" for i in range(SESSIONS)]
+        answers = await asyncio.gather(
+            *(group[i % INSTANCES].start(user) for i, user in enumerate(users))
+        )
+        assert [a.status_code for a in answers] == [200] * SESSIONS, [a.text for a in answers]
+        owners = {a.json()["sessionId"]: u for a, u in zip(answers, users, strict=True)}
+
+        made = creates(fly)
+        rate, burst = DEFAULT_LIMITS["create"]
+        print(  # the figures, for `pytest -s`
+            f"creates: {len(made)} sent, {fly.limiter.refused.get('create', 0)} refused (429), "
+            f"at most {most_in_any_second(made)} within one second (Fly allows {rate + burst:g})"
+        )
+        assert fly.limiter.refused.get("create", 0) == 0, (
+            f"Fly refused {fly.limiter.refused['create']} creates; "
+            f"{most_in_any_second(made)} reached it within one second"
+        )
+        assert len(made) == SESSIONS
+        assert most_in_any_second(made) <= rate + burst
+
+        store = await Store.open(pg_database_url)
+        try:
+
+            async def all_ready() -> bool:
+                sessions = await store.get_many(owners)
+                assert all(s.state != "failed" for s in sessions.values()), sessions
+                return all(s.state == "ready" for s in sessions.values())
+
+            await eventually(all_ready, timeout=120, what="every session ready")
+
+            ends = await asyncio.gather(
+                *(
+                    group[i % INSTANCES].http.delete(f"/sessions/{sid}", headers=headers(user))
+                    for i, (sid, user) in enumerate(owners.items())
+                )
+            )
+            assert [e.status_code for e in ends] == [202] * SESSIONS, [e.text for e in ends]
+
+            async def rooms_deleted() -> bool:
+                sessions = await store.get_many(owners)
+                return all(s.room_deleted_at is not None for s in sessions.values())
+
+            await eventually(rooms_deleted, timeout=120, what="every room deleted")
+        finally:
+            await store.close()
+
+        assert not set(owners) & set(daily.rooms)
+        deleted = room_deletes(daily)
+        rate, burst = DAILY_LIMITS["delete_room"]
+        print(
+            f"room deletes: {len(deleted)} sent, {daily.limiter.refused.get('delete_room', 0)} "
+            f"refused (429), at most {most_in_any_second(deleted)} within one second (Daily "
+            f"allows {rate + burst:g})"
+        )
+        assert daily.limiter.refused.get("delete_room", 0) == 0, (
+            f"Daily refused {daily.limiter.refused['delete_room']} room deletes; "
+            f"{most_in_any_second(deleted)} reached it within one second"
+        )
+        assert len(deleted) == SESSIONS
+        assert most_in_any_second(deleted) <= rate + burst
+        assert daily.limiter.refused.get("api", 0) == 0
+
+
+# -- rooms past their exp ---------------------------------------------------------------------
+
+
+class RecordingRooms:
+    """A room backend that records the deletes asked of it."""
+
+    transport = "daily"
+    bot_routes = False
+
+    def __init__(self) -> None:
+        self.deleted: list[str] = []
+
+    async def open(self) -> None:
+        pass
+
+    async def delete(self, name: str, *, pace: Pace | None = None) -> None:
+        if pace is not None:
+            await pace()
+        self.deleted.append(name)
+
+
+async def ended_session(store: Store, sid: str, *, exp_in_s: float) -> Session:
+    """An ended daily session whose room's `exp` is `exp_in_s` from now."""
+    now = time.time()
+    session = Session(
+        id=sid,
+        user_id="u1",
+        state=ENDED,
+        transport="daily",
+        dispatcher="test",
+        created_at=now - 60,
+        updated_at=now,
+        expires_at=now + exp_in_s - ROOM_EXP_MARGIN_S,
+        room_name=sid,
+        ended_at=now,
+    )
+    await store.create_session(session, max_sessions=100)
+    return session
+
+
+async def test_a_room_past_its_exp_is_marked_deleted_without_a_call(store: Store) -> None:
+    """Daily treats a room past its `exp` as deleted: the janitor marks it deleted as of its
+    `exp` (and says so in the session's log) without calling Daily, and takes no turn."""
+    rooms = RecordingRooms()
+    janitor = RoomJanitor(store, {"daily": rooms})  # type: ignore[dict-item]
+    session = await ended_session(store, "s-expired", exp_in_s=-(EXPIRED_MARGIN_S + 1))
+    assert await store.count_rooms_to_delete() == 1
+    assert await janitor.delete(session)
+    assert rooms.deleted == []
+    stored = await store.get("s-expired")
+    assert stored is not None and stored.room_deleted_at == room_exp(session.expires_at)
+    assert [e.kind for e in await store.events("s-expired")][-1] == "room_expired"
+    assert await store.count_rooms_to_delete() == 0
+    assert await janitor.pacer.take_now()  # no turn was used
+
+
+async def test_a_room_whose_turn_comes_after_its_exp_gives_the_turn_back(store: Store) -> None:
+    """A room whose delete turn would come after its `exp` (the queue is an hour long) gives
+    its turn back to the rooms behind it and is marked deleted once it has expired; one whose
+    turn comes first is deleted."""
+    rooms = RecordingRooms()
+    pacer = Pacer(1 / 3600, 1, bucket=StoreBucket(store, "pace:daily-room-delete:test"))
+    janitor = RoomJanitor(store, {"daily": rooms}, pacer=pacer)  # type: ignore[dict-item]
+    first = await ended_session(store, "s-first", exp_in_s=3600)
+    assert await janitor.delete(first)
+    assert rooms.deleted == ["s-first"]
+    assert await pacer.queued() == 0
+    # Gone (by the margin) a moment from now, and the next turn is an hour away.
+    soon = await ended_session(store, "s-soon", exp_in_s=0.2 - EXPIRED_MARGIN_S)
+    assert await janitor.delete(soon)
+    assert rooms.deleted == ["s-first"]
+    stored = await store.get("s-soon")
+    assert stored is not None and stored.room_deleted_at == room_exp(soon.expires_at)
+    assert await pacer.queued() == 0  # the turn went back: the next one waits an hour, no more
+    assert math.ceil(await pacer.reserve() / 3600 - 0.01) == 1
+
+
+async def test_metrics_show_the_rooms_awaiting_delete_and_the_shared_queues(store: Store) -> None:
+    """`/metrics` reads from the store the rooms awaiting a delete and, for each paced call,
+    the turns taken and not yet come on every instance."""
+    await ended_session(store, "s-waiting", exp_in_s=3600)
+    fly = Pacer(1 / 3600, 1, bucket=StoreBucket(store, "pace:fly-create:bots"))
+    other = Pacer(1 / 3600, 1, bucket=StoreBucket(store, "pace:fly-create:bots"))
+    await fly.reserve()
+    await fly.reserve()
+    await other.reserve()
+    metrics = Metrics()
+    metrics.watch(
+        store,
+        "test",
+        create_queue=lambda: fly.waiting,
+        room_delete_queue=lambda: 0,
+        leader=lambda: True,
+        paced={"fly_create": fly},
+    )
+    text = (await metrics.render()).decode()
+    assert "dispatcher_rooms_awaiting_delete 1.0" in text
+    assert 'dispatcher_paced_queue{call="fly_create"} 2.0' in text
+    assert "dispatcher_create_queue_depth 1.0" in text

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import random
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -317,6 +318,7 @@ class Preloaded:
     entry_s: float
     vad_s: float
     tracing_s: float
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         """One log line's worth."""
@@ -331,7 +333,9 @@ class Preloaded:
 def preload(
     environ: Mapping[str, str], transports: str | tuple[str, ...], spec: EntryPointSpec
 ) -> Preloaded:
-    """Import Pipecat, the transports and the team's module, load Silero, build the exporters."""
+    """Import Pipecat, the transports and the team's module, load Silero (handed over to the
+    session's first analyzer), build the exporters and the TLS context of the session's
+    callbacks."""
     started = time.perf_counter()
     wanted = (transports,) if isinstance(transports, str) else transports
     for module in (*RUNNER_MODULES, *(m for t in wanted for m in TRANSPORT_MODULES.get(t, ()))):
@@ -346,9 +350,13 @@ def preload(
     loaded = time.perf_counter()
     from pipecat.audio.vad.silero import SileroVADAnalyzer
 
-    SileroVADAnalyzer()  # the model's first load: onnxruntime's session, the file in cache
+    # The model's first load: onnxruntime's session, the file in cache.
+    hand_over_vad(SileroVADAnalyzer())
     vad = time.perf_counter()
     exporters = span_exporters(environ)
+    # httpx loads the CA bundle for each client it makes (a quarter of a second): the session's
+    # client takes this one.
+    context = httpx.create_ssl_context()
     return Preloaded(
         entry,
         error,
@@ -357,7 +365,28 @@ def preload(
         entry_s=loaded - imported,
         vad_s=vad - loaded,
         tracing_s=time.perf_counter() - vad,
+        ssl_context=context,
     )
+
+
+def hand_over_vad(analyzer: Any) -> None:
+    """Give the Silero model `analyzer` loaded to the next SileroVADAnalyzer made (a pooled bot
+    serves one session: its bot's analyzer then skips loading onnxruntime's session again);
+    any further analyzer loads its own, as Pipecat does."""
+    from pipecat.audio.vad import silero
+
+    original: Any = silero.SileroOnnxModel
+    spare = [analyzer._model]
+
+    def model(path: Any, force_onnx_cpu: bool = True) -> Any:
+        if spare and force_onnx_cpu:
+            preloaded = spare.pop()
+            preloaded.reset_states()
+            silero.SileroOnnxModel = original  # type: ignore[misc]
+            return preloaded
+        return original(path, force_onnx_cpu=force_onnx_cpu)
+
+    silero.SileroOnnxModel = model  # type: ignore[misc,assignment]
 
 
 @dataclass(frozen=True)

@@ -341,7 +341,7 @@ async def test_make_run_logs_read_as_one_log(dispatcher: Dispatcher, browser: Br
     shape: the same columns and the same fields in the same order, with one trace id."""
     session_id = await browser.connect()
     dispatcher.sessions.append(session_id)
-    ours = await dispatcher.wait_line(" dispatcher.sessions", session_id)
+    ours = await dispatcher.wait_line(" dispatcher.starter: session dispatched", session_id)
     bots = await dispatcher.wait_line(" bot: Client connected", session_id)
     lines = {"dispatcher": ours, "bot": bots}
     parsed = {}

@@ -1,18 +1,19 @@
 """Startup: time to join URL and to bot ready, cold vs warm pool vs Pipecat's Fly example flow.
 
     .venv/bin/python bench/startup.py [--sessions 30] [--concurrency 3]
-                                      [--phases cold,pool-suspended,pool-stopped,reference]
+                                      [--phases cold,pool-running,pool-suspended,pool-stopped,
+                                                reference]
                                       [--limits lifted|realistic]
                                       [--profile realistic|fast] [--warmup 2] [--cprofile]
                                       [--out startup.json]
 
-One run, four phases, each against fresh Fly and Daily emulators in this process configured by
+One run, five phases, each against fresh Fly and Daily emulators in this process configured by
 bench/latency_profile.py (every figure with its source), N sessions at concurrency C:
 
 - cold: the dispatcher as a real process (`python -m dispatcher serve`, SQLite), POOL_SIZE=0;
-- pool-suspended / pool-stopped: the same with POOL_SIZE=N (one region, so one pool of N) and
-  POOL_MODE=suspended / stopped, the pool filled (every machine `available` in /metrics) before
-  the first start;
+- pool-running / pool-suspended / pool-stopped: the same with POOL_SIZE=N (one region, so one
+  pool of N) and POOL_MODE=running / suspended / stopped, the pool filled (every machine
+  `available` in /metrics) before the first start;
 - reference: no dispatcher; a client that makes the calls of Pipecat's Fly example
   (pipecat-ai/pipecat-examples, deployment/flyio-example/bot_runner.py), one after the other:
   create room, bot token, list machines (for the image), create machine, wait for `started`,
@@ -97,8 +98,8 @@ from testkit.waits import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
-PHASES = ("cold", "pool-suspended", "pool-stopped", "reference")
-POOL_MODES = {"pool-suspended": "suspended", "pool-stopped": "stopped"}
+PHASES = ("cold", "pool-running", "pool-suspended", "pool-stopped", "reference")
+POOL_MODES = {"pool-running": "running", "pool-suspended": "suspended", "pool-stopped": "stopped"}
 PROFILES = {"realistic": 1.0, "fast": 0.1}
 """The recorded latencies times this factor ("fast" is for smoke tests)."""
 LIMIT_SCALES = {"realistic": 1.0, "lifted": 1000.0}
@@ -174,8 +175,10 @@ def critical_paths(options: StartupOptions) -> dict[str, dict[str, float]]:
     cold: room and machine are created concurrently, so the join URL waits for the slower of
     Daily's create_room and Fly's create (tokens are self-signed: no call); the bot is ready
     once its machine booted, it booted, and it joined. pool: the claim is a store update, so
-    the join URL waits for the slower of create_room and Fly's start answer; the bot is ready
-    after the resume (suspended) or the start and its boot (stopped), then the join.
+    the join URL waits for the slower of create_room and Fly's start answer (running: no Fly
+    call at all, create_room alone); the bot is ready after its join alone (running: it is
+    booted, loaded and asking), after the resume (suspended), or after the start and its boot
+    (stopped), then the join.
     reference: its six calls in a row; its bot as cold."""
     s = options.scale
     fly, daily = lp.FLY_LATENCY, lp.DAILY_LATENCY
@@ -187,6 +190,7 @@ def critical_paths(options: StartupOptions) -> dict[str, dict[str, float]]:
     ref_started = room + token_call + fly["list"].value + max(create, boot_s)
     paths = {
         "cold": {"join_s": max(room, create), "ready_s": boot_s + bot + join},
+        "pool-running": {"join_s": room, "ready_s": join},
         "pool-suspended": {"join_s": pool_join, "ready_s": lp.FLY_RESUME.value + join},
         "pool-stopped": {"join_s": pool_join, "ready_s": lp.FLY_START.value + bot + join},
         "reference": {

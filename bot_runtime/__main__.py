@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import ssl
 import sys
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypedDict, TypeVar
@@ -109,7 +110,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if tracing is not None:
         tracing.stamp(environ, env.session_id)
     try:
-        outcome = run_bounded(_run(entry, env, environ, signals, sink))
+        verify = preloaded.ssl_context if preloaded is not None else None
+        outcome = run_bounded(_run(entry, env, environ, signals, sink, verify))
     finally:
         _flush(tracing)
     return outcome.exit_code
@@ -149,13 +151,15 @@ async def _run(
     environ: Mapping[str, str],
     signals: StopSignals,
     sink: JsonLogSink,
+    verify: ssl.SSLContext | None = None,
 ) -> SessionOutcome:
-    """The session under TRACEPARENT's span, then its `ended` callback."""
+    """The session under TRACEPARENT's span, then its `ended` callback (`verify`: a TLS
+    context made ahead, a pooled bot's)."""
     from bot_runtime.session import BotSession, SessionLimits
     from bot_runtime.transport import idle_timeout, open_transport
 
     with remote_parent(env.traceparent):
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(verify=verify or True) as http:
             dispatcher = DispatcherClient(env, http)
             try:
                 transport = await open_transport(env, idle_timeout(environ))

@@ -1,12 +1,14 @@
 """The warm pool's bot side: boot, load everything, then learn the session from the dispatcher.
 
 A pooled machine is created before any session: its env has DISPATCHER_URL, POOL_TOKEN (this
-machine's secret), BOT_TRANSPORT and Fly's FLY_MACHINE_ID, and no SESSION_ID. The runtime
-imports Pipecat and its transport, then the team's module (its module-level work runs, as
-Pipecat Cloud's docs advise for loading models), loads Silero's model and builds its trace
-exporters (`preload`), then long-polls `GET /internal/machines/{id}/assignment` until the dispatcher
-answers with a session: the contract's variables (`env`) and command line (`args`) a cold bot
-would have been started with. `bot_runtime.__main__` then runs that session as if started
+machine's secret), BOT_TRANSPORT and Fly's FLY_MACHINE_ID (a local worker gets its process's
+id there), and no SESSION_ID; POOL_TRANSPORTS, when set, lists every transport its session may
+use (a local worker serves webrtc or Daily). The runtime imports Pipecat and those
+transports, then the team's module (its module-level work runs, as Pipecat Cloud's docs advise
+for loading models), loads Silero's model and builds its trace exporters (`preload`), then
+long-polls `GET /internal/machines/{id}/assignment` until the dispatcher answers with a
+session: the contract's variables (`env`) and command line (`args`) a cold bot would have been
+started with. `bot_runtime.__main__` then runs that session as if started
 cold, with the machine's env overlaid with the assignment's: only joining the room is left.
 
 Each poll asks the dispatcher to hold it `POLL_WAIT_S` and gives up `POLL_MARGIN_S` later, on
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import random
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
 POOL_TOKEN = "POOL_TOKEN"  # noqa: S105 (a variable name, not a secret)
+POOL_TRANSPORTS = "POOL_TRANSPORTS"
 FLY_MACHINE_ID = "FLY_MACHINE_ID"
 # The code of the 410 that retires a machine (an image change, a smaller pool).
 RETIRED_CODE = "pool-machine-retired"
@@ -77,15 +81,23 @@ class PoolEnv:
     machine_id: str
     pool_token: str = field(repr=False)
     transport: str = DAILY
+    # Every transport to preload (POOL_TRANSPORTS; unset: `transport` alone).
+    transports: tuple[str, ...] = ()
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> PoolEnv:
         """Read it; a missing variable raises ValueError naming it."""
+        transport = environ.get(BOT_TRANSPORT, "").strip() or DAILY
+        listed = [t.strip() for t in environ.get(POOL_TRANSPORTS, "").split(",") if t.strip()]
+        unknown = [t for t in listed if t not in TRANSPORT_MODULES]
+        if unknown:
+            raise ValueError(f"{POOL_TRANSPORTS} has an unknown transport: {unknown[0]}")
         return cls(
             dispatcher_url=_required(environ, DISPATCHER_URL).rstrip("/"),
             machine_id=_required(environ, FLY_MACHINE_ID),
             pool_token=_required(environ, POOL_TOKEN),
-            transport=environ.get(BOT_TRANSPORT, "").strip() or DAILY,
+            transport=transport,
+            transports=tuple(dict.fromkeys(listed or [transport])),
         )
 
 
@@ -306,6 +318,7 @@ class Preloaded:
     entry_s: float
     vad_s: float
     tracing_s: float
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         """One log line's worth."""
@@ -317,10 +330,15 @@ class Preloaded:
         )
 
 
-def preload(environ: Mapping[str, str], transport: str, spec: EntryPointSpec) -> Preloaded:
-    """Import Pipecat, the transport and the team's module, load Silero, build the exporters."""
+def preload(
+    environ: Mapping[str, str], transports: str | tuple[str, ...], spec: EntryPointSpec
+) -> Preloaded:
+    """Import Pipecat, the transports and the team's module, load Silero (handed over to the
+    session's first analyzer), build the exporters and the TLS context of the session's
+    callbacks."""
     started = time.perf_counter()
-    for module in (*RUNNER_MODULES, *TRANSPORT_MODULES.get(transport, ())):
+    wanted = (transports,) if isinstance(transports, str) else transports
+    for module in (*RUNNER_MODULES, *(m for t in wanted for m in TRANSPORT_MODULES.get(t, ()))):
         importlib.import_module(module)
     imported = time.perf_counter()
     entry, error = None, None
@@ -332,9 +350,13 @@ def preload(environ: Mapping[str, str], transport: str, spec: EntryPointSpec) ->
     loaded = time.perf_counter()
     from pipecat.audio.vad.silero import SileroVADAnalyzer
 
-    SileroVADAnalyzer()  # the model's first load: onnxruntime's session, the file in cache
+    # The model's first load: onnxruntime's session, the file in cache.
+    hand_over_vad(SileroVADAnalyzer())
     vad = time.perf_counter()
     exporters = span_exporters(environ)
+    # httpx loads the CA bundle for each client it makes (a quarter of a second): the session's
+    # client takes this one.
+    context = httpx.create_ssl_context()
     return Preloaded(
         entry,
         error,
@@ -343,7 +365,28 @@ def preload(environ: Mapping[str, str], transport: str, spec: EntryPointSpec) ->
         entry_s=loaded - imported,
         vad_s=vad - loaded,
         tracing_s=time.perf_counter() - vad,
+        ssl_context=context,
     )
+
+
+def hand_over_vad(analyzer: Any) -> None:
+    """Give the Silero model `analyzer` loaded to the next SileroVADAnalyzer made (a pooled bot
+    serves one session: its bot's analyzer then skips loading onnxruntime's session again);
+    any further analyzer loads its own, as Pipecat does."""
+    from pipecat.audio.vad import silero
+
+    original: Any = silero.SileroOnnxModel
+    spare = [analyzer._model]
+
+    def model(path: Any, force_onnx_cpu: bool = True) -> Any:
+        if spare and force_onnx_cpu:
+            preloaded = spare.pop()
+            preloaded.reset_states()
+            silero.SileroOnnxModel = original  # type: ignore[misc]
+            return preloaded
+        return original(path, force_onnx_cpu=force_onnx_cpu)
+
+    silero.SileroOnnxModel = model  # type: ignore[misc,assignment]
 
 
 @dataclass(frozen=True)
@@ -367,7 +410,7 @@ def boot(environ: Mapping[str, str], spec: EntryPointSpec) -> tuple[PoolEnv, Pre
         logger.error(f"Pooled bot misconfigured: {exc}")
         return EXIT_CONFIG
     try:
-        return pool, preload(environ, pool.transport, spec)
+        return pool, preload(environ, pool.transports or pool.transport, spec)
     except Exception:
         logger.exception("Preloading failed")
         return EXIT_ERROR

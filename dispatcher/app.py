@@ -28,6 +28,7 @@ from dispatcher.janitor import ROOM_DELETE_BURST, ROOM_DELETE_RATE, RoomJanitor
 from dispatcher.lifecycle import EndReason
 from dispatcher.machines import MachineBackend
 from dispatcher.machines.fly import FlyMachines
+from dispatcher.machines.local import LocalMachines
 from dispatcher.metrics import Metrics
 from dispatcher.pacing import Pacer
 from dispatcher.pool import Pool
@@ -297,10 +298,12 @@ async def _open(transports: Mapping[str, RoomBackend]) -> None:
 def _pool(
     settings: Settings, db: Store, bots: MachineBackend, pacer: Pacer | None, metrics: Metrics
 ) -> Pool | None:
-    """The warm pool, with POOL_SIZE on Fly machines."""
-    if not settings.pool_size or not isinstance(bots, FlyMachines):
+    """The warm pool, with POOL_SIZE: Fly machines (daily sessions), or local bot processes
+    (every transport offered; counted against MAX_SESSIONS with the host's sessions)."""
+    if not settings.pool_size or not isinstance(bots, FlyMachines | LocalMachines):
         return None
     assert settings.dispatcher_url is not None
+    local = isinstance(bots, LocalMachines)
     return Pool(
         PoolRows(db, settings.dispatcher_name),
         bots,
@@ -308,6 +311,8 @@ def _pool(
         pacer,
         metrics,
         dispatcher_url=settings.dispatcher_url,
+        transports=settings.transports if local else ("daily",),
+        capacity=db if local else None,
     )
 
 

@@ -21,6 +21,8 @@ __all__ = [
     "DEFAULT_ICE_SERVERS",
     "DEFAULT_PORT",
     "JWT_ALGORITHMS",
+    "LOCAL_POOL_SIZE",
+    "POOL_MODES",
     "SUSPEND_MAX_MEMORY_MB",
     "AuthMode",
     "MachineBackendName",
@@ -36,7 +38,11 @@ __all__ = [
 MachineBackendName = Literal["fly", "local"]
 AuthMode = Literal["jwt", "none"]
 Transport = Literal["daily", "webrtc"]
-PoolMode = Literal["stopped", "suspended"]
+PoolMode = Literal["stopped", "suspended", "running"]
+POOL_MODES: tuple[PoolMode, ...] = ("stopped", "suspended", "running")
+# Local mode keeps a warm bot process ready unless POOL_SIZE says otherwise: `make run` answers
+# its first Connect with a loaded bot. Fly mode has no pool unless asked (pool machines cost).
+LOCAL_POOL_SIZE = 1
 # Fly suspends machines of at most this much memory (docs/reference/fly-machines.md §10).
 SUSPEND_MAX_MEMORY_MB = 2048
 
@@ -101,7 +107,8 @@ class Settings:
     start_rate_per_ip: Rate | None = START_RATE_PER_IP
     trust_proxy_headers: bool = False
     cors_origins: tuple[str, ...] = ()
-    # The warm pool: machines per region made ahead of sessions, kept stopped or suspended.
+    # The warm pool: machines per region (local: bot processes) made ahead of sessions, kept
+    # stopped, suspended or running (local: running only).
     pool_size: int = 0
     pool_mode: PoolMode = "stopped"
     pool_interval_s: float = 2.0
@@ -177,8 +184,12 @@ class Settings:
             start_rate_per_ip=r.rate("START_RATE_PER_IP", cls.start_rate_per_ip),
             trust_proxy_headers=r.boolean("TRUST_PROXY_HEADERS", backend == "fly"),
             cors_origins=r.origins("CORS_ORIGINS"),
-            pool_size=r.integer("POOL_SIZE", cls.pool_size, 0, 100),
-            pool_mode=r.choice("POOL_MODE", ("stopped", "suspended"), cls.pool_mode),  # type: ignore[arg-type]
+            pool_size=r.integer(
+                "POOL_SIZE", LOCAL_POOL_SIZE if backend == "local" else cls.pool_size, 0, 100
+            ),
+            pool_mode=r.choice(  # type: ignore[arg-type]
+                "POOL_MODE", POOL_MODES, "running" if backend == "local" else cls.pool_mode
+            ),
             pool_interval_s=r.number("POOL_INTERVAL_S", cls.pool_interval_s, 0.1, 600),
             log_level=r.choice(
                 "LOG_LEVEL", ("debug", "info", "warning", "error"), cls.log_level.lower()
@@ -190,9 +201,12 @@ class Settings:
         return settings
 
     def _check(self) -> None:
-        if self.pool_size and self.machine_backend != "fly":
-            raise ConfigError("POOL_SIZE needs the fly machine backend (FLY_API_TOKEN)")
-        if self.pool_size and "daily" not in self.transports:
+        if self.machine_backend == "local" and self.pool_mode != "running":
+            raise ConfigError(
+                f"POOL_MODE={self.pool_mode} needs the fly machine backend: local bot processes "
+                "wait running (POOL_MODE=running)"
+            )
+        if self.pool_size and self.machine_backend == "fly" and "daily" not in self.transports:
             raise ConfigError(
                 "POOL_SIZE needs daily sessions (DAILY_API_KEY): pooled bots join Daily"
             )

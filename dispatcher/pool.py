@@ -1,24 +1,31 @@
-"""The warm pool: machines of the current bot image made ahead of sessions, per region.
+"""The warm pool: bots of the current code made ahead of sessions, per region.
 
-A cold create takes seconds and the Machines API allows about one a second per app; starting a
-machine that already exists takes well under a second and is limited per machine
-(docs/reference/fly-machines.md §6, §9, §10). So the pool keeps POOL_SIZE machines per
-region ready:
+One mechanism for both machine backends (a `PoolBackend`: make a pool machine, start or resume
+it, suspend it, retire it). On Fly a cold create takes seconds and the Machines API allows
+about one a second per app; starting a machine that already exists takes well under a second
+and is limited per machine (docs/reference/fly-machines.md §6, §9, §10). On one host (the local
+backend) a cold bot process spends seconds importing Pipecat and loading Silero. So the pool
+keeps POOL_SIZE machines per region ready, in one of three modes:
 
-- `stopped` mode: created with `skip_launch` (never booted; rootfs billing only). A claim
+- `stopped` (Fly): created with `skip_launch` (never booted; rootfs billing only). A claim
   starts it; the bot boots, loads, and fetches its assignment.
-- `suspended` mode: created and booted; the bot loads everything (Pipecat, the VAD model) and
+- `suspended` (Fly): created and booted; the bot loads everything (Pipecat, the VAD model) and
   asks for its assignment; that first ask is the sign it is warm, so the pool suspends it
   (memory kept). A claim resumes it, and the bot's next ask gets the session: joining the room
   is all that is left.
+- `running` (Fly, and the only mode of local processes): booted and loaded, its first ask
+  offers it, and it keeps asking: a claim answers that ask, with no start or resume on the way.
+  A machine still loading may be claimed too when none is loaded (it is further along than a
+  cold one); a local worker that dies while idle is replaced at the next pass.
 
 A machine serves one session and is destroyed after it, like a cold one. Per-session data
 cannot ride in a pool machine's env (a started machine keeps the config it was created with),
 so the bot fetches it: `GET /internal/machines/{id}/assignment` with the machine's own token
-(dispatcher/sessions.py builds the answer). Claims are row updates (dispatcher/store/pool.py),
-safe across instances. The replenisher runs on the reconciler's leader; it takes a create turn
-only when one is free at once, so the pool never delays a cold start, and an empty pool means a
-cold create, never an error.
+(dispatcher/callbacks.py builds the answer). Claims are row updates (dispatcher/store/pool.py),
+safe across instances. The replenisher runs on the reconciler's leader; on Fly it takes a
+create turn only when one is free at once, so the pool never delays a cold start, and an empty
+pool means a cold create, never an error. On one host the pool's processes count against
+MAX_SESSIONS: it keeps at most MAX_SESSIONS minus the live sessions idle (see `capacity`).
 """
 
 from __future__ import annotations
@@ -34,11 +41,10 @@ from dispatcher.aio import cancel_and_wait, every
 from dispatcher.auth import new_callback_token
 from dispatcher.config import Settings
 from dispatcher.errors import DispatcherError
-from dispatcher.machines import MachineInfo, MachineRef
-from dispatcher.machines.fly import FlyMachines
+from dispatcher.machines import MachineInfo, MachineRef, PoolBackend
 from dispatcher.metrics import Metrics
 from dispatcher.pacing import Pacer
-from dispatcher.store import AVAILABLE, CLAIMED, RETIRED, WARMING, PoolMachine, PoolRows
+from dispatcher.store import AVAILABLE, CLAIMED, RETIRED, WARMING, PoolMachine, PoolRows, Store
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +68,14 @@ class Pool:
     def __init__(
         self,
         rows: PoolRows,
-        machines: FlyMachines,
+        machines: PoolBackend,
         settings: Settings,
         pacer: Pacer | None,
         metrics: Metrics,
         *,
         dispatcher_url: str,
+        transports: Sequence[str] = ("daily",),
+        capacity: Store | None = None,
     ) -> None:
         self._rows = rows
         self._machines = machines
@@ -75,14 +83,23 @@ class Pool:
         self._pacer = pacer
         self._metrics = metrics
         self._dispatcher_url = dispatcher_url
+        self.transports = tuple(transports)
+        # Local: the store whose live sessions, with the pool's idle machines, are held to
+        # MAX_SESSIONS (bot processes on this host). None on Fly: machines are not the host's.
+        self._capacity = capacity
         self._claimed: dict[str, asyncio.Event] = {}
         self._suspending: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def image(self) -> str:
-        """The image pool machines must run: the current BOT_IMAGE."""
-        return self._settings.bot_image or ""
+        """What pool machines must run: Fly's BOT_IMAGE, or the local bot code's hash."""
+        return self._machines.pool_image()
+
+    @property
+    def mode(self) -> str:
+        """`stopped`, `suspended` or `running` (POOL_MODE)."""
+        return self._settings.pool_mode
 
     def regions(self) -> tuple[str, ...]:
         """Where the pool keeps machines: each of FLY_REGION, or one pool where Fly picks."""
@@ -93,13 +110,17 @@ class Pool:
     async def take(self, session_id: str, regions: Sequence[str], body: str) -> PoolMachine | None:
         """Claim a machine for a session in the first of `regions` that has one (store only:
         `start` boots it), or None: a miss."""
-        for region in regions or self.regions():
-            row = await self._rows.claim(
-                region=region, image=self.image, session_id=session_id, body=body
-            )
-            if row is not None:
-                self._metrics.pool_claim()
-                return row
+        image = self.image
+        # Running mode: a machine still loading is further along than a cold one.
+        states = (AVAILABLE, WARMING) if self.mode == "running" else (AVAILABLE,)
+        for state in states:
+            for region in regions or self.regions():
+                row = await self._rows.claim(
+                    region=region, image=image, session_id=session_id, body=body, state=state
+                )
+                if row is not None:
+                    self._metrics.pool_claim()
+                    return row
         self._metrics.pool_miss()
         return None
 
@@ -114,10 +135,14 @@ class Pool:
         )
 
     async def start(self, row: PoolMachine) -> MachineRef:
-        """Start (or resume) a claimed machine; one that fails is destroyed and raises."""
+        """Start (or resume) a claimed machine, or, running, check that it still runs; one
+        that fails is destroyed and raises."""
         ref = MachineRef(row.machine_id, row.region or None, row.version, pooled=True)
         try:
-            await self._machines.start(ref)
+            if self.mode != "running":
+                await self._machines.start(ref)
+            elif self._machines.pool_dead(ref):
+                raise RuntimeError("the pool machine is not running")
         except Exception:
             self._metrics.pool_start_failed()
             log.warning("pool machine %s failed to start: destroying it", row.machine_id)
@@ -145,10 +170,12 @@ class Pool:
 
     def warm(self, row: PoolMachine) -> None:
         """The bot of a warming machine asked for its assignment: it is loaded. Suspended mode:
-        suspend it, then offer it; stopped mode never boots pool machines before a claim."""
-        if row.state == WARMING and row.machine_id not in self._suspending:
-            self._suspending.add(row.machine_id)
-            self._spawn(self._suspend(row))
+        suspend it, then offer it; running mode: offer it now; stopped mode never boots pool
+        machines before a claim."""
+        if row.state != WARMING or row.machine_id in self._suspending:
+            return
+        self._suspending.add(row.machine_id)
+        self._spawn(self._offer(row) if self.mode == "running" else self._suspend(row))
 
     def notify(self, row: PoolMachine) -> None:
         """The claiming session is stored: an assignment request of the machine held on this
@@ -173,17 +200,28 @@ class Pool:
         await every(interval_s, step, log=log, what="pool replenish pass")
 
     async def replenish(self) -> int:
-        """Retire machines of another image, then make what each region lacks, as far as free
-        create turns allow; how many machines were made."""
+        """Retire machines of another image, forget those known dead, retire what is over the
+        host's capacity, then make what each region lacks, as far as free create turns allow;
+        how many machines were made."""
+        image = self.image
         rows = await self._rows.all()
         for row in rows:
-            if row.image != self.image and row.state in (WARMING, AVAILABLE):
+            if row.state not in (WARMING, AVAILABLE):
+                continue
+            if row.image != image:
                 await self._retire(row)
-        counts = await self._rows.counts(self.image)
+            elif self._machines.pool_dead(MachineRef(row.machine_id)):
+                log.warning("pool machine %s died while idle: replacing it", row.machine_id)
+                self._metrics.pool_replenish_failed()
+                await self._retire(row)
+        size = await self.target()
+        counts = await self._rows.counts(image)
         wanted: list[str] = []
         for region in self.regions():
             have = counts.get((region, WARMING), 0) + counts.get((region, AVAILABLE), 0)
-            wanted += [region] * max(0, self._settings.pool_size - have)
+            if have > size:
+                await self._shrink(image, region, have - size)
+            wanted += [region] * max(0, size - have)
         # As many at once as free create turns allow (never a turn a start would wait for).
         turns = 0
         while turns < len(wanted) and (self._pacer is None or await self._pacer.take_now()):
@@ -191,30 +229,62 @@ class Pool:
         results = await asyncio.gather(*(self._make(region) for region in wanted[:turns]))
         return sum(results)
 
+    async def target(self) -> int:
+        """How many idle machines each region should have: POOL_SIZE; on one host at most
+        MAX_SESSIONS minus the live sessions, so that the host never runs more bots than
+        MAX_SESSIONS allows sessions (a session's bot is its claimed machine, or a cold one)."""
+        size = self._settings.pool_size
+        if self._capacity is None:
+            return size
+        live = await self._capacity.count_active()
+        return max(0, min(size, self._settings.max_sessions - live))
+
+    async def _shrink(self, image: str, region: str, surplus: int) -> None:
+        """Retire `surplus` idle machines of a region: those still loading first, newest first."""
+        rows = [
+            r
+            for r in await self._rows.all()
+            if r.image == image and r.region == region and r.state in (WARMING, AVAILABLE)
+        ]
+        rows.sort(key=lambda r: (r.state != WARMING, -r.created_at))
+        for row in rows[:surplus]:
+            log.info("pool machine %s is over the host's capacity: retiring it", row.machine_id)
+            await self._retire(row)
+
     async def _make(self, region: str) -> bool:
         token, token_hash = new_callback_token()
-        suspended = self._settings.pool_mode == "suspended"
+        launch = self.mode != "stopped"
+        image = self.image
         env = {
             "DISPATCHER_URL": self._dispatcher_url,
             "POOL_TOKEN": token,
-            "BOT_TRANSPORT": "daily",
+            "BOT_TRANSPORT": self.transports[0],
+            # What the bot preloads: every transport its session may use.
+            "POOL_TRANSPORTS": ",".join(self.transports),
         }
         try:
-            ref = await self._machines.create_pooled(env, region or None, launch=suspended)
-        except DispatcherError as exc:
+            ref = await self._machines.create_pooled(env, region or None, launch=launch)
+        except (DispatcherError, OSError) as exc:
             self._metrics.pool_replenish_failed()
             log.warning("pool machine create failed in %s: %s", region or "any region", exc)
             return False
         await self._rows.add(
             ref.id,
             region=region,
-            image=self.image,
-            state=WARMING if suspended else AVAILABLE,
+            image=image,
+            state=WARMING if launch else AVAILABLE,
             token_hash=token_hash,
             version=ref.version,
         )
         log.info("pool machine %s made in %s", ref.id, ref.region)
         return True
+
+    async def _offer(self, row: PoolMachine) -> None:
+        """Running mode: a loaded machine is available as it is."""
+        try:
+            await self._rows.move(row.machine_id, AVAILABLE, from_states=(WARMING,))
+        finally:
+            self._suspending.discard(row.machine_id)
 
     async def _suspend(self, row: PoolMachine) -> None:
         ref = MachineRef(row.machine_id, row.region or None, row.version)
@@ -232,7 +302,7 @@ class Pool:
             self._suspending.discard(row.machine_id)
 
     async def _retire(self, row: PoolMachine) -> None:
-        """Destroy an unclaimed machine (another image, or no longer wanted)."""
+        """Destroy an unclaimed machine (another image, dead, or no longer wanted)."""
         if await self._rows.move(row.machine_id, RETIRED, from_states=(WARMING, AVAILABLE)):
             log.info("retiring pool machine %s (image %s)", row.machine_id, row.image)
             await self._destroy(MachineRef(row.machine_id, row.region or None, row.version))
@@ -265,6 +335,11 @@ class Pool:
                 await self._rows.move(row.machine_id, AVAILABLE, from_states=(WARMING,))
                 repairs += 1
                 continue
+            if await self._stopped_while_idle(row, machine):
+                log.warning("pool machine %s stopped while idle: retiring it", row.machine_id)
+                await self._retire(row)
+                repairs += 1
+                continue
             if row.state == WARMING and now - row.updated_at > WARM_TIMEOUT_S:
                 log.warning("pool machine %s never got warm: retiring it", row.machine_id)
                 await self._retire(row)
@@ -286,6 +361,16 @@ class Pool:
                 await self._destroy(machine.ref)
                 repairs += 1
         return repairs
+
+    async def _stopped_while_idle(self, row: PoolMachine, machine: MachineInfo | None) -> bool:
+        """Running mode: whether an unclaimed machine that the inventory misses, or lists as
+        not running, has stopped (asked of the machine itself: the list lags)."""
+        if self.mode != "running" or row.state not in (WARMING, AVAILABLE):
+            return False
+        if machine is not None and machine.live:
+            return False
+        ref = MachineRef(row.machine_id, row.region or None, row.version)
+        return await self._machines.exited(ref) is not None
 
     async def claims(self) -> dict[str, str]:
         """Claimed machines and their sessions: machine id -> session id."""

@@ -79,7 +79,7 @@ class Starter:
         rooms = self._room_backend(request.transport)
         await rooms.open()
         pooled = None
-        if self._pool is not None and request.transport == "daily":
+        if self._pool is not None and request.transport in self._pool.transports:
             pooled = await self._pool.take(
                 session_id, self._regions(request.region), request.body_json
             )

@@ -112,6 +112,9 @@ def dispatcher_env(
         # the rate limits are off here, and tests/test_rate_limits.py turns them on.
         "START_RATE_PER_USER": "0",
         "START_RATE_PER_IP": "0",
+        # Local mode keeps a warm bot process by default: tests ask for one (POOL_SIZE) when
+        # they are about the pool.
+        "POOL_SIZE": "0",
     }
     if fly_url:
         env |= {

@@ -24,8 +24,9 @@ START_TIMEOUT_S = 20.0
 class DispatcherProcess:
     """`python -m dispatcher serve --host 127.0.0.1 --port <port>`, restartable on the same port.
 
-    The child's environment is PATH, HOME, PYTHONUNBUFFERED=1 and LOG_LEVEL plus `env`, never
-    this process's whole environment. Its stdout and stderr go to `<log_dir>/dispatcher-<port>.log`,
+    The child's environment is PATH, HOME, PYTHONUNBUFFERED=1, LOG_LEVEL and POOL_SIZE=0 (no
+    warm bot processes unless a test asks for them) plus `env`, never this process's whole
+    environment. Its stdout and stderr go to `<log_dir>/dispatcher-<port>.log`,
     appended across restarts. It runs in a session of its own, so signals meant for the test
     runner (Ctrl-C) do not reach it.
     """
@@ -68,7 +69,11 @@ class DispatcherProcess:
         return None if self._proc is None else self._proc.returncode
 
     def _child_env(self) -> dict[str, str]:
-        base = {"PATH": os.environ.get("PATH", os.defpath), "PYTHONUNBUFFERED": "1"}
+        base = {
+            "PATH": os.environ.get("PATH", os.defpath),
+            "PYTHONUNBUFFERED": "1",
+            "POOL_SIZE": "0",
+        }
         if "HOME" in os.environ:
             base["HOME"] = os.environ["HOME"]
         return base | {"LOG_LEVEL": self.log_level} | self.env
@@ -193,3 +198,46 @@ class DispatcherProcess:
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the log."""
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+def alive(pid: int) -> bool:
+    """Whether the process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def pids_with_env(*entries: str) -> list[int]:
+    """Live processes whose environment (as they were started with it) holds one of `entries`
+    (`NAME=value`)."""
+    needles = {entry.encode() for entry in entries}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and alive(int(entry.name)):
+            with contextlib.suppress(OSError):
+                if needles & set((entry / "environ").read_bytes().split(b"\0")):
+                    found.append(int(entry.name))
+    return found
+
+
+def bot_pids(session_id: str, machine_id: str | None = None) -> list[int]:
+    """A local session's bot: the process started with SESSION_ID=<session_id> (a cold bot),
+    or with FLY_MACHINE_ID=<machine_id> (a pool worker, which learnt its session after it
+    started: its /proc environ is still the one it was started with)."""
+    entries = [f"SESSION_ID={session_id}"]
+    if machine_id:
+        entries.append(f"FLY_MACHINE_ID={machine_id}")
+    return pids_with_env(*entries)
+
+
+def pool_worker_pids(dispatcher_url: str) -> list[int]:
+    """Live local pool workers of the dispatcher at `dispatcher_url` (its DISPATCHER_URL)."""
+    found = []
+    for pid in pids_with_env(f"DISPATCHER_URL={dispatcher_url}"):
+        with contextlib.suppress(OSError):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if any(e.startswith(b"POOL_TOKEN=") for e in environ):
+                found.append(pid)
+    return found

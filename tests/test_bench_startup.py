@@ -32,13 +32,13 @@ async def test_startup_bench_smoke(tmp_path: Path) -> None:
             assert 0 < figures["p50"] <= figures["p95"] <= figures["p99"] <= figures["max"]
         assert phase["join_s"]["p50"] < phase["ready_s"]["max"], name
         assert set(phase["critical_path_s"]) == {"join_s", "ready_s"}
-    for name in ("cold", "pool-suspended", "pool-stopped"):
+    for name in ("cold", "pool-running", "pool-suspended", "pool-stopped"):
         phase = report["phases"][name]
         assert phase["cpu_ms_per_start"] > 0, name
         assert phase["cpu"]["start_alone"]["starts"] == 2, name
         assert phase["cpu_ms_per_start_alone"] > 0, name
         assert phase["dispatcher_log"]["errors"] == 0, (name, phase["dispatcher_log"])
-    for name in ("pool-suspended", "pool-stopped"):
+    for name in ("pool-running", "pool-suspended", "pool-stopped"):
         pool = report["phases"][name]["pool"]
         assert pool["filled"], pool
         assert (pool["claims"], pool["misses"]) == (SESSIONS, 0), pool

@@ -121,7 +121,8 @@ def test_explicit_auth_none_is_allowed_in_fly_mode() -> None:
         ("CORS_ORIGINS", "app.example.com"),
         ("CORS_ORIGINS", "*, https://app.example.com"),
         ("POOL_SIZE", "-1"),
-        ("POOL_SIZE", "1"),  # local mode: the pool is Fly's
+        ("POOL_SIZE", "101"),
+        ("POOL_MODE", "suspended"),  # local mode: bot processes wait running
         ("POOL_MODE", "paused"),
         ("POOL_INTERVAL_S", "0"),
         ("LOG_FORMAT", "xml"),
@@ -197,3 +198,18 @@ def test_a_suspended_pool_needs_bots_fly_can_suspend() -> None:
     assert Settings.from_env(pool | {"BOT_MEMORY_MB": "2048"}).pool_mode == "suspended"
     stopped = Settings.from_env(pool | {"POOL_MODE": "stopped", "BOT_MEMORY_MB": "4096"})
     assert (stopped.pool_size, stopped.pool_mode) == (2, "stopped")
+
+
+def test_the_pool_defaults_per_backend() -> None:
+    """Local mode keeps one warm bot process (running, the only local mode) unless POOL_SIZE
+    says otherwise; Fly mode has no pool unless asked, stopped by default, and may run it."""
+    local = Settings.from_env({})
+    assert (local.pool_size, local.pool_mode) == (1, "running")
+    assert Settings.from_env({"POOL_SIZE": "0"}).pool_size == 0
+    assert Settings.from_env({"POOL_SIZE": "3", "POOL_MODE": "running"}).pool_size == 3
+    fly = Settings.from_env(FLY)
+    assert (fly.pool_size, fly.pool_mode) == (0, "stopped")
+    running = Settings.from_env(FLY | {"POOL_SIZE": "2", "POOL_MODE": "running"})
+    assert (running.pool_size, running.pool_mode) == (2, "running")
+    with pytest.raises(ConfigError, match="DAILY_API_KEY"):
+        Settings.from_env({**FLY, "POOL_SIZE": "1", "DAILY_API_KEY": ""})

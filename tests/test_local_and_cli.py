@@ -111,7 +111,7 @@ async def dispatcher_process(
         "--port",
         str(port),
         *args,
-        env={"PATH": os.environ["PATH"], **env},
+        env={"PATH": os.environ["PATH"], "POOL_SIZE": "0", **env},
         cwd=REPO,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,

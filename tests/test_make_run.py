@@ -33,7 +33,7 @@ import pytest
 from dispatcher.store import Event, Session, Store
 from testkit.fakes import TESTBOT_DIR
 from testkit.net import free_port
-from testkit.procs import REPO, DispatcherProcess
+from testkit.procs import REPO, DispatcherProcess, alive, bot_pids, pool_worker_pids
 from testkit.waits import eventually
 from tests.fixtures.peer import Peer, Speaker
 
@@ -162,25 +162,11 @@ class Terminal:
             self._master = -1
 
 
-def bot_pids(session_id: str) -> list[int]:
-    """Live processes whose environment carries SESSION_ID=<session_id> (its bot)."""
-    needle = f"SESSION_ID={session_id}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and alive(int(entry.name)):
-            with contextlib.suppress(OSError):
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Whether the process exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+async def session_pids(url: str, sid: str) -> list[int]:
+    """The live process of a session's bot: a cold bot, or the pool worker that serves it."""
+    async with httpx.AsyncClient(base_url=url, timeout=30, trust_env=False) as http:
+        machine = (await http.get(f"/sessions/{sid}")).json()["machineId"]
+    return bot_pids(sid, machine)
 
 
 class ProxiedBot:
@@ -294,9 +280,17 @@ async def test_ctrl_c_of_make_run_in_a_terminal(tmp_path: Path) -> None:
     try:
         await terminal.start()
         await terminal.wait_for(f"open http://127.0.0.1:{port}/", START_TIMEOUT_S)
-        async with ready_session(f"http://127.0.0.1:{port}") as sid:
-            pids = bot_pids(sid)
+        url = f"http://127.0.0.1:{port}"
+        async with ready_session(url) as sid:
+            pids = await session_pids(url, sid)
             assert pids, terminal.text
+            # The warm pool's idle bot process (make run keeps one) goes with it too.
+            await eventually(
+                lambda: set(pool_worker_pids(url)) - set(pids),
+                timeout=60,
+                what="an idle pool worker",
+            )
+            pids = sorted(set(pids) | set(pool_worker_pids(url)))
             shown = len(terminal.text)
             terminal.ctrl_c()
             assert await terminal.wait(STOP_TIMEOUT_S) == -signal.SIGINT
@@ -340,8 +334,14 @@ async def test_sigterm_to_the_process_group_of_make_run(tmp_path: Path) -> None:
 
             await eventually(healthy, timeout=START_TIMEOUT_S, what="make run serving")
         async with ready_session(url) as sid:
-            pids = bot_pids(sid)
+            pids = await session_pids(url, sid)
             assert pids
+            await eventually(
+                lambda: set(pool_worker_pids(url)) - set(pids),
+                timeout=60,
+                what="an idle pool worker",
+            )
+            pids = sorted(set(pids) | set(pool_worker_pids(url)))
             os.killpg(proc.pid, signal.SIGTERM)
             await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
         output = log_path.read_text(errors="replace")
@@ -476,6 +476,7 @@ async def test_ctrl_c_passed_on_by_the_parent_counts_once(tmp_path: Path) -> Non
         "DATABASE_URL": f"sqlite:///{tmp_path}/d.db",
         "LOCAL_BOT_DIR": str(TESTBOT_DIR),
         "BOT_STOP_TIMEOUT_S": "60",
+        "POOL_SIZE": "0",
     }
     log_path = tmp_path / "dispatcher.log"
     serve = [sys.executable, "-m", "dispatcher", "serve", "--port", str(port)]

@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -280,6 +282,48 @@ async def test_suspended_pool_machines_are_loaded_before_a_claim(tmp_path: Path)
         session = await stack.wait_state(sid, "ready")
         assert session["machineId"] == machine
         assert record.process is not None and record.process.pid == pid
+
+
+async def test_running_pool_machines_wait_booted_and_a_claim_starts_nothing(
+    tmp_path: Path,
+) -> None:
+    """POOL_MODE=running: a pool machine boots and stays started; its bot's first ask offers
+    it (never suspended); a claim answers the ask it keeps making, with no start or resume
+    call to Fly, and the same process serves the session. A running machine that stops while
+    idle is retired and replaced."""
+    env = POOL_ENV | {"POOL_MODE": "running", "POOL_SIZE": "1", "RECONCILE_INTERVAL_S": "0.2"}
+    async with dispatcher_stack(tmp_path, env=env) as stack:
+        fly = stack.fly
+        assert fly is not None
+        (machine,) = await available(stack, 1)
+        record = fly.machines[machine]
+        assert record.state == "started"
+        assert record.process is not None
+        pid = record.process.pid
+        creates = [r for r in fly.requests if r.method == "POST" and r.path.endswith("/machines")]
+        assert [r.body.get("skip_launch") for r in creates] == [False]
+        answer = await stack.start()
+        assert answer.status_code == 200, answer.text
+        sid = answer.json()["sessionId"]
+        session = await stack.wait_state(sid, "ready")
+        assert session["machineId"] == machine
+        assert record.process is not None and record.process.pid == pid
+        calls = [r.path for r in fly.requests if r.method == "POST"]
+        assert not [p for p in calls if p.endswith(("/start", "/suspend"))], calls
+        assert not [r for r in fly.requests if "/suspend" in r.path]
+        # The pool refills with another running machine; one that stops while idle is replaced.
+        (spare,) = await available(stack, 1)
+        assert spare != machine
+        spare_process = fly.machines[spare].process
+        assert spare_process is not None
+        os.killpg(spare_process.pid, signal.SIGKILL)
+
+        async def replaced() -> bool:
+            rows = await pool_rows(stack)
+            idle = [r.machine_id for r in rows if r.state in (AVAILABLE, WARMING)]
+            return spare not in idle and len(idle) == 1
+
+        await eventually(replaced, timeout=30, what="the stopped machine replaced")
 
 
 async def test_pool_status_for_on_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

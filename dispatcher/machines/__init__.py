@@ -103,3 +103,35 @@ class MachineBackend(Protocol):
 
     async def aclose(self) -> None:
         """Release what the backend holds (bots on Fly are never touched)."""
+
+
+class PoolBackend(Protocol):
+    """What the warm pool (dispatcher/pool.py) needs of a machine backend: make a pool
+    machine, start or resume it, suspend it, retire it, and tell what code it runs."""
+
+    def pool_image(self) -> str:
+        """What pool machines made now run (Fly: BOT_IMAGE; local: the bot code's hash): a
+        machine of another image is never claimed, and is retired."""
+
+    async def create_pooled(
+        self, env: dict[str, str], region: str | None, *, launch: bool
+    ) -> MachineRef:
+        """Make a pool machine with `env`: booted (`launch`), or created only (Fly's
+        `skip_launch`). One attempt: the pool tries again on its next pass."""
+
+    async def start(self, ref: MachineRef) -> None:
+        """Start (or resume) a stopped (or suspended) pool machine."""
+
+    async def suspend(self, ref: MachineRef, timeout_s: int) -> bool:
+        """Suspend a booted pool machine; whether it was suspended within `timeout_s`."""
+
+    async def exited(self, ref: MachineRef) -> MachineExit | None:
+        """None while the machine runs; how it ended once it stopped or is gone."""
+
+    def pool_dead(self, ref: MachineRef) -> bool:
+        """Whether a pool machine is known to have died, without asking anyone (a local
+        process's exit); False when that would take a call (Fly: the reconciler's inventory
+        finds it)."""
+
+    async def destroy(self, ref: MachineRef) -> None:
+        """Remove the machine for good, killing it if it still runs."""

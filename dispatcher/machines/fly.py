@@ -86,6 +86,14 @@ class FlyMachines:
         machine = await self._api.create(body)
         return MachineRef(machine.id, machine.region or region, machine.instance_id)
 
+    def pool_image(self) -> str:
+        """The image pool machines must run: the current BOT_IMAGE."""
+        return self._settings.bot_image or ""
+
+    def pool_dead(self, ref: MachineRef) -> bool:
+        """Never known without a call: the reconciler's inventory finds dead pool machines."""
+        return False
+
     async def start(self, ref: MachineRef) -> None:
         """Start (or resume) a pool machine."""
         await self._api.start(ref.id)

@@ -5,12 +5,20 @@ Ctrl-C or a kill of the dispatcher's process group reaches the dispatcher only, 
 bots' sessions properly as it stops, see dispatcher/app.py), and on Linux each is started
 through a leash that asks the kernel to SIGKILL it when the dispatcher dies however it dies,
 SIGKILL included (PR_SET_PDEATHSIG).
+
+The warm pool (dispatcher/pool.py) runs here too: `create_pooled` starts the bot runtime with a
+POOL_TOKEN and no session, leashed the same way, with its webrtc port chosen at once (kept as
+the address of the session it will serve). It loads everything and long-polls for its
+assignment, as a pooled Fly machine does. `pool_image` is a hash of the bot's code (the
+BOT_ENTRYPOINT value and the .py files of its folder) and of this backend instance, so that an
+edited bot rolls the pool over, and no worker of an earlier dispatcher process is ever claimed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -19,16 +27,21 @@ import socket
 import sys
 from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
 
 from dispatcher.aio import cancel_and_wait
 from dispatcher.env import DISPATCHER_SECRETS
-from dispatcher.machines import BotSpec, MachineExit, MachineInfo, MachineRef
+from dispatcher.machines import BOT_COMMAND, BotSpec, MachineExit, MachineInfo, MachineRef
 
 log = logging.getLogger(__name__)
 
 # Where a local bot serves its HTTP routes (SmallWebRTC offers), on a port chosen per launch.
 BOT_HOST = "127.0.0.1"
 
+# The bot runtime's default entry point (bot_runtime/entrypoint.py), from the repository root.
+EXAMPLE_BOT = Path(__file__).resolve().parents[2] / "examples" / "bot" / "bot.py"
+# At most this many .py files of the bot's folder go into its code's hash.
+CODE_FILES_HASHED = 200
 # How many ended bots' exits are remembered once their processes are forgotten.
 EXITS_KEPT = 1024
 # Run as `python -I -S -c LEASH <dispatcher pid> <command...>`, it execs the command with a
@@ -72,16 +85,39 @@ class LocalMachines:
         self._by_session: dict[str, str] = {}
         self._killers: set[asyncio.Task[None]] = set()
         self._addresses: dict[str, str] = {}
+        self._pooled: set[str] = set()
+        # Pool workers of this process only: its rows in a store kept across restarts name
+        # workers that died with an earlier dispatcher.
+        self._instance = secrets.token_hex(4)
         # Exits of bots destroyed (and so forgotten), for `exited` and `wait_exit`.
         self._exits: OrderedDict[str, MachineExit] = OrderedDict()
 
     async def launch(self, spec: BotSpec) -> MachineRef:
         """Start the bot command as a subprocess (`python` is this interpreter)."""
-        cmd = list(spec.cmd)
+        machine_id = f"local-{secrets.token_hex(6)}"
+        await self._spawn(machine_id, spec.cmd, spec.env)
+        self._by_session[spec.session_id] = machine_id
+        return MachineRef(machine_id, "local", None)
+
+    async def create_pooled(
+        self, env: dict[str, str], region: str | None, *, launch: bool
+    ) -> MachineRef:
+        """Start a pool worker: the bot runtime with `env` (a POOL_TOKEN, no session) and its
+        id as FLY_MACHINE_ID, as a pooled Fly machine has it. Always launched: a local process
+        waits running."""
+        machine_id = f"local-pool-{secrets.token_hex(6)}"
+        await self._spawn(machine_id, BOT_COMMAND, {**env, "FLY_MACHINE_ID": machine_id})
+        self._pooled.add(machine_id)
+        return MachineRef(machine_id, None, None)
+
+    async def _spawn(
+        self, machine_id: str, command: tuple[str, ...], extra: dict[str, str]
+    ) -> None:
+        cmd = list(command)
         if cmd and cmd[0] in ("python", "python3"):
             cmd[0] = sys.executable
         port = free_port(BOT_HOST)
-        env = {**self._base_env, **spec.env, "BOT_HOST": BOT_HOST, "BOT_PORT": str(port)}
+        env = {**self._base_env, **extra, "BOT_HOST": BOT_HOST, "BOT_PORT": str(port)}
         if self._bot_dir:
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (self._bot_dir, env.get("PYTHONPATH")) if p
@@ -89,12 +125,33 @@ class LocalMachines:
         proc = await asyncio.create_subprocess_exec(
             *leashed(cmd), env=env, cwd=self._bot_dir or None, start_new_session=True
         )
-        machine_id = f"local-{secrets.token_hex(6)}"
         self._procs[machine_id] = proc
         self._addresses[machine_id] = f"{BOT_HOST}:{port}"
-        self._by_session[spec.session_id] = machine_id
         log.info("bot process %s started (pid %s)", machine_id, proc.pid)
-        return MachineRef(machine_id, "local", None)
+
+    def pool_image(self) -> str:
+        """This backend instance and a hash of the bot's code: BOT_ENTRYPOINT as the bots get
+        it, and the .py files of the entry point's folder (contents and names)."""
+        raw = self._base_env.get("BOT_ENTRYPOINT", "").strip()
+        digest = hashlib.sha256(raw.encode())
+        for path in code_files(raw, Path(self._bot_dir or os.getcwd())):
+            with contextlib.suppress(OSError):
+                digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        return f"local:{self._instance}:{digest.hexdigest()[:16]}"
+
+    async def start(self, ref: MachineRef) -> None:
+        """A worker waits running: nothing to start. One that has died raises."""
+        if self.pool_dead(ref):
+            raise RuntimeError(f"pool worker {ref.id} is not running")
+
+    async def suspend(self, ref: MachineRef, timeout_s: int) -> bool:
+        """Local workers are never suspended (POOL_MODE=running only)."""
+        raise NotImplementedError("local bot processes are not suspended")
+
+    def pool_dead(self, ref: MachineRef) -> bool:
+        """Whether the worker's process has exited, or is not one of this process's."""
+        proc = self._procs.get(ref.id)
+        return proc is None or proc.returncode is not None
 
     async def cleanup(self, session_id: str) -> None:
         """Kill the session's process if the launch got that far."""
@@ -123,6 +180,7 @@ class LocalMachines:
                 state="started" if proc.returncode is None else "stopped",
                 live=proc.returncode is None,
                 region="local",
+                pool=machine_id in self._pooled,
             )
             for machine_id, proc in self._procs.items()
         ]
@@ -171,6 +229,7 @@ class LocalMachines:
             self._exits.popitem(last=False)
         self._stopping.discard(ref.id)
         self._addresses.pop(ref.id, None)
+        self._pooled.discard(ref.id)
         for session_id in [s for s, m in self._by_session.items() if m == ref.id]:
             del self._by_session[session_id]
 
@@ -214,6 +273,27 @@ def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def code_files(entrypoint: str, cwd: Path) -> list[Path]:
+    """The .py files of the bot's folder (the entry point's own first), found as the bot
+    runtime finds it: a path to a .py file (relative to the bot's working directory), a
+    module name (under it), or unset: the example bot."""
+    target = entrypoint
+    head, sep, tail = entrypoint.rpartition(":")
+    if sep and "/" not in tail and "\\" not in tail and len(head) > 1:
+        target = head
+    if not target:
+        entry = EXAMPLE_BOT
+    elif target.endswith(".py") or "/" in target:
+        entry = cwd / Path(target).expanduser()
+    else:
+        base = cwd.joinpath(*target.split("."))
+        entry = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+    if not entry.is_file():
+        return []
+    siblings = sorted(p for p in entry.parent.glob("*.py") if p != entry)
+    return [entry, *siblings[: CODE_FILES_HASHED - 1]]
 
 
 def leashed(cmd: list[str]) -> list[str]:

@@ -97,14 +97,15 @@ class PoolRows:
         return [PoolMachine(**r._asdict()) for r in rows]
 
     async def claim(
-        self, *, region: str, image: str, session_id: str, body: str
+        self, *, region: str, image: str, session_id: str, body: str, state: str = AVAILABLE
     ) -> PoolMachine | None:
-        """Claim the oldest available machine of `image` in `region` for a session, or None."""
+        """Claim the oldest machine of `image` in `region` in `state` (available, or warming:
+        a running pool's machine still loading) for a session, or None."""
         pick = (
             sa.select(pool_machines.c.machine_id)
             .where(
                 pool_machines.c.dispatcher == self._dispatcher,
-                pool_machines.c.state == AVAILABLE,
+                pool_machines.c.state == state,
                 pool_machines.c.region == region,
                 pool_machines.c.image == image,
             )
@@ -119,7 +120,7 @@ class PoolRows:
                     pool_machines.update()
                     .where(
                         pool_machines.c.machine_id == pick.scalar_subquery(),
-                        pool_machines.c.state == AVAILABLE,
+                        pool_machines.c.state == state,
                     )
                     .values(state=CLAIMED, session_id=session_id, body=body, updated_at=time.time())
                     .returning(*pool_machines.c)

@@ -372,21 +372,22 @@ async function connect() {
   setSession(null);
   Object.assign(view, { endReason: null, endedHere: false, micProblem: null });
   setPhase("starting");
-  try {
-    await client.initDevices(); // the browser asks for the microphone now
-  } catch {
-    // reported through onDeviceError: the session goes on, listening only
-  }
+  // The browser asks for the microphone while the dispatcher starts the bot: a warm bot is
+  // ready in well under a second, so neither waits for the other. A refusal is reported
+  // through onDeviceError: the session goes on, listening only.
+  const devices = client.initDevices().catch(() => {});
   let answer;
   try {
     answer = await dispatcher.start();
   } catch (err) {
+    await devices;
     if (!current()) return;
     await mic.disconnect(); // no session: let the microphone go
     if (err.code === "user-at-capacity") await offerToEndOthers(err);
     else fail(err.message);
     return;
   }
+  await devices;
   const id = answer.sessionId;
   rememberSession(id);
   if (!current()) {

@@ -38,13 +38,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import random
+import re
+import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,6 +101,19 @@ class ScaleOptions:
         if self.level_timeout_s is not None:
             return self.level_timeout_s
         return max(300.0, 3 * new_sessions / self.create_rate) + self.idle_s + 300.0
+
+
+class Phase:
+    """The step a level is in, announced on stderr as it begins (a long run shows progress)."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+        self.name = "ramp"
+
+    def enter(self, name: str, live: int) -> None:
+        self.name = name
+        stamp = datetime.now(UTC).strftime("%H:%M:%S")
+        print(f"[{stamp}] level {self.level}: {name} ({live} live)", file=sys.stderr, flush=True)
 
 
 class FellOver(Exception):
@@ -435,7 +451,7 @@ async def run_level(stage: Stage, level: int) -> dict[str, Any]:
     """Ramp to `level` live sessions and measure it; the figures (with `status`)."""
     deadline_s = stage.options.deadline_s(max(0, level - len(stage.live)))
     report: dict[str, Any] = {"level": level, "status": "ok", "deadline_s": deadline_s}
-    phase = ["ramp"]
+    phase = Phase(level)
     stage.ramps = []
     try:
         async with asyncio.timeout(deadline_s):
@@ -443,7 +459,9 @@ async def run_level(stage: Stage, level: int) -> dict[str, Any]:
     except FellOver as exc:
         report["status"] = f"fell over: {exc}"
     except TimeoutError:
-        report["status"] = f"fell over: its deadline ({deadline_s:.0f} s) passed in the {phase[0]}"
+        report["status"] = (
+            f"fell over: its deadline ({deadline_s:.0f} s) passed in the {phase.name}"
+        )
     if report["status"] != "ok":
         report.setdefault("ramp", Ramp.merged(stage.ramps).figures())
         ids = {*stage.live, *(sid for one in stage.ramps for sid in one.started)}
@@ -457,9 +475,7 @@ async def run_level(stage: Stage, level: int) -> dict[str, Any]:
     return report
 
 
-async def _measure_level(
-    stage: Stage, level: int, report: dict[str, Any], phase: list[str]
-) -> None:
+async def _measure_level(stage: Stage, level: int, report: dict[str, Any], phase: Phase) -> None:
     """The steps of a level, each named in `phase` as it begins."""
     options = stage.options
     stage.alive()
@@ -469,10 +485,10 @@ async def _measure_level(
     for _ in range(RAMP_ROUNDS):  # sessions that fail to start are replaced, a few times
         if len(stage.live) >= level:
             break
-        phase[0] = "ramp"
+        phase.enter("ramp", len(stage.live))
         ramps.append(Ramp())
         await ramp(stage.client, level - len(stage.live), options.concurrency, ramps[-1])
-        phase[0] = "wait for ready"
+        phase.enter("wait for ready", len(stage.live))
         states = await wait_ready(stage, stage.live + ramps[-1].started)
         stage.live = [sid for sid, state in states.items() if state == "ready"]
         not_ready += Counter(s for s in states.values() if s != "ready")
@@ -482,11 +498,11 @@ async def _measure_level(
     report["live"] = len(stage.live)
     if len(stage.live) < level:
         raise FellOver(f"{len(stage.live)} of {level} sessions live and ready")
-    phase[0] = "idle"
+    phase.enter("idle", len(stage.live))
     report["idle"] = await idle(stage, options.idle_s)
-    phase[0] = "GETs"
+    phase.enter("GETs", len(stage.live))
     report["get_session"] = await get_latencies(stage.client, stage.live, options.gets)
-    phase[0] = "starts"
+    phase.enter("starts", len(stage.live))
     report["start"], probes = await start_latencies(stage.client, options.starts)
     now = await stage.sessions.states()
     seen = {sid: now.get(sid, ("unknown", None))[0] for sid in stage.live}
@@ -497,11 +513,11 @@ async def _measure_level(
         "follow_failures_logged": stage.proc.log_text().count(FOLLOW_FAILED),
     }
     stage.live = [sid for sid in stage.live if sid not in lost]
-    phase[0] = "wait for the starts' ready"
+    phase.enter("wait for the starts' ready", len(stage.live))
     probe_states = await wait_ready(stage, probes)
     stage.live += [sid for sid, state in probe_states.items() if state == "ready"]
     machines = {sid: now[sid][1] for sid in stage.live if sid in now and now[sid][1]}
-    phase[0] = "exits"
+    phase.enter("exits", len(stage.live))
     report["exit_to_end"], exited, never = await exits_to_end(
         stage.fly, stage.sessions, {sid: mid for sid, mid in machines.items() if mid}, options.exits
     )
@@ -529,8 +545,13 @@ def configure(fly: FlyEmulator, daily: DailyEmulator, options: ScaleOptions) -> 
     }
 
 
-async def run_scale(options: ScaleOptions, workdir: Path) -> dict[str, Any]:
-    """Every level of `options`, one after the other, on one dispatcher; the whole report."""
+async def run_scale(
+    options: ScaleOptions,
+    workdir: Path,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Every level of `options`, one after the other, on one dispatcher; the whole report
+    (`progress` gets the report so far after each level)."""
     random.seed(options.seed)
     fly, daily = fly_emulator(light_machines=True), daily_emulator()
     limits = configure(fly, daily, options)
@@ -574,15 +595,17 @@ async def run_scale(options: ScaleOptions, workdir: Path) -> dict[str, Any]:
                 await proc.start()
                 report["dispatcher_rss_at_start_mib"] = rss_mib(proc.pid)
                 stage = Stage(options, proc, fly, daily, Client(proc.url), Sessions(engine))
-                for level in sorted(options.levels):
-                    figures = await run_level(stage, level)
-                    report["levels"].append(figures)
-                    if figures["status"] != "ok":
-                        break
-                report["dispatcher_log"] = _log_summary(proc.log_text())
-                if proc.running:
-                    proc.terminate()
-                    report["dispatcher_exit_code"] = await proc.wait(60)
+                try:
+                    for level in sorted(options.levels):
+                        figures = await run_level(stage, level)
+                        report["levels"].append(figures)
+                        if progress is not None:
+                            progress(report)
+                        if figures["status"] != "ok":
+                            break
+                finally:
+                    report["dispatcher_log"] = _log_summary(proc.log_text())
+                    report["dispatcher_exit"] = await _stop(proc)
         finally:
             await engine.dispose()
     report["machine"]["loadavg_after"] = os.getloadavg()
@@ -590,13 +613,42 @@ async def run_scale(options: ScaleOptions, workdir: Path) -> dict[str, Any]:
     return report
 
 
+async def _stop(proc: DispatcherProcess) -> str:
+    """SIGTERM, and SIGKILL if it has not exited 60 s later; how it went."""
+    if not proc.running:
+        return f"exited on its own with {proc.returncode}"
+    proc.terminate()
+    try:
+        return f"exit code {await proc.wait(60)} on SIGTERM"
+    except TimeoutError:
+        await proc.aclose()
+        return "killed: still running 60 s after SIGTERM"
+
+
 def _log_summary(log: str) -> dict[str, Any]:
-    lines = [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
+    """Warnings and errors by count, and the most frequent messages (JSON or text lines)."""
+    levels: Counter[str] = Counter()
+    messages: Counter[str] = Counter()
+    for line in log.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            level, message = str(record.get("level")), str(record.get("msg"))
+        elif " WARNING " in line or " ERROR " in line:
+            level = "WARNING" if " WARNING " in line else "ERROR"
+            message = line.split(level, 1)[1].strip()
+        else:
+            continue
+        if level in ("WARNING", "ERROR", "CRITICAL"):
+            levels[level] += 1
+            messages[f"{level} {re.sub(r'[0-9a-f]{12,}', '<id>', message)[:120]}"] += 1
     return {
-        "warnings": log.count(" WARNING "),
-        "errors": log.count(" ERROR "),
+        "warnings": levels["WARNING"],
+        "errors": levels["ERROR"] + levels["CRITICAL"],
         "follow_failures": log.count(FOLLOW_FAILED),
-        "first": [line.split(" ", 2)[-1][:200] for line in lines[:5]],
+        "top": [[count, message] for message, count in messages.most_common(8)],
     }
 
 
@@ -620,6 +672,13 @@ def _p(figures: Any, unit: Any = ms) -> str:
     if not figures:
         return "-"
     return " / ".join(unit(figures[k]) for k in ("p50", "p95") if k in figures)
+
+
+def _lost(level: dict[str, Any]) -> str:
+    lost = _get(level, "followers_lost")
+    if not lost:
+        return "-"
+    return f"{lost['total']} (log: {lost['follow_failures_logged']} follows failed)"
 
 
 def _exit(figures: Any) -> str:
@@ -665,7 +724,7 @@ def format_report(report: dict[str, Any]) -> str:
         line("Daily requests/s (idle)", lambda lv: _num(_get(lv, "idle", "daily_rps"), "{:.2f}")),
         line("GET /sessions/{id} p50/p95", lambda lv: _p(_get(lv, "get_session", "seconds"))),
         line("POST /start p50/p95", lambda lv: _p(_get(lv, "start", "seconds"))),
-        line("followers lost", lambda lv: _num(_get(lv, "followers_lost", "total"))),
+        line("followers lost", _lost),
         line("exit->end, ended p50/max", lambda lv: _exit(_get(lv, "exit_to_end", "callback"))),
         line("exit->end, silent p50/max", lambda lv: _exit(_get(lv, "exit_to_end", "silent"))),
         line(
@@ -691,9 +750,10 @@ def format_report(report: dict[str, Any]) -> str:
     if log:
         lines.append(
             f"dispatcher log: {log['warnings']} warnings, {log['errors']} errors, "
-            f"{log['follow_failures']} follow failures"
+            f"{log['follow_failures']} follow failures; "
+            + str(report.get("dispatcher_exit", "still running"))
         )
-        lines += [f"  {line}" for line in log["first"]]
+        lines += [f"  {count:>6} x {message}" for count, message in log["top"]]
     return "\n".join(lines)
 
 
@@ -733,8 +793,14 @@ def main() -> None:
         seed=args.seed,
     )
     started = time.perf_counter()
+
+    def progress(report: dict[str, Any]) -> None:
+        print(format_report(report), file=sys.stderr, flush=True)
+        if args.out is not None:
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="scale-") as workdir:
-        report = asyncio.run(run_scale(options, Path(workdir)))
+        report = asyncio.run(run_scale(options, Path(workdir), progress))
     emit(format_report(report), report, args.out, started=started)
 
 

@@ -66,7 +66,7 @@ async def test_scale_bench_smoke(tmp_path: Path) -> None:
         assert level["live_after"] == level["level"] + STARTS - 2 * EXITS
         live_before = level["live_after"]
     assert report["dispatcher_log"]["errors"] == 0, report["dispatcher_log"]
-    assert report["dispatcher_exit_code"] == -15
+    assert report["dispatcher_exit"] == "exit code -15 on SIGTERM"
 
     text = format_report(report)
     for row in (

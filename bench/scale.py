@@ -643,7 +643,8 @@ def _log_summary(log: str) -> dict[str, Any]:
             continue
         if level in ("WARNING", "ERROR", "CRITICAL"):
             levels[level] += 1
-            messages[f"{level} {re.sub(r'[0-9a-f]{12,}', '<id>', message)[:120]}"] += 1
+            message = re.sub(r"\d+(\.\d+)?", "N", re.sub(r"[0-9a-f]{12,}", "<id>", message))
+            messages[f"{level} {message[:120]}"] += 1
     return {
         "warnings": levels["WARNING"],
         "errors": levels["ERROR"] + levels["CRITICAL"],

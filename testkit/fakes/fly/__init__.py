@@ -40,6 +40,11 @@ Follows /work/shared/reference/fly-machines.md. Choices where the reference is s
   image's ENV would. An image directory's `bot_runtime/` needs an `__init__.py`: a namespace
   package loses to the repo's `bot_runtime` package, which the editable install puts on every
   interpreter's path. Without one, the repo's real runtime runs (the image holds a bot file).
+- `light_machines=True` (`--light-machines`) plays each machine's process with an asyncio task
+  that calls back as the test bot does (testkit/fakes/fly/light.py): states, waits, events and
+  exit codes as a process's, ten thousand live bots without ten thousand processes;
+  `exit_machine` (`POST /_emulator/machines/{id}/exit`) scripts such a bot's exit, with or
+  without its `ended` callback.
 - A fault with `status=0` closes uvicorn's transport: an ASGI app that returns without
   answering gets a 500 from uvicorn, not a dropped connection.
 """

@@ -38,6 +38,11 @@ def _parse_cli(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace]
     parser.add_argument("--suspend-delay", type=float, default=0.2, metavar="SECONDS")
     parser.add_argument("--destroy-delay", type=float, default=0.1, metavar="SECONDS")
     parser.add_argument("--exit-event-shape", choices=EXIT_EVENT_SHAPES, default="exit_event")
+    parser.add_argument(
+        "--light-machines",
+        action="store_true",
+        help="play each machine's bot with a task, not a process (testkit/fakes/fly/light.py)",
+    )
     fly, rest = parser.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         print(parser.format_help())
@@ -65,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         suspend_delay_s=fly.suspend_delay,
         destroy_delay_s=fly.destroy_delay,
         exit_event_shape=fly.exit_event_shape,
+        light_machines=fly.light_machines,
         rate_limits=not common.no_rate_limits,
         latency=common.latency,
     )

@@ -32,6 +32,7 @@ from testkit.fakes.common import (
 )
 from testkit.fakes.fly.errors import ApiError, ApiRequest, OutageBegan, _bad_request, _not_found
 from testkit.fakes.fly.handlers import MachineHandlers
+from testkit.fakes.fly.light import LightProcess
 from testkit.fakes.fly.machine import MachineRecord, ulid
 from testkit.fakes.fly.openapi import OpenAPIRequests, SpecViolation
 from testkit.fakes.fly.runtime import EXIT_EVENT_SHAPES, _kill_group
@@ -107,6 +108,9 @@ class FlyEmulator(MachineHandlers):
     `exit_event_shape` says where exit events carry their details: `request.exit_event`
     (default) or `request.MonitorEvent.exit_event` (both occur on Fly). `undeclared` lists the
     request fields Fly's OpenAPI document does not declare (accepted, as the spec is open).
+    `light_machines` plays every machine's process with a task instead of its command
+    (testkit/fakes/fly/light.py): a bot that calls back as the test bot does, costing no
+    process; `exit_machine` scripts such a bot's exit.
     """
 
     def __init__(
@@ -132,10 +136,12 @@ class FlyEmulator(MachineHandlers):
         latency: float = 0.0,
         list_lag_s: float = 0.0,
         exit_event_shape: str = "exit_event",
+        light_machines: bool = False,
     ) -> None:
         if exit_event_shape not in EXIT_EVENT_SHAPES:
             raise ValueError(f"exit_event_shape must be one of {EXIT_EVENT_SHAPES}")
         self.exit_event_shape = exit_event_shape
+        self.light_machines = light_machines
         self.token = token
         self.apps = set(apps)
         self.images = {ref: Path(path) for ref, path in (images or {}).items()}
@@ -192,6 +198,7 @@ class FlyEmulator(MachineHandlers):
             Route("/v1/platform/regions", api("regions", self._regions), methods=["GET"]),
             *control_routes(self.faults, self.latency, self.limiter, self.snapshot),
             Route("/_emulator/machines/{id}/oom", self._control_oom, methods=["POST"]),
+            Route("/_emulator/machines/{id}/exit", self._control_exit, methods=["POST"]),
             Route("/_emulator/secrets", self._control_secrets, methods=["POST"]),
             Route("/_emulator/regions", self._control_regions, methods=["POST"]),
         ]
@@ -315,6 +322,33 @@ class FlyEmulator(MachineHandlers):
         _kill_group(machine.process)
         return JSONResponse({"ok": True})
 
+    def exit_machine(self, machine_id: str, exit_code: int = 0, *, ended: bool = True) -> None:
+        """Make a light machine's bot exit now with `exit_code`, after its `ended` callback
+        (unless not `ended`: a silent exit). LookupError for an unknown machine or one whose
+        bot is not running; TypeError when it is not a light machine."""
+        machine = self.machines.get(machine_id)
+        if machine is None or machine.process is None:
+            raise LookupError(f"machine {machine_id} has no running process")
+        if not isinstance(machine.process, LightProcess):
+            raise TypeError(f"machine {machine_id} is not a light machine")
+        machine.process.exit(exit_code, ended=ended)
+
+    async def _control_exit(self, request: Request) -> Response:
+        """Script a light machine's exit: `{"exit_code": 0, "ended": true}` (both optional)."""
+        if request.path_params["id"] not in self.machines:
+            return _not_found().response()
+        raw = await request.body()
+        data = json.loads(raw) if raw else {}
+        try:
+            self.exit_machine(
+                request.path_params["id"],
+                int(data.get("exit_code", 0)),
+                ended=bool(data.get("ended", True)),
+            )
+        except (LookupError, TypeError) as exc:
+            return JSONResponse({"error": str(exc)}, 409)
+        return JSONResponse({"ok": True})
+
     async def _control_secrets(self, request: Request) -> Response:
         """Set app secrets (null unsets one); machines see them from their next boot."""
         for key, value in (await request.json()).items():
@@ -340,6 +374,7 @@ class FlyEmulator(MachineHandlers):
         return {
             "apps": sorted(self.apps),
             "regions": self.regions,
+            "light_machines": self.light_machines,
             "machines": machines,
             "requests": len(self.requests),
             "faults": {"pending": self.faults.pending(), "fired": self.faults.fired},

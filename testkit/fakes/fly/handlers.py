@@ -85,12 +85,14 @@ class MachineHandlers(MachineRuntime):
 
     def _has_capacity(self, region: str) -> bool:
         capacity = self.regions.get(region)
+        if capacity is None:
+            return True
         used = sum(
             1
             for m in self.machines.values()
             if m.region == region and m.state not in ("stopped", "destroyed")
         )
-        return capacity is None or used < capacity
+        return used < capacity
 
     def _capacity_error(self) -> ApiError:
         return ApiError(

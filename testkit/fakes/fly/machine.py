@@ -12,7 +12,10 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from testkit.fakes.fly.light import LightProcess
 
 SETTLED_STATES = frozenset(
     {"created", "started", "stopped", "suspended", "failed", "destroyed", "replaced", "migrated"}
@@ -77,7 +80,8 @@ def parse_image_ref(ref: str) -> dict[str, Any]:
 
 @dataclass(eq=False)
 class MachineRecord:
-    """One machine: the fields the API shows, plus the local process that plays its VM."""
+    """One machine: the fields the API shows, plus the local process (or, for a light machine,
+    the task) that plays its VM."""
 
     id: str
     app: str
@@ -95,7 +99,7 @@ class MachineRecord:
     logs: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict, repr=False)
     restart_count: int = 0
-    process: asyncio.subprocess.Process | None = field(default=None, repr=False)
+    process: asyncio.subprocess.Process | LightProcess | None = field(default=None, repr=False)
     stop_requested: bool = False
     destroy_requested: bool = False
     oom_killed: bool = False

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Awaitable
 from typing import Any
 
+from testkit.fakes.fly.light import LightProcess
 from testkit.fakes.fly.machine import MachineRecord, utc_now
 
 logger = logging.getLogger(__package__)
@@ -36,6 +37,7 @@ class MachineRuntime:
     destroy_delay_s: float
     restart_delay_s: float
     exit_event_shape: str
+    light_machines: bool
     _tasks: set[asyncio.Task[None]]
     _closing: bool
 
@@ -124,7 +126,12 @@ class MachineRuntime:
             if not m.stop_requested:
                 m.set_state("starting")
                 await asyncio.sleep(boot_s / 2)
-            returncode = 0 if m.stop_requested else await self._run_process(m)
+            if m.stop_requested:
+                returncode = 0
+            elif self.light_machines:
+                returncode = await self._run_light(m)
+            else:
+                returncode = await self._run_process(m)
             exit_event = _exit_event(returncode, m.oom_killed, m.stop_requested)
             m.oom_killed = False
             restarting = self._restarts(m, exit_event["exit_code"])
@@ -193,6 +200,24 @@ class MachineRuntime:
             await proc.wait()
             await asyncio.wait({m.reader}, timeout=2.0)
             m.reader.cancel()
+            if m.kill_timer is not None:
+                m.kill_timer.cancel()
+            if m.transition is not None:
+                m.transition.cancel()
+            m.process, m.frozen = None, False
+
+    async def _run_light(self, m: MachineRecord) -> int:
+        """Play the machine's process with a task (testkit/fakes/fly/light.py), mark it started,
+        and return its exit status."""
+        m.env = self._env(m)
+        light = LightProcess(m.env, m.logs)
+        m.process = light
+        self._mark_started(m)
+        try:
+            return await light.wait()
+        finally:
+            light.signal_group(signal.SIGKILL)
+            await light.wait()
             if m.kill_timer is not None:
                 m.kill_timer.cancel()
             if m.transition is not None:
@@ -276,12 +301,15 @@ def _exit_event(returncode: int, oom_killed: bool, requested_stop: bool) -> dict
     }
 
 
-def _kill_group(proc: asyncio.subprocess.Process, sig: int = signal.SIGKILL) -> None:
+def _kill_group(proc: asyncio.subprocess.Process | LightProcess, sig: int = signal.SIGKILL) -> None:
+    if isinstance(proc, LightProcess):
+        proc.signal_group(sig)
+        return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
 
 
-async def _kill_after(proc: asyncio.subprocess.Process, grace_s: float) -> None:
+async def _kill_after(proc: asyncio.subprocess.Process | LightProcess, grace_s: float) -> None:
     await asyncio.sleep(grace_s)
     if proc.returncode is None:
         _kill_group(proc)

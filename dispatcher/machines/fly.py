@@ -11,7 +11,13 @@ from typing import Any
 from dispatcher.config import Settings
 from dispatcher.errors import UpstreamError
 from dispatcher.machines import BOT_COMMAND, BotSpec, MachineExit, MachineInfo, MachineRef
-from dispatcher.machines.fly_api import MAX_WAIT_S, FlyAPI, Machine, latest_exit
+from dispatcher.machines.fly_api import (
+    LIST_PAGE_SIZE,
+    MAX_WAIT_S,
+    FlyAPI,
+    Machine,
+    latest_exit,
+)
 from dispatcher.pacing import Pacer
 from dispatcher.upstream import RetryPolicy
 
@@ -52,6 +58,7 @@ class FlyMachines:
         pacer: Pacer | None = None,
         *,
         waits: FlyAPI | None = None,
+        page_size: int = LIST_PAGE_SIZE,
     ) -> None:
         self._api = api
         # `wait`s hold their connection while they last: on a client of their own, so that
@@ -64,6 +71,7 @@ class FlyMachines:
         self._pacer = pacer
         self._lists = Pacer(LIST_RATE, LIST_BURST, what="machine lists")
         self._watch_pages = Pacer(WATCH_LIST_RATE, 1, what="watch lists")
+        self._page_size = page_size
 
     def machine_config(self, spec: BotSpec) -> dict[str, Any]:
         """The machine config for a session: the bot contract, pinned image, no services."""
@@ -244,6 +252,7 @@ class FlyMachines:
             page, cursor = await self._api.list_page(
                 metadata={"dispatcher": self._settings.dispatcher_name},
                 summary=True,
+                limit=self._page_size,
                 cursor=cursor,
             )
             fresh = [m for m in page if m.id not in seen]

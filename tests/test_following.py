@@ -188,6 +188,9 @@ async def test_the_watch_reads_every_page_of_the_list(tmp_path: Path) -> None:
             ours = [await create(settings.dispatcher_name) for _ in range(5)]
             await create("another-dispatcher")
             await api.destroy(ours[0])
+            await eventually(
+                lambda: fly.machines[ours[0]].state == "destroyed", what="one of them destroyed"
+            )
             began = len(fly.requests)
             assert await machines.live_ids() == set(ours[1:])
         finally:

@@ -62,7 +62,6 @@ def create_app(
     machines: MachineBackend | None = None,
     rooms: Mapping[str, RoomBackend] | None = None,
     retry: RetryPolicy | None = None,
-    poll_s: float = 5.0,
     upstream_timeout_s: float = 15.0,
     tracing: Tracing | None = None,
 ) -> Starlette:
@@ -78,7 +77,7 @@ def create_app(
         core,
         telemetry,
         retry,
-        Backends(store, machines, rooms, poll_s=poll_s, upstream_timeout_s=upstream_timeout_s),
+        Backends(store, machines, rooms, upstream_timeout_s=upstream_timeout_s),
     )
     table = routes(settings)
     app = Starlette(
@@ -100,7 +99,6 @@ class Backends:
     store: Store | None
     machines: MachineBackend | None
     rooms: Mapping[str, RoomBackend] | None
-    poll_s: float = 5.0
     upstream_timeout_s: float = 15.0
 
 
@@ -142,9 +140,7 @@ class Lifespan:
             pool = _pool(settings, db, bots, pacer, metrics)
             if pool is not None:
                 stack.push_async_callback(pool.aclose)
-            supervisor = Supervisor(
-                db, bots, janitor, settings, poll_s=self._backends.poll_s, telemetry=telemetry
-            )
+            supervisor = Supervisor(db, bots, janitor, settings, telemetry=telemetry)
             stack.push_async_callback(supervisor.aclose)
             reconciler = Reconciler(
                 db, bots, transports, supervisor, janitor, settings, telemetry, pool
@@ -198,6 +194,11 @@ class Lifespan:
             )
             loop_task = asyncio.create_task(reconciler.run(), name="reconciler")
             stack.push_async_callback(cancel_and_wait, loop_task)
+            # The follow: timers here, and the watch of machines on the reconciler's leader.
+            follow_task = asyncio.create_task(
+                supervisor.run(lambda: reconciler.leader), name="follow"
+            )
+            stack.push_async_callback(cancel_and_wait, follow_task)
             if pool is not None:
                 pool_task = asyncio.create_task(pool.run(lambda: reconciler.leader), name="pool")
                 stack.push_async_callback(cancel_and_wait, pool_task)

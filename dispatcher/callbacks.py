@@ -168,6 +168,11 @@ class BotCallbacks:
                 await self._store.fill(session_id, exit_code=exit_code, error=error)
             if error is not None:
                 log.warning("the bot ended (%s): %s", reason, error)
+            # The first sign of the end: its machine exits in moments, and the session is
+            # finished as soon as it has (dispatcher/supervisor.py), here, whoever follows it.
+            ending = moved or await self._store.get(session_id)
+            if ending is not None:
+                self._supervisor.follow(ending)
 
     async def _bot_session(self, session_id: str, token: str | None) -> Session:
         """The session of a callback: refused unless the token matches and the session lives."""

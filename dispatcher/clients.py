@@ -22,10 +22,13 @@ from dispatcher.upstream import RetryPolicy
 
 @dataclass(frozen=True)
 class Upstreams:
-    """The Fly and Daily API clients the settings configure (None: not configured)."""
+    """The Fly and Daily API clients the settings configure (None: not configured). Fly's
+    `wait`s go through a client (and connection pool) of their own, `fly_waits`: a wait holds
+    its connection while it lasts, and a create must always find a kept-alive one free."""
 
     fly: FlyAPI | None
     daily: DailyAPI | None
+    fly_waits: FlyAPI | None = None
 
 
 @contextlib.asynccontextmanager
@@ -38,18 +41,21 @@ async def upstreams(
 ) -> AsyncIterator[Upstreams]:
     """The API clients `settings` configure, their connections closed on exit."""
     async with contextlib.AsyncExitStack() as stack:
-        fly = daily = None
+        fly = fly_waits = daily = None
         if settings.machine_backend == "fly" and settings.fly_api_token and settings.fly_bot_app:
             token = settings.fly_api_token.reveal()
             http = FlyAPI.client(settings.fly_api_base_url, token, timeout_s=timeout_s)
             stack.push_async_callback(http.aclose)
             fly = FlyAPI(http, settings.fly_bot_app, retry, telemetry)
+            waits = FlyAPI.client(settings.fly_api_base_url, token, timeout_s=timeout_s)
+            stack.push_async_callback(waits.aclose)
+            fly_waits = FlyAPI(waits, settings.fly_bot_app, retry, telemetry)
         if settings.daily_api_key is not None:
             key = settings.daily_api_key.reveal()
             http = DailyAPI.client(settings.daily_api_url, key, timeout_s=timeout_s)
             stack.push_async_callback(http.aclose)
             daily = DailyAPI(http, retry, telemetry)
-        yield Upstreams(fly, daily)
+        yield Upstreams(fly, daily, fly_waits)
 
 
 def machine_backend(
@@ -61,7 +67,7 @@ def machine_backend(
             bot_dir=settings.local_bot_dir, stop_grace_s=settings.bot_stop_timeout_s
         )
     assert apis.fly is not None
-    return FlyMachines(apis.fly, settings, retry, pacer)
+    return FlyMachines(apis.fly, settings, retry, pacer, waits=apis.fly_waits)
 
 
 def room_backends(

@@ -50,6 +50,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 # What a webrtc start with `enableDefaultIceServers: true` gets: Pipecat's runner's STUN server.
 DEFAULT_ICE_SERVERS = ("stun:stun.l.google.com:19302",)
+# FOLLOW_INTERVAL_S with local bots: a look at child processes costs nothing upstream.
+LOCAL_FOLLOW_INTERVAL_S = 1.0
 _APP = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 # Signature algorithms a client token may use: HMAC with JWT_SECRET, or RSA/ECDSA keys from
 # JWT_JWKS_URL. Never `none`, and never an HMAC keyed with a public key.
@@ -88,6 +90,8 @@ class Settings:
     create_queue_wait_s: float = 10.0
     drain_timeout_s: float = 30.0
     reconcile_interval_s: float = 15.0
+    # Seconds between the follow's sweeps (timers; the leader's batched watch of machines).
+    follow_interval_s: float = 10.0
     start_timeout_s: float = 120.0
     instance_id: str = "local"
     jwt_secret: Secret | None = None
@@ -158,6 +162,12 @@ class Settings:
             drain_timeout_s=r.number("DRAIN_TIMEOUT_S", cls.drain_timeout_s, 0, 3600),
             reconcile_interval_s=r.number(
                 "RECONCILE_INTERVAL_S", cls.reconcile_interval_s, 0.1, 3600
+            ),
+            follow_interval_s=r.number(
+                "FOLLOW_INTERVAL_S",
+                cls.follow_interval_s if backend == "fly" else LOCAL_FOLLOW_INTERVAL_S,
+                0.1,
+                600,
             ),
             start_timeout_s=r.number("START_TIMEOUT_S", cls.start_timeout_s, 1, 3600),
             instance_id=r.text("FLY_MACHINE_ID") or f"{socket.gethostname()}-{os.getpid()}",

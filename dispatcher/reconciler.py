@@ -1,10 +1,11 @@
 """The reconciler: compares the store with the machines and rooms that exist, and repairs both.
 
-It is the safety net under the supervisor. A supervisor follows the sessions its own instance
-started, and dies with it (a deploy, a crash); the reconciler runs on exactly one instance at a
-time (the holder of a PostgreSQL advisory lock; another takes over when that one goes), looks
-at every live session and every machine the dispatcher made, and finishes whatever nobody else
-will:
+It is the safety net under the supervisor (dispatcher/supervisor.py). A supervisor keeps the
+timers of the sessions its own instance follows, and loses them with it (a deploy, a crash);
+its watch of silent exits runs on the reconciler's leader. The reconciler runs on exactly one
+instance at a time (the holder of a PostgreSQL advisory lock; another takes over when that one
+goes), looks at every live session and every machine the dispatcher made, and finishes
+whatever nobody else will:
 
 - a session stuck in `starting` (its dispatcher died mid-start) fails as `start_interrupted`;
   any machine made for it is destroyed and its room deleted;

@@ -188,7 +188,7 @@ class SessionService:
             )
             if ending is None:
                 return await self.get(principal, session_id)
-            self._supervisor.follow(ending)
+            self._supervisor.follow(ending, stop_sent=True)
             return ending
 
 

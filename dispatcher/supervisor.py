@@ -1,11 +1,57 @@
-"""Follows each dispatched session to its end: readiness, exit, ready timeout, max duration."""
+"""Follows every dispatched session to its end, at a cost in upstream requests that grows with
+the sessions started and ended, never with the sessions alive.
+
+No task and no request per live session. Three mechanisms, all driven by one loop (`run`):
+
+- **The end of a session that is ending.** The bot's `ended` callback, a DELETE, a Daily
+  webhook or a time limit moves the session to `ending`, and its machine is about to exit:
+  `follow` then starts one wait for that machine's exit (a local process's own wait; on Fly one
+  `wait` for `stopped`, on a client of its own, for at most the stop's grace periods) and
+  finishes the session with that exit as soon as it comes. After the bot's `ended` callback
+  that is within moments of the bot leaving; the wait is the only request made for one session
+  alone, and only while it ends.
+- **The watch, for machines that exit without a word** (a crash, the OOM killer). Every
+  FOLLOW_INTERVAL_S one batched read says which of the dispatcher's machines still run
+  (`MachineBackend.live_ids`: on Fly the pages of one list call, a thousand machines a page,
+  filtered by `metadata.dispatcher`), and it is compared with the store's live sessions. A
+  session whose machine is not among them, and is not being waited for here, has its machine
+  asked once (`exited`: its state, then its exit code and OOM flag from its events) and is
+  finished. **Bound:** a machine that exits silently is noticed within FOLLOW_INTERVAL_S plus
+  one list call (and its exit read) of its exit, on the leader; on Fly with the default 10 s and
+  calls that answer in seconds, well within 30 s. While no instance leads (the leader died; the
+  next takes the reconciler's lock within RECONCILE_INTERVAL_S) nothing is noticed, and after
+  that the first pass notices everything.
+- **Timers**: the ready timeout, the max duration, an ending bot's grace before its stop, and
+  the stop's grace before the destroy are deadlines in one in-memory index (`Deadlines`),
+  swept every second at most (`overdue(now)`): a session not ready by READY_TIMEOUT_S or past
+  SESSION_MAX_DURATION_S is asked to end and its bot stopped (SIGTERM through Fly's stop with
+  the grace period); a bot that reported its end and still runs after the grace is stopped;
+  a machine still running after its stop's grace (and EXIT_MARGIN_S) is destroyed. A stop or
+  destroy refused by an upstream outage is asked again on later sweeps until it is taken.
+
+**Several instances: the watch runs on the leader only** (the holder of the reconciler's lock,
+dispatcher/reconciler.py), and finishes the sessions of every instance through the store (every
+transition is a compare-and-set, so an instance finishing the same session meanwhile is
+harmless). Fly limits list calls per app (about 1 a second, burst 3): instances each listing
+every interval together overran it, whereas one leader lists at one rate however many
+instances run, and paces its list calls (watch pages, reconciler passes, readiness checks)
+under Fly's limit (dispatcher/machines/fly.py). The other choice, every instance watching and
+every list call paced through the store's shared buckets, would spend the same list budget
+N times over to learn the same thing. Timers stay with the instance that follows the session
+(it started it, or took its DELETE, callback or webhook); a session whose follower died is the
+reconciler's, which applies the same limits on its passes. A session finished elsewhere is
+forgotten here when its next deadline comes.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from dispatcher.aio import cancel_and_wait
@@ -29,10 +75,72 @@ log = logging.getLogger(__name__)
 
 # How long past a stop's grace period a machine's exit is waited for.
 EXIT_MARGIN_S = 15
+# The sweep of deadlines runs at least this often (the watch every FOLLOW_INTERVAL_S).
+TICK_S = 1.0
+# A stop or destroy refused by an upstream failure is asked again after this long.
+RETRY_S = 1.0
+
+
+class Phase(Enum):
+    """Where a followed session is, as its follower sees it."""
+
+    # Dispatched or ready: its deadline is its ready timeout, or its max duration.
+    LIVE = "live"
+    # Ending, its bot given the stop's grace period to leave: then it is stopped.
+    ENDING = "ending"
+    # Its machine was sent the stop: destroyed if still there after the grace and a margin.
+    STOPPING = "stopping"
+
+
+@dataclass
+class Followed:
+    """One session this instance follows: its machine, its deadline, and what is due then."""
+
+    session_id: str
+    ref: MachineRef
+    created_at: float
+    expires_at: float
+    traceparent: str | None
+    ready: bool
+    phase: Phase = Phase.LIVE
+    due: float = 0.0
+    exit_wait: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Deadlines:
+    """Keys by when they are due: a heap, entries made stale by a later `schedule` skipped."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, str]] = []
+        self._due: dict[str, float] = {}
+        self._seq = 0
+
+    def schedule(self, key: str, due: float) -> None:
+        """Make `key` due at `due` (replacing any earlier deadline of it)."""
+        self._due[key] = due
+        self._seq += 1
+        heapq.heappush(self._heap, (due, self._seq, key))
+
+    def cancel(self, key: str) -> None:
+        """Forget `key`'s deadline."""
+        self._due.pop(key, None)
+
+    def overdue(self, now: float) -> list[str]:
+        """The keys due at `now` or before, each once, earliest first (and forgotten)."""
+        keys = []
+        while self._heap and self._heap[0][0] <= now:
+            due, _, key = heapq.heappop(self._heap)
+            if self._due.get(key) == due:
+                del self._due[key]
+                keys.append(key)
+        return keys
+
+    def __len__(self) -> int:
+        return len(self._due)
 
 
 class Supervisor:
-    """One watch task per session; the tasks are owned here and cancelled on shutdown."""
+    """Follows sessions (`follow`), runs their timers and the watch (`run`), finishes them."""
 
     def __init__(
         self,
@@ -41,35 +149,60 @@ class Supervisor:
         janitor: RoomJanitor,
         settings: Settings,
         *,
-        poll_s: float = 5.0,
         telemetry: Telemetry | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._telemetry = telemetry or Telemetry()
         self._store = store
         self._machines = machines
         self._janitor = janitor
         self._settings = settings
-        self._poll_s = poll_s
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._machines_of: dict[str, MachineRef] = {}
-        self._ready: dict[str, asyncio.Event] = {}
+        self._clock = clock
+        self._followed: dict[str, Followed] = {}
+        self._deadlines = Deadlines()
+        self.watches = 0
 
-    def follow(self, session: Session) -> None:
-        """Watch a dispatched session until it ends (once per session)."""
-        if session.id in self._tasks or not session.machine_id:
+    # -- what the rest of the dispatcher tells it ---------------------------------------------
+
+    def follow(self, session: Session, *, stop_sent: bool = False) -> None:
+        """Follow a dispatched session to its end; called again when it moves to `ending`
+        (`stop_sent`: its machine was just sent the stop)."""
+        if not session.machine_id or not session.active:
             return
-        task = asyncio.create_task(self._follow(session), name=f"follow {session.id}")
-        self._tasks[session.id] = task
-        self._machines_of[session.id] = _ref(session)
+        entry = self._followed.get(session.id)
+        if entry is None:
+            entry = Followed(
+                session.id,
+                _ref(session),
+                session.created_at,
+                session.expires_at,
+                session.traceparent,
+                ready=session.ready_at is not None,
+            )
+            self._followed[session.id] = entry
+            if session.state != State.ENDING:
+                self._schedule_live(entry)
+        if session.state == State.ENDING:
+            if stop_sent:
+                self._stopping(entry, self._clock())
+            elif entry.phase is Phase.LIVE:
+                self._ending(entry, session)
 
     def notify_ready(self, session_id: str) -> None:
         """The bot of a session called back ready on this instance."""
-        self._ready.setdefault(session_id, asyncio.Event()).set()
+        entry = self._followed.get(session_id)
+        if entry is not None and entry.phase is Phase.LIVE and not entry.ready:
+            entry.ready = True
+            self._schedule_live(entry)
 
     @property
     def watching(self) -> int:
         """How many sessions this instance follows."""
-        return len(self._tasks)
+        return len(self._followed)
+
+    async def ask_to_end(self, session_id: str, reason: EndReason) -> bool:
+        """Move a live session to `ending` with a reason of the dispatcher's."""
+        return await request_end(self._store, session_id, reason, {"reason": reason}) is not None
 
     async def end_all(self, reason: EndReason) -> bool:
         """End every session this instance follows, for `reason` (one of the dispatcher's):
@@ -77,124 +210,223 @@ class Supervisor:
         grace period); then wait until each has ended and is recorded, its bot's `ended`
         callback taken meanwhile. Whether all were done within the grace period and margin."""
         grace = self._settings.bot_stop_timeout_s
-        for session_id, ref in list(self._machines_of.items()):
-            with session_context(session_id, machine_id=ref.id):
-                if await self.ask_to_end(session_id, reason):
-                    await self._machines.stop(ref, grace)
-        tasks = list(self._tasks.values())
-        if not tasks:
-            return True
-        _, left = await asyncio.wait(tasks, timeout=grace + EXIT_MARGIN_S)
+        for entry in list(self._followed.values()):
+            with session_context(entry.session_id, machine_id=entry.ref.id):
+                if await self.ask_to_end(entry.session_id, reason):
+                    await self._machines.stop(entry.ref, grace)
+                    self._stopping(entry, self._clock())
+                else:
+                    await self._refresh(entry)
+        waits = [e.exit_wait for e in self._followed.values() if e.exit_wait is not None]
+        if not waits:
+            return not self._followed
+        _, left = await asyncio.wait(waits, timeout=grace + EXIT_MARGIN_S)
         return not left
 
-    async def aclose(self) -> None:
-        """Stop watching (the bots themselves are not touched)."""
-        await cancel_and_wait(*self._tasks.values())
+    # -- the loop ------------------------------------------------------------------------------
 
-    async def _follow(self, session: Session) -> None:
-        try:
-            with session_context(
-                session.id, machine_id=session.machine_id, traceparent=session.traceparent
-            ):
-                await self._watch(session)
-        except Exception:
-            with session_context(session.id, machine_id=session.machine_id):
-                log.exception("watching the session failed")
-        finally:
-            self._tasks.pop(session.id, None)
-            self._machines_of.pop(session.id, None)
-            self._ready.pop(session.id, None)
-
-    async def _watch(self, session: Session) -> None:
-        ref = _ref(session)
-        horizon = session.expires_at - time.time() + self._settings.bot_stop_timeout_s
-        exit_task = asyncio.create_task(self._machines.wait_exit(ref, max(1.0, horizon)))
-        try:
-            if session.ready_at is None and session.state in (State.STARTING, State.DISPATCHED):
-                outcome = await self._until_ready(session, exit_task)
-                if outcome == "timeout" and await self.ask_to_end(
-                    session.id, EndReason.READY_TIMEOUT
-                ):
-                    log.warning("bot not ready after %.0f s", self._settings.ready_timeout_s)
-                    await self._stop(ref, exit_task)
-                    await self.finish(session.id, ref, await self._exit_within(exit_task, ref))
-                    return
-            remaining = session.expires_at - time.time()
-            done, _ = await asyncio.wait({exit_task}, timeout=max(0.0, remaining))
-            if not done:
-                await self.ask_to_end(session.id, EndReason.MAX_DURATION)
-                await self._stop(ref, exit_task)
-            exit = await self._exit_within(exit_task, ref)
-            await self.finish(session.id, ref, exit)
-        finally:
-            await cancel_and_wait(exit_task)
-
-    async def _until_ready(
-        self, session: Session, exit_task: asyncio.Task[MachineExit | None]
-    ) -> str:
-        """Wait for the ready callback: 'ready', 'exited', 'ending' (asked to end) or 'timeout'."""
-        event = self._ready.setdefault(session.id, asyncio.Event())
-        deadline = min(session.created_at + self._settings.ready_timeout_s, session.expires_at)
-        while (remaining := deadline - time.time()) > 0:
-            ready_wait = asyncio.create_task(event.wait())
-            done, _ = await asyncio.wait(
-                {ready_wait, exit_task},
-                timeout=min(remaining, self._poll_s),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            ready_wait.cancel()
-            if event.is_set():
-                return "ready"
-            if exit_task in done:
-                return "exited"
-            current = await self._store.get(session.id)
-            if current is None or current.ready_at is not None:
-                return "ready"
-            if current.state not in (State.STARTING, State.DISPATCHED):
-                return "ending"
-        return "timeout"
-
-    async def ask_to_end(self, session_id: str, reason: EndReason) -> bool:
-        """Move a live session to `ending` with a reason of the dispatcher's."""
-        return await request_end(self._store, session_id, reason, {"reason": reason}) is not None
-
-    async def _stop(self, ref: MachineRef, exit_task: asyncio.Task[MachineExit | None]) -> None:
-        """The machine's stop: SIGTERM, SIGKILL after the grace period."""
-        grace_s = self._settings.bot_stop_timeout_s
-        await self._insist("stop", lambda: self._machines.stop(ref, grace_s), exit_task)
-
-    async def _insist(
-        self,
-        what: str,
-        call: Callable[[], Awaitable[None]],
-        exit_task: asyncio.Task[MachineExit | None],
-    ) -> None:
-        """Make a call on the machine (a stop, a destroy), again every poll through an upstream
-        outage, until it is taken or the machine has exited anyway."""
+    async def run(self, leads: Callable[[], bool]) -> None:
+        """Sweep the deadlines every TICK_S at most, and every FOLLOW_INTERVAL_S watch the
+        machines while `leads()` (this instance holds the reconciler's lock); until cancelled."""
+        interval = self._settings.follow_interval_s
+        next_watch = time.monotonic()
         while True:
-            try:
-                await call()
-                return
-            except UpstreamError as exc:
-                if not exc.retryable:
-                    raise
-                log.warning("machine %s failed (%s): asking again", what, exc)
-            done, _ = await asyncio.wait({exit_task}, timeout=self._poll_s)
-            if done:
-                return
+            await self._guarded("the follow's sweep", self.sweep())
+            if time.monotonic() >= next_watch:
+                next_watch = time.monotonic() + interval
+                if leads():
+                    await self._guarded("the watch", self.watch())
+            await asyncio.sleep(min(TICK_S, interval, max(0.0, next_watch - time.monotonic())))
 
-    async def _exit_within(
-        self, exit_task: asyncio.Task[MachineExit | None], ref: MachineRef
-    ) -> MachineExit:
-        """The machine's exit, giving it the stop grace period; destroyed if it outlives that."""
-        grace = self._settings.bot_stop_timeout_s + EXIT_MARGIN_S
-        done, _ = await asyncio.wait({exit_task}, timeout=grace)
-        exit = exit_task.result() if done else None
-        if exit is None:
-            log.warning("machine outlived its stop grace period: destroying it")
-            await self._insist("destroy", lambda: self._machines.destroy(ref), exit_task)
-            exit = MachineExit(requested_stop=True)
-        return exit
+    async def _guarded(self, what: str, step: Any) -> None:
+        try:
+            await step
+        except UpstreamError as exc:
+            log.warning("%s failed: %s; again on the next pass", what, exc)
+        except Exception:
+            log.exception("%s failed", what)
+
+    async def sweep(self) -> int:
+        """Act on every deadline that has passed: how many were due."""
+        due = self._deadlines.overdue(self._clock())
+        for session_id in due:
+            entry = self._followed.get(session_id)
+            if entry is None:
+                continue
+            with session_context(
+                session_id, machine_id=entry.ref.id, traceparent=entry.traceparent
+            ):
+                try:
+                    await self._overdue(entry)
+                except Exception:
+                    log.exception("following the session failed")
+                    if self._followed.get(session_id) is entry:
+                        self._deadlines.schedule(session_id, self._clock() + RETRY_S)
+        return len(due)
+
+    async def watch(self) -> int:
+        """One pass of the watch: finish every live session of this dispatcher whose machine
+        has exited, as one batched read and the store's live sessions show (the machines that
+        are not listed running are asked themselves: a list lags). How many were finished."""
+        live = await self._machines.live_ids()
+        self.watches += 1
+        finished = 0
+        for session in await self._store.active_sessions():
+            if (
+                session.dispatcher != self._settings.dispatcher_name
+                or session.state == State.STARTING
+                or not session.machine_id
+                or session.machine_id in live
+            ):
+                continue
+            entry = self._followed.get(session.id)
+            if entry is not None and entry.exit_wait is not None:
+                continue  # its exit is being waited for here
+            ref = _ref(session)
+            with session_context(session.id, machine_id=ref.id, traceparent=session.traceparent):
+                exit = await self._machines.exited(ref)
+                if exit is None:
+                    continue  # made moments ago, not listed yet
+                log.info("the machine has exited (seen by the watch)")
+                if await self.finish(session.id, ref, exit) is not None:
+                    finished += 1
+        return finished
+
+    async def aclose(self) -> None:
+        """Stop following (the bots themselves are not touched)."""
+        waits = [e.exit_wait for e in self._followed.values() if e.exit_wait is not None]
+        await cancel_and_wait(*waits)
+
+    # -- timers --------------------------------------------------------------------------------
+
+    def _schedule_live(self, entry: Followed) -> None:
+        if entry.ready:
+            entry.due = entry.expires_at
+        else:
+            ready_by = entry.created_at + self._settings.ready_timeout_s
+            entry.due = min(ready_by, entry.expires_at)
+        self._deadlines.schedule(entry.session_id, entry.due)
+
+    def _ending(self, entry: Followed, session: Session) -> None:
+        """The session is ending: its bot gets the stop's grace period to leave, then the stop;
+        its exit is waited for meanwhile."""
+        entry.phase = Phase.ENDING
+        requested = session.end_requested_at or session.updated_at
+        entry.due = requested + self._settings.bot_stop_timeout_s
+        self._deadlines.schedule(entry.session_id, entry.due)
+        self._wait_for_exit(entry)
+
+    def _stopping(self, entry: Followed, now: float) -> None:
+        """Its machine was sent the stop: destroyed if it outlives the grace and margin."""
+        entry.phase = Phase.STOPPING
+        entry.due = now + self._settings.bot_stop_timeout_s + EXIT_MARGIN_S
+        self._deadlines.schedule(entry.session_id, entry.due)
+        self._wait_for_exit(entry)
+
+    async def _overdue(self, entry: Followed) -> None:
+        if entry.phase is Phase.ENDING:
+            log.info("stopping the machine")
+            await self._send_stop(entry)
+            return
+        if entry.phase is Phase.STOPPING:
+            await self._destroy(entry)
+            return
+        current = await self._refresh(entry)
+        if current is None or entry.phase is not Phase.LIVE:
+            return  # over, or ending (and in its ending phase now)
+        if not entry.ready and current.ready_at is not None:
+            entry.ready = True  # its ready callback reached another instance
+            self._schedule_live(entry)
+            if entry.due > self._clock():
+                return
+        reason = EndReason.MAX_DURATION if entry.ready else EndReason.READY_TIMEOUT
+        if not await self.ask_to_end(entry.session_id, reason):
+            await self._refresh(entry)
+            if self._followed.get(entry.session_id) is entry and entry.phase is Phase.LIVE:
+                self._deadlines.schedule(entry.session_id, self._clock() + RETRY_S)
+            return
+        if reason == EndReason.READY_TIMEOUT:
+            log.warning("bot not ready after %.0f s", self._settings.ready_timeout_s)
+        else:
+            log.info("ending the session: %s", reason)
+        await self._send_stop(entry)
+
+    async def _refresh(self, entry: Followed) -> Session | None:
+        """The session as stored: None (and forgotten here) when it is over; an ending one
+        moves to its ending phase."""
+        current = await self._store.get(entry.session_id)
+        if current is None or not current.active:
+            self._forget(entry.session_id)
+            return None
+        if current.state == State.ENDING and entry.phase is Phase.LIVE:
+            self._ending(entry, current)
+        return current
+
+    async def _send_stop(self, entry: Followed) -> None:
+        """The machine's stop (SIGTERM, SIGKILL after the grace period); asked again on a
+        later sweep while an upstream failure refuses it."""
+        try:
+            await self._machines.stop(entry.ref, self._settings.bot_stop_timeout_s)
+        except UpstreamError as exc:
+            if not exc.retryable:
+                raise
+            log.warning("machine stop failed (%s): asking again", exc)
+            entry.phase = Phase.ENDING
+            entry.due = self._clock() + RETRY_S
+            self._deadlines.schedule(entry.session_id, entry.due)
+            self._wait_for_exit(entry)
+            return
+        self._stopping(entry, self._clock())
+
+    async def _destroy(self, entry: Followed) -> None:
+        """The machine outlived its stop: destroy it, then finish the session."""
+        log.warning("machine outlived its stop grace period: destroying it")
+        try:
+            await self._machines.destroy(entry.ref)
+        except UpstreamError as exc:
+            if not exc.retryable:
+                raise
+            log.warning("machine destroy failed (%s): asking again", exc)
+            self._deadlines.schedule(entry.session_id, self._clock() + RETRY_S)
+            return
+        await self.finish(entry.session_id, entry.ref, MachineExit(requested_stop=True))
+
+    # -- exits ---------------------------------------------------------------------------------
+
+    def _wait_for_exit(self, entry: Followed) -> None:
+        """Wait for the machine's exit (once per session), then finish the session."""
+        if entry.exit_wait is not None:
+            return
+        horizon = 2 * self._settings.bot_stop_timeout_s + EXIT_MARGIN_S
+        entry.exit_wait = asyncio.create_task(
+            self._exit_wait(entry, horizon), name=f"exit of {entry.session_id}"
+        )
+
+    async def _exit_wait(self, entry: Followed, horizon: float) -> None:
+        with session_context(
+            entry.session_id, machine_id=entry.ref.id, traceparent=entry.traceparent
+        ):
+            try:
+                exit = await self._machines.wait_exit(entry.ref, horizon)
+                if exit is not None:
+                    # Shielded: forgetting the session (and cancelling this wait) while its
+                    # finish is under way must not cut the finish short.
+                    await asyncio.shield(self.finish(entry.session_id, entry.ref, exit))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("waiting for the machine's exit failed")
+            finally:
+                if entry.exit_wait is asyncio.current_task():
+                    entry.exit_wait = None
+
+    def _forget(self, session_id: str) -> None:
+        """Drop a session's follow state (its exit wait cancelled, unless that is the caller)."""
+        entry = self._followed.pop(session_id, None)
+        self._deadlines.cancel(session_id)
+        wait = entry.exit_wait if entry is not None else None
+        if wait is not None and wait is not asyncio.current_task():
+            wait.cancel()
 
     async def finish(self, session_id: str, ref: MachineRef, exit: MachineExit) -> Session | None:
         """Record how the session ended, then delete its room and make sure its machine is gone.
@@ -205,6 +437,7 @@ class Supervisor:
         earlier dispatcher keeps what the store knew (ready or not, the bot's exit code)."""
         session = await self._store.get(session_id)
         if session is None or not session.active:
+            self._forget(session_id)
             return session
         reached_ready = session.ready_at is not None or session.end_reason in USER_ENDED
         reason = session.end_reason
@@ -244,6 +477,7 @@ class Supervisor:
             exit_code=exit_code,
             details=details,
         )
+        self._forget(session_id)
         self._telemetry.session_ended(ended)
         state = ended.state if ended else "over"
         log.info("session %s: %s (exit code %s)", state, reason, exit_code)

@@ -257,13 +257,15 @@ class DailyWebhooks:
             return False
         if ending.machine_id:
             ref = MachineRef(ending.machine_id, ending.region, ending.machine_version)
+            stopped = False
             try:
                 await self._machines.stop(ref, self._settings.bot_stop_timeout_s)
+                stopped = True
             except Exception as exc:
                 # The session is `ending`: the reconciler stops its machine on its next pass.
                 log.warning("machine stop failed: %s", exc)
                 await self._store.record(
                     session.id, "cleanup_failed", {"what": "machine_stop", "error": str(exc)}
                 )
-            self._supervisor.follow(ending)
+            self._supervisor.follow(ending, stop_sent=stopped)
         return True

@@ -107,6 +107,8 @@ def dispatcher_env(
         "READY_TIMEOUT_S": "10",
         "SESSION_MAX_DURATION_S": "300",
         "BOT_STOP_TIMEOUT_S": "2",
+        # The follow's watch every second (Fly's default is 10 s): ends are noticed quickly.
+        "FOLLOW_INTERVAL_S": "1",
         "DISPATCHER_NAME": "test-dispatcher",
         # Every test client is 127.0.0.1, and many tests start more than a minute's worth:
         # the rate limits are off here, and tests/test_rate_limits.py turns them on.
@@ -225,7 +227,6 @@ async def run_dispatcher(
     app = create_app(
         settings,
         retry=retry,
-        poll_s=0.2,
         upstream_timeout_s=upstream_timeout_s,
         tracing=tracing,
     )

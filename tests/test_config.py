@@ -36,6 +36,14 @@ def test_fly_token_selects_fly_and_jwt() -> None:
     assert s.transports == ("daily",) and s.default_transport == "daily"
 
 
+def test_the_follow_watches_every_10_s_on_fly_and_every_second_locally() -> None:
+    """FOLLOW_INTERVAL_S defaults to 10 s with Fly (its list calls are rate-limited) and to 1 s
+    with local bots (a look at child processes costs nothing); either can be set."""
+    assert Settings.from_env(FLY).follow_interval_s == 10.0
+    assert Settings.from_env({}).follow_interval_s == 1.0
+    assert Settings.from_env(FLY | {"FOLLOW_INTERVAL_S": "2.5"}).follow_interval_s == 2.5
+
+
 def test_local_mode_with_a_daily_key_offers_both_transports() -> None:
     """Local bots can join Daily rooms when a key is set; webrtc stays available."""
     s = Settings.from_env({"DAILY_API_KEY": "daily-key"})
@@ -100,6 +108,8 @@ def test_explicit_auth_none_is_allowed_in_fly_mode() -> None:
         ("CREATE_QUEUE_WAIT_S", "-1"),
         ("DRAIN_TIMEOUT_S", "forever"),
         ("RECONCILE_INTERVAL_S", "0"),
+        ("FOLLOW_INTERVAL_S", "0"),
+        ("FOLLOW_INTERVAL_S", "601"),
         ("START_TIMEOUT_S", "0.5"),
         ("READY_TIMEOUT_S", "soon"),
         ("SESSION_MAX_DURATION_S", "1.5"),

@@ -81,7 +81,9 @@ async def test_a_start_that_fails_after_its_bot_called_ready_fails(tmp_path: Pat
     fly.faults.add("create", Fault(500, apply_first=True))
     fly.faults.add("list", Fault(503, times=40))
     retry = RetryPolicy(attempts=5, initial_backoff_s=0.1, max_backoff_s=0.1, deadline_s=10)
-    async with dispatcher_stack(tmp_path, fly=fly, retry=retry) as stack:
+    # The follow's watch lists too: once at start-up only, so that the faults meet the lookups.
+    env = {"FOLLOW_INTERVAL_S": "600"}
+    async with dispatcher_stack(tmp_path, fly=fly, retry=retry, env=env) as stack:
         started = await stack.start({"testBot": {}})
         assert started.status_code == 502, started.text
     [(_, state, reason, _)] = sessions_in(tmp_path / "dispatcher.db")

@@ -14,7 +14,7 @@ import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from dispatcher.store import Store
 from testkit.fakes.daily import DailyEmulator
 from testkit.fakes.fly import FlyEmulator
 from testkit.harness import (
+    BOT_APP,
     JWT_SECRET,
     daily_emulator,
     dispatcher_env,
@@ -97,6 +98,12 @@ class Pair:
     store: Store
     fly: FlyEmulator
     daily: DailyEmulator
+    others: list[Instance] = field(default_factory=list)
+
+    @property
+    def all(self) -> list[Instance]:
+        """Every instance, the pair first."""
+        return [self.a, self.b, *self.others]
 
 
 @contextlib.asynccontextmanager
@@ -104,12 +111,23 @@ async def two_instances(tmp_path: Path, database_url: str, **extra: str) -> Asyn
     """Emulators and two dispatcher processes on `database_url` (env plus `extra`); on the way
     out every session left active is deleted and its machine waited for, then both stop."""
     fly = fly_emulator(limits=EMULATOR_LIMITS)
+    async with several_instances(tmp_path, database_url, 2, fly, **extra) as pair:
+        yield pair
+
+
+@contextlib.asynccontextmanager
+async def several_instances(
+    tmp_path: Path, database_url: str, count: int, fly: FlyEmulator, **extra: str
+) -> AsyncIterator[Pair]:
+    """`count` dispatcher processes on `database_url` and the emulators (`fly` as given); the
+    pair is the first two, `others` the rest. On the way out every session left active is
+    deleted and its machine waited for, then all stop."""
     async with (
         emulators(fly=fly, daily=daily_emulator(rate_limits=False)) as urls,
         contextlib.AsyncExitStack() as stack,
     ):
         instances = []
-        for _ in range(2):
+        for _ in range(count):
             port = free_port()
             env = dispatcher_env(
                 fly_url=urls.fly_url,
@@ -122,17 +140,16 @@ async def two_instances(tmp_path: Path, database_url: str, **extra: str) -> Asyn
                 httpx.AsyncClient(base_url=proc.url, timeout=30, trust_env=False)
             )
             instances.append(Instance(proc, http))
-        a, b = instances
-        assert a.proc.port != b.proc.port
+        assert len({i.proc.port for i in instances}) == count
         # One after the other: the first creates the tables.
-        await a.proc.start()
-        await b.proc.start()
+        for instance in instances:
+            await instance.proc.start()
         store = await Store.open(database_url)
         stack.push_async_callback(store.close)
-        pair = Pair(a, b, store, fly, urls.daily)
+        pair = Pair(instances[0], instances[1], store, fly, urls.daily, instances[2:])
         yield pair
         await end_everything(pair)
-        for instance in (a, b):
+        for instance in instances:
             if instance.proc.running:
                 instance.proc.terminate()
                 assert await instance.proc.wait(30) == -signal.SIGTERM
@@ -141,7 +158,7 @@ async def two_instances(tmp_path: Path, database_url: str, **extra: str) -> Asyn
 async def end_everything(pair: Pair) -> None:
     """DELETE every active session through a running instance; wait for them to be over and
     for every machine to be destroyed."""
-    running = next(i for i in (pair.a, pair.b) if i.proc.running)
+    running = next(i for i in pair.all if i.proc.running)
     for session in await pair.store.active_sessions():
         answer = await running.http.delete(
             f"/sessions/{session.id}", headers=headers(session.user_id)
@@ -321,9 +338,9 @@ async def test_max_sessions_per_user_counts_the_sessions_of_both_instances(
 @pytest.mark.slow
 async def test_one_reconciler_leader_and_handover(tmp_path: Path, pg_database_url: str) -> None:
     """RECONCILE_INTERVAL_S=0.3: exactly one instance leads. SIGKILL the leader: the other
-    takes over, and its reconciler ends a session of the dead leader whose bot exited (no
-    `ended` callback, nobody following it). The killed one restarts as standby. SIGTERM of the
-    leader hands over too."""
+    takes over, and its reconciler (or its watch) ends a session of the dead leader whose bot
+    exited (no `ended` callback, nobody following it). The killed one restarts as standby.
+    SIGTERM of the leader hands over too."""
     async with two_instances(tmp_path, pg_database_url, RECONCILE_INTERVAL_S="0.3") as pair:
         roles = await settled_roles(pair.a, pair.b)
         leader, standby = (pair.a, pair.b) if roles[0] == "leader" else (pair.b, pair.a)
@@ -348,9 +365,14 @@ async def test_one_reconciler_leader_and_handover(tmp_path: Path, pg_database_ur
         ended = await standby.wait_state(sid, "user-1", "ended")
         assert ended["endReason"] == "completed"
         assert ended["exitCode"] == 0
-        # Ended by the reconciler's pass (which logs once the pass is over).
+        # Ended by the new leader: its reconciler's pass (which logs once the pass is over) or
+        # its follow's watch, whichever comes first (both run on the leader only).
         await eventually(
-            lambda: "1 sessions ended" in standby.proc.log_text(), what="the reconciler's report"
+            lambda: any(
+                line in standby.proc.log_text()
+                for line in ("1 sessions ended", "the machine has exited (seen by the watch)")
+            ),
+            what="the new leader's report",
         )
         await eventually(lambda: machine.state == "destroyed", what="its machine destroyed")
         await eventually(lambda: sid not in pair.daily.rooms, what="its room deleted")
@@ -365,3 +387,40 @@ async def test_one_reconciler_leader_and_handover(tmp_path: Path, pg_database_ur
             return await leader.role() == "leader"
 
         await eventually(handed_over, timeout=20, what="leadership handed over on SIGTERM")
+
+
+# -- following --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_four_instances_together_stay_under_flys_list_limit(
+    tmp_path: Path, pg_database_url: str
+) -> None:
+    """Four instances against Fly's own list limit (1 a second, burst 3, per app), each
+    following sessions with the watch every second: only the leader watches, and it finishes
+    the sessions of every instance whose bot exited without a word; over many more watch
+    passes Fly never answered a list with 429."""
+    fly = fly_emulator(limits={"create": (1000.0, 1000)})
+    async with several_instances(tmp_path, pg_database_url, 4, fly) as group:
+        leader_roles = await settled_roles(*group.all)
+        assert leader_roles.count("leader") == 1
+        crash = {"testBot": {"exit_after_s": 1, "exit_code": 3, "no_ended": True}}
+        crashing = [await i.started(f"user-{n}", crash) for n, i in enumerate(group.all)]
+        idle = [await i.started(f"idle-{n}") for n, i in enumerate(group.all)]
+        for n, sid in enumerate(crashing):
+
+            async def crashed(sid: str = sid, user: str = f"user-{n}") -> bool:
+                seen = await group.a.session(sid, user)
+                return seen["state"] == "ended" and seen["endReason"] == "crashed"
+
+            await eventually(crashed, timeout=30, what=f"{sid} ended as crashed")
+        for n, sid in enumerate(idle):
+            assert (await group.b.session(sid, f"idle-{n}"))["state"] == "ready"
+
+        def watches() -> int:
+            path = f"/v1/apps/{BOT_APP}/machines"
+            return sum(1 for r in fly.requests if r.path == path and "summary=true" in r.query)
+
+        seen = watches()
+        await eventually(lambda: watches() >= seen + 5, timeout=30, what="five more watches")
+        assert fly.limiter.refused.get("list", 0) == 0, fly.limiter.refused

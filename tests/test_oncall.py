@@ -213,6 +213,11 @@ async def test_show_and_trace_give_the_bots_error(
         assert ready.status_code == 200
         ended = await stack.bot_ended(sid, reason="crashed", exit_code=1, error=error)
         assert ended.status_code == 200, ended.text
+        # Its bot still runs: the follow stops it after the stop's grace period. Read once all
+        # is over (its room deleted too), so that every reading below sees the same trace.
+        await stack.wait_state(sid, "failed", "ended")
+        assert stack.daily is not None
+        await eventually(lambda: sid not in stack.daily.rooms, what="its room deleted")
 
         shown = await cli_json("sessions", "show", sid)
         assert shown["session"]["error"] == error

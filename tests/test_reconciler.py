@@ -506,7 +506,7 @@ async def rig(
         await rooms.open()
         janitor = RoomJanitor(store, {"daily": rooms})
         stack.push_async_callback(janitor.aclose)
-        supervisor = Supervisor(store, machines, janitor, settings, poll_s=0.2)
+        supervisor = Supervisor(store, machines, janitor, settings)
         stack.push_async_callback(supervisor.aclose)
         reconciler = Reconciler(
             store,

@@ -13,7 +13,6 @@ import jwt
 import pytest
 
 from dispatcher.upstream import RetryPolicy
-from testkit.fakes.fly import MachineRecord
 from testkit.harness import (
     BOT_APP,
     BOT_IMAGE,
@@ -181,9 +180,9 @@ async def test_followers_survive_a_fly_outage(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Every Fly call answering 503 for longer than one call's retries during live sessions:
-    each follower waits the outage out, and then ends its session itself (no reconciler pass
-    runs), after a DELETE, the bot's own exit, or a bot killed during the outage, each with its
-    exit code from Fly's events."""
+    the follow waits the outage out (its watch refused pass after pass), and then ends every
+    session itself (no reconciler pass runs), after a DELETE, the bot's own exit, or a bot
+    killed during the outage, each with its exit code from Fly's events."""
     env = {"RECONCILE_INTERVAL_S": "3600"}  # its one pass runs at start-up, before any session
     async with dispatcher_stack(tmp_path, env=env) as stack:
         fly = stack.fly
@@ -200,18 +199,14 @@ async def test_followers_survive_a_fly_outage(
         began = len(fly.requests)
         fly.faults.begin_outage(status=503)
 
-        def refused(machine: MachineRecord) -> int:
-            """Calls a follower made about its machine since the outage began (all 503s)."""
-            path = f"/v1/apps/{BOT_APP}/machines/{machine.id}"
-            return sum(
-                1
-                for r in fly.requests[began:]
-                if r.method == "GET" and r.path in (path, f"{path}/wait")
-            )
+        def refused_lists() -> int:
+            """The watch's list calls since the outage began (all refused)."""
+            path = f"/v1/apps/{BOT_APP}/machines"
+            return sum(1 for r in fly.requests[began:] if r.method == "GET" and r.path == path)
 
         await eventually(
-            lambda: all(refused(m) >= FAST_RETRY.attempts for m in machines.values()),
-            what="every follower refused as often as one call's retries allow",
+            lambda: refused_lists() >= 2 * FAST_RETRY.attempts,
+            what="the watch refused for longer than one call's retries",
         )
         killed = machines["killed"]
         assert killed.process is not None

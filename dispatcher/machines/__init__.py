@@ -80,6 +80,10 @@ class MachineBackend(Protocol):
     async def wait_exit(self, ref: MachineRef, timeout_s: float) -> MachineExit | None:
         """Wait up to `timeout_s` for the bot to exit; None if it still runs."""
 
+    async def live_ids(self) -> set[str]:
+        """The ids of this dispatcher's machines still running, in one batched read whatever
+        their number (may lag: a machine made moments ago may be missing)."""
+
     async def inventory(self) -> list[MachineInfo]:
         """Every machine this dispatcher made that is not destroyed (may lag behind reality)."""
 

@@ -11,7 +11,13 @@ from typing import Any
 from dispatcher.config import Settings
 from dispatcher.errors import UpstreamError
 from dispatcher.machines import BOT_COMMAND, BotSpec, MachineExit, MachineInfo, MachineRef
-from dispatcher.machines.fly_api import MAX_WAIT_S, FlyAPI, Machine, latest_exit
+from dispatcher.machines.fly_api import (
+    LIST_PAGE_SIZE,
+    MAX_WAIT_S,
+    FlyAPI,
+    Machine,
+    latest_exit,
+)
 from dispatcher.pacing import Pacer
 from dispatcher.upstream import RetryPolicy
 
@@ -24,6 +30,18 @@ POOL_LABEL = "pool"
 NAME_TAKEN = "name_taken"
 # How long a follower tries to read a stopped machine's exit through an outage.
 EXIT_PATIENCE_S = 60.0
+# Every list call of this instance (the leader's watch and reconciler, a readiness check, the
+# lookups after an ambiguous create) is paced a little under Fly's documented limit for list,
+# "1 request, per second, per action ... burst up to 3" per app (docs/reference/fly-machines.md
+# §6), the way creates are (CREATE_PACING_SLACK in dispatcher/app.py).
+LIST_RATE = 1.0 / 1.1
+LIST_BURST = 3
+# The watch's pages (`live_ids`) take at most half of that: a page every 2 s at most, whatever
+# FOLLOW_INTERVAL_S, leaving the rest of Fly's list budget to the reconciler, readiness checks,
+# on-call commands and an operator's `fly machines list`, which share it.
+WATCH_LIST_RATE = 0.5
+# A watch reads at most this many pages (of LIST_PAGE_SIZE machines) a pass.
+MAX_LIST_PAGES = 100
 
 
 class FlyMachines:
@@ -33,14 +51,27 @@ class FlyMachines:
     bots_outlive_dispatcher = True
 
     def __init__(
-        self, api: FlyAPI, settings: Settings, retry: RetryPolicy, pacer: Pacer | None = None
+        self,
+        api: FlyAPI,
+        settings: Settings,
+        retry: RetryPolicy,
+        pacer: Pacer | None = None,
+        *,
+        waits: FlyAPI | None = None,
+        page_size: int = LIST_PAGE_SIZE,
     ) -> None:
         self._api = api
+        # `wait`s hold their connection while they last: on a client of their own, so that
+        # they never take the kept-alive connections creates and stops find free.
+        self._waits = waits or api
         self._settings = settings
         self._retry = retry
         # Creates are paced: the caller takes the first attempt's turn (bounded, so that a
         # full queue is refused before anything is made); retries here wait for theirs.
         self._pacer = pacer
+        self._lists = Pacer(LIST_RATE, LIST_BURST, what="machine lists")
+        self._watch_pages = Pacer(WATCH_LIST_RATE, 1, what="watch lists")
+        self._page_size = page_size
 
     def machine_config(self, spec: BotSpec) -> dict[str, Any]:
         """The machine config for a session: the bot contract, pinned image, no services."""
@@ -101,7 +132,7 @@ class FlyMachines:
     async def suspend(self, ref: MachineRef, timeout_s: int) -> bool:
         """Suspend a started machine and wait until it is; False if it was not in time."""
         await self._api.suspend(ref.id)
-        return await self._api.wait(ref.id, "suspended", timeout_s=timeout_s)
+        return await self._waits.wait(ref.id, "suspended", timeout_s=timeout_s)
 
     async def launch(self, spec: BotSpec) -> MachineRef:
         """Create the session's machine in the first region with capacity."""
@@ -146,6 +177,7 @@ class FlyMachines:
     async def _find(self, session_id: str) -> Machine | None:
         """The session's machine if a create already made it, a destroyed one included: a bot
         that exited at once (auto_destroy) is adopted, as exited, rather than given a second."""
+        await self._lists.acquire(bounded=False)
         machines = await self._api.list_machines(
             metadata={"session_id": session_id}, include_deleted=True
         )
@@ -157,12 +189,15 @@ class FlyMachines:
 
     async def cleanup(self, session_id: str) -> None:
         """Destroy any machine labelled with the session (after an ambiguous launch failure)."""
+        await self._lists.acquire(bounded=False)
         for machine in await self._api.list_machines(metadata={"session_id": session_id}):
             if machine.state not in ("destroyed", "destroying"):
                 await self._api.destroy(machine.id)
 
     async def wait_exit(self, ref: MachineRef, timeout_s: float) -> MachineExit | None:
-        """Wait in 60-second long polls until the machine stops or `timeout_s` passes.
+        """Wait in long polls (60 s at most each) until the machine stops or `timeout_s`
+        passes. The follow waits so only for a session that is ending, for at most the stop's
+        grace period (dispatcher/supervisor.py).
 
         An upstream failure a retry may cure (5xx, 429, timeouts, dropped connections) is
         waited out, backing off, for as long as `timeout_s` allows: an outage of Fly's API,
@@ -187,7 +222,7 @@ class FlyMachines:
     async def _stopped(self, ref: MachineRef, remaining: float) -> bool:
         """One long poll for the machine's stop, then a look at it: whether it is gone."""
         try:
-            if await self._api.wait(
+            if await self._waits.wait(
                 ref.id,
                 "stopped",
                 timeout_s=int(min(MAX_WAIT_S, max(1, remaining))),
@@ -205,8 +240,41 @@ class FlyMachines:
         machine = await self._api.get(ref.id)
         return machine is None or machine.state in GONE_STATES
 
+    async def live_ids(self) -> set[str]:
+        """The ids of this dispatcher's machines that have not stopped: the pages of one paced
+        list call (`summary`: ids and states only; LIST_PAGE_SIZE machines a page, so one page
+        up to a thousand machines; a page every 2 s at most, WATCH_LIST_RATE), filtered by
+        `metadata.dispatcher`.
+
+        Defensive where Fly's document says little: a page without a `fly-next-cursor` is the
+        last, and so is one that repeats a cursor or brings no machine not seen already; at
+        most MAX_LIST_PAGES are read. Like every list it may lag: a machine made moments ago
+        may be missing (the caller asks such a machine itself)."""
+        live: set[str] = set()
+        seen: set[str] = set()
+        cursors: set[str] = set()
+        cursor: str | None = None
+        for _ in range(MAX_LIST_PAGES):
+            await self._watch_pages.acquire(bounded=False)
+            await self._lists.acquire(bounded=False)
+            page, cursor = await self._api.list_page(
+                metadata={"dispatcher": self._settings.dispatcher_name},
+                summary=True,
+                limit=self._page_size,
+                cursor=cursor,
+            )
+            fresh = [m for m in page if m.id not in seen]
+            seen.update(m.id for m in fresh)
+            live.update(m.id for m in fresh if m.state not in GONE_STATES)
+            if not cursor or not fresh or cursor in cursors:
+                return live
+            cursors.add(cursor)
+        log.warning("the machine list has more than %d pages: read those only", MAX_LIST_PAGES)
+        return live
+
     async def inventory(self) -> list[MachineInfo]:
         """The bot app's machines labelled with this dispatcher (one list call)."""
+        await self._lists.acquire(bounded=False)
         machines = await self._api.list_machines(
             metadata={"dispatcher": self._settings.dispatcher_name}
         )
@@ -270,6 +338,7 @@ class FlyMachines:
 
     async def check(self) -> None:
         """Raise if the bot app's machines cannot be listed."""
+        await self._lists.acquire(bounded=False)
         await self._api.list_machines(metadata={"dispatcher": self._settings.dispatcher_name})
 
     def kill_all(self) -> None:

@@ -16,6 +16,11 @@ from dispatcher.upstream import RetryPolicy, UpstreamClient, http_client
 API = "fly"
 REQUEST_ID = "fly-request-id"
 MAX_WAIT_S = 60
+# The list endpoint's page size when paginating: its `limit` is "between 1 and 1000; enables
+# pagination", and `cursor` is the `fly-next-cursor` header of the previous page (Fly's OpenAPI
+# document, tests/reference/fly-machines-openapi.json, Machines_list).
+LIST_PAGE_SIZE = 1000
+NEXT_CURSOR = "fly-next-cursor"
 _MACAROON_PREFIXES = ("fm1r_", "fm1a_", "fm2_")
 
 
@@ -82,9 +87,10 @@ class FlyAPI(UpstreamClient):
     def client(base_url: str, token: str, *, timeout_s: float = 15.0) -> httpx.AsyncClient:
         """The httpx client the API wants: base URL, auth, timeouts.
 
-        No cap on connections: every followed session holds one in a long-polling `wait`
-        (up to 60 s), so httpx's default of 100 would make creates, stops and destroys queue
-        behind the waits (and fail with a pool timeout) once 100 sessions live.
+        No cap on connections: a burst of creates, stops and destroys never queues for one.
+        The dispatcher builds two (dispatcher/clients.py): one for calls that answer at once,
+        one for `wait`s, which hold a connection while they last, so that a create always
+        finds a kept-alive connection free.
         """
         return http_client(
             base_url,
@@ -126,6 +132,28 @@ class FlyAPI(UpstreamClient):
             params["include_deleted"] = "true"
         response = await self._retried("list", "GET", "/machines", params=params)
         return [Machine.from_json(m) for m in response.json() or []]
+
+    async def list_page(
+        self,
+        *,
+        metadata: dict[str, str] | None = None,
+        summary: bool = False,
+        limit: int = LIST_PAGE_SIZE,
+        cursor: str | None = None,
+    ) -> tuple[list[Machine], str | None]:
+        """One page of the app's machines whose metadata has every given key and value, and
+        the cursor of the next page (None: the last). With `summary`, Fly leaves out each
+        machine's config (its metadata too), events and checks."""
+        params: dict[str, str] = {f"metadata.{k}": v for k, v in (metadata or {}).items()}
+        if summary:
+            params["summary"] = "true"
+        params["limit"] = str(max(1, min(LIST_PAGE_SIZE, limit)))
+        if cursor:
+            params["cursor"] = cursor
+        response = await self._retried("list", "GET", "/machines", params=params)
+        data = response.json()
+        machines = [Machine.from_json(m) for m in data] if isinstance(data, list) else []
+        return machines, response.headers.get(NEXT_CURSOR) or None
 
     async def wait(
         self, machine_id: str, state: str, *, timeout_s: int, version: str | None = None

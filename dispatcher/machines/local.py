@@ -170,6 +170,10 @@ class LocalMachines:
             return None
         return _exit(code, requested=ref.id in self._stopping)
 
+    async def live_ids(self) -> set[str]:
+        """The bot processes of this dispatcher still running."""
+        return {mid for mid, proc in self._procs.items() if proc.returncode is None}
+
     async def inventory(self) -> list[MachineInfo]:
         """The bot processes this dispatcher started (local bots do not outlive it)."""
         sessions = {machine_id: sid for sid, machine_id in self._by_session.items()}

@@ -6,6 +6,10 @@ Follows /work/shared/reference/fly-machines.md. Choices where the reference is s
   (`tests/reference/fly-machines-openapi.json`, by `openapi.py`): what it refuses (a wrong type,
   a value outside an enum) is a 400 `{"error": ...}`. Its schemas are all open, so unknown fields
   pass, as on Fly; the emulator lists them in `undeclared`.
+- `list` with `limit` (1 to 1000) answers pages of machines in id order, each but the last
+  with a `fly-next-cursor` header (the page's last id, [inf]) that the next page's `cursor`
+  passes back; without `limit`, every machine at once. `summary=true` leaves out config
+  (metadata included), events and checks.
 - `wait`: `state` is any of the spec's (`failed` and `settled` too), comma-separated or
   repeated, and the first one reached answers; `timeout` is whole seconds, default 60, larger
   values clamped to 60. An unknown `version`/`instance_id` answers 400. `stopped` is satisfied

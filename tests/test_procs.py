@@ -142,7 +142,14 @@ async def test_peak_rss_while_running(tmp_path: Path, monkeypatch: pytest.Monkey
         await proc.start()
         assert os.getpgid(proc.pid) == proc.pid != os.getpgid(0)
         names = environ_names(proc.pid)
-        assert names <= {"PATH", "HOME", "PYTHONUNBUFFERED", "LOG_LEVEL", "DATABASE_URL"}, names
+        assert names <= {
+            "PATH",
+            "HOME",
+            "PYTHONUNBUFFERED",
+            "LOG_LEVEL",
+            "DATABASE_URL",
+            "POOL_SIZE",
+        }, names
         peak = proc.peak_rss_bytes()
         assert peak is not None and 10 * 2**20 < peak < 2 * 2**30, peak
         proc.terminate()

@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from dispatcher.machines import MachineExit
     from dispatcher.store import Session, Store
 
 
@@ -257,3 +258,55 @@ async def finish(
         ended_at=time.time(),
         details=details,
     )
+
+
+async def finish_on_exit(
+    store: Store, session: Session, machine_id: str, exit: MachineExit
+) -> tuple[Session | None, str, int | None]:
+    """Finish a live session whose machine exited: the session, its end reason, its exit code.
+
+    The reason is the one already asked for (a DELETE, a time limit...), else read from the
+    exit: OOM (which wins over any but the dispatcher's own), lost with an earlier dispatcher,
+    exited before ready, completed (0) or crashed. The exit code is the machine's, except when
+    the bot reported its own and the machine then died of the stop the dispatcher sent
+    (SIGTERM, or SIGKILL after the grace): the bot's report wins (the machine's code stays in
+    the event). A machine lost with an earlier dispatcher keeps what the store knew."""
+    reached_ready = session.ready_at is not None or session.end_reason in USER_ENDED
+    reason = session.end_reason
+    if exit.oom_killed and reason not in DISPATCHER_REASONS:
+        reason = EndReason.OOM_KILLED
+    if reason is None:
+        if exit.lost:
+            reason = EndReason.DISPATCHER_LOST
+        elif not reached_ready:
+            reason = EndReason.EXITED_BEFORE_READY
+        elif exit.exit_code in (0, None):
+            reason = EndReason.COMPLETED
+        else:
+            reason = EndReason.CRASHED
+    stopped_after_report = (
+        session.exit_code is not None and exit.requested_stop and exit.signal is not None
+    )
+    exit_code = exit.exit_code
+    if exit_code is None or stopped_after_report:
+        exit_code = session.exit_code
+    details: dict[str, Any] = {
+        "machine_id": machine_id,
+        "exit_code": exit_code,
+        "oom_killed": exit.oom_killed,
+        "requested_stop": exit.requested_stop,
+        "signal": exit.signal,
+    }
+    if exit_code != exit.exit_code and exit.exit_code is not None:
+        details["machine_exit_code"] = exit.exit_code
+    if exit.lost:
+        details["lost"] = True
+    ended = await finish(
+        store,
+        session.id,
+        failed=not reached_ready or reason == EndReason.READY_TIMEOUT,
+        reason=reason,
+        exit_code=exit_code,
+        details=details,
+    )
+    return ended, reason, exit_code

@@ -1,52 +1,31 @@
 """Follows every dispatched session to its end, at a cost in upstream requests that grows with
-the sessions started and ended, never with the sessions alive.
+the sessions started and ended, never with the sessions alive (docs/sessions.md, "The follow").
 
-No task and no request per live session. Three mechanisms, all driven by one loop (`run`):
+No task and no request per live session; one loop (`run`) drives three mechanisms:
 
-- **The end of a session that is ending.** The bot's `ended` callback, a DELETE, a Daily
-  webhook or a time limit moves the session to `ending`, and its machine is about to exit:
-  `follow` then starts one wait for that machine's exit (a local process's own wait; on Fly one
-  `wait` for `stopped`, on a client of its own, for at most the stop's grace periods) and
-  finishes the session with that exit as soon as it comes. After the bot's `ended` callback
-  that is within moments of the bot leaving; the wait is the only request made for one session
-  alone, and only while it ends.
-- **The watch, for machines that exit without a word** (a crash, the OOM killer). Every
-  FOLLOW_INTERVAL_S one batched read says which of the dispatcher's machines still run
-  (`MachineBackend.live_ids`: on Fly the pages of one list call, a thousand machines a page,
-  filtered by `metadata.dispatcher`), and it is compared with the store's live sessions. A
-  session whose machine is not among them, and is not being waited for here, has its machine
-  asked once (`exited`: its state, then its exit code and OOM flag from its events) and is
-  finished. **Bound:** a machine that exits silently is noticed within FOLLOW_INTERVAL_S plus
-  one list call (and its exit read) of its exit, on the leader; on Fly with the default 10 s and
-  calls that answer in seconds, well within 30 s. While no instance leads (the leader died; the
-  next takes the reconciler's lock within RECONCILE_INTERVAL_S) nothing is noticed, and after
-  that the first pass notices everything.
-- **Timers**: the ready timeout, the max duration, an ending bot's grace before its stop, and
-  the stop's grace before the destroy are deadlines in one in-memory index (`Deadlines`),
-  swept every second at most (`overdue(now)`): a session not ready by READY_TIMEOUT_S or past
-  SESSION_MAX_DURATION_S is asked to end and its bot stopped (SIGTERM through Fly's stop with
-  the grace period); a bot that reported its end and still runs after the grace is stopped;
-  a machine still running after its stop's grace (and EXIT_MARGIN_S) is destroyed. A stop or
-  destroy refused by an upstream outage is asked again on later sweeps until it is taken.
+- **Ending sessions.** Whatever moves a session to `ending` (the bot's `ended` callback, a
+  DELETE, a webhook, a time limit) makes `follow` start one wait for that machine's exit (on
+  Fly one `wait` for `stopped`, on a client of its own, bounded by the stop's grace periods);
+  the session is finished with that exit as soon as it comes.
+- **The watch** for machines that exit without a word (a crash, the OOM killer): every
+  FOLLOW_INTERVAL_S one batched read (`MachineBackend.live_ids`: on Fly the pages of one list
+  call filtered by `metadata.dispatcher`) is compared with the store's live sessions; a session
+  whose machine is gone has its exit read once and is finished. Bound: FOLLOW_INTERVAL_S plus
+  one pass, within 30 s up to 10,000 sessions on Fly's default 10 s.
+- **Timers** (ready timeout, max duration, an ending bot's grace, a stop's grace before the
+  destroy) are deadlines in one in-memory index swept every second; a stop or destroy refused
+  by an outage is asked again on later sweeps.
 
-**Several instances: the watch runs on the leader only** (the holder of the reconciler's lock,
-dispatcher/reconciler.py), and finishes the sessions of every instance through the store (every
-transition is a compare-and-set, so an instance finishing the same session meanwhile is
-harmless). Fly limits list calls per app (about 1 a second, burst 3): instances each listing
-every interval together overran it, whereas one leader lists at one rate however many
-instances run, and paces its list calls (watch pages, reconciler passes, readiness checks)
-under Fly's limit (dispatcher/machines/fly.py). The other choice, every instance watching and
-every list call paced through the store's shared buckets, would spend the same list budget
-N times over to learn the same thing. Timers stay with the instance that follows the session
-(it started it, or took its DELETE, callback or webhook); a session whose follower died is the
-reconciler's, which applies the same limits on its passes. A session finished elsewhere is
-forgotten here when its next deadline comes.
+The watch runs on the leader only (the reconciler's lock holder) and finishes every instance's
+sessions through the store, where each transition is a compare-and-set: one leader lists at one
+rate however many instances run, under Fly's list limit (about 1 a second per app), where N
+instances each listing overran it. Timers stay with the instance that follows the session; a
+session whose follower died is the reconciler's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import time
 from collections.abc import Callable
@@ -56,14 +35,13 @@ from typing import Any
 
 from dispatcher.aio import cancel_and_wait
 from dispatcher.config import Settings
+from dispatcher.deadlines import Deadlines
 from dispatcher.errors import UpstreamError
 from dispatcher.janitor import RoomJanitor
 from dispatcher.lifecycle import (
-    DISPATCHER_REASONS,
-    USER_ENDED,
     EndReason,
     State,
-    finish,
+    finish_on_exit,
     request_end,
 )
 from dispatcher.logs import session_context
@@ -105,38 +83,6 @@ class Followed:
     phase: Phase = Phase.LIVE
     due: float = 0.0
     exit_wait: asyncio.Task[None] | None = field(default=None, repr=False)
-
-
-class Deadlines:
-    """Keys by when they are due: a heap, entries made stale by a later `schedule` skipped."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, str]] = []
-        self._due: dict[str, float] = {}
-        self._seq = 0
-
-    def schedule(self, key: str, due: float) -> None:
-        """Make `key` due at `due` (replacing any earlier deadline of it)."""
-        self._due[key] = due
-        self._seq += 1
-        heapq.heappush(self._heap, (due, self._seq, key))
-
-    def cancel(self, key: str) -> None:
-        """Forget `key`'s deadline."""
-        self._due.pop(key, None)
-
-    def overdue(self, now: float) -> list[str]:
-        """The keys due at `now` or before, each once, earliest first (and forgotten)."""
-        keys = []
-        while self._heap and self._heap[0][0] <= now:
-            due, _, key = heapq.heappop(self._heap)
-            if self._due.get(key) == due:
-                del self._due[key]
-                keys.append(key)
-        return keys
-
-    def __len__(self) -> int:
-        return len(self._due)
 
 
 class Supervisor:
@@ -429,54 +375,13 @@ class Supervisor:
             wait.cancel()
 
     async def finish(self, session_id: str, ref: MachineRef, exit: MachineExit) -> Session | None:
-        """Record how the session ended, then delete its room and make sure its machine is gone.
-
-        The exit code is the machine's, except when the bot reported its own and the machine
-        then died of the stop the dispatcher sent (SIGTERM, or SIGKILL after the grace): the
-        bot's report wins (the machine's code stays in the event). A machine lost with an
-        earlier dispatcher keeps what the store knew (ready or not, the bot's exit code)."""
+        """Record how the session ended (`lifecycle.finish_on_exit`), then delete its room and
+        make sure its machine is gone."""
         session = await self._store.get(session_id)
         if session is None or not session.active:
             self._forget(session_id)
             return session
-        reached_ready = session.ready_at is not None or session.end_reason in USER_ENDED
-        reason = session.end_reason
-        if exit.oom_killed and reason not in DISPATCHER_REASONS:
-            reason = EndReason.OOM_KILLED
-        if reason is None:
-            if exit.lost:
-                reason = EndReason.DISPATCHER_LOST
-            elif not reached_ready:
-                reason = EndReason.EXITED_BEFORE_READY
-            elif exit.exit_code in (0, None):
-                reason = EndReason.COMPLETED
-            else:
-                reason = EndReason.CRASHED
-        stopped_after_report = (
-            session.exit_code is not None and exit.requested_stop and exit.signal is not None
-        )
-        exit_code = exit.exit_code
-        if exit_code is None or stopped_after_report:
-            exit_code = session.exit_code
-        details: dict[str, Any] = {
-            "machine_id": ref.id,
-            "exit_code": exit_code,
-            "oom_killed": exit.oom_killed,
-            "requested_stop": exit.requested_stop,
-            "signal": exit.signal,
-        }
-        if exit_code != exit.exit_code and exit.exit_code is not None:
-            details["machine_exit_code"] = exit.exit_code
-        if exit.lost:
-            details["lost"] = True
-        ended = await finish(
-            self._store,
-            session_id,
-            failed=not reached_ready or reason == EndReason.READY_TIMEOUT,
-            reason=reason,
-            exit_code=exit_code,
-            details=details,
-        )
+        ended, reason, exit_code = await finish_on_exit(self._store, session, ref.id, exit)
         self._forget(session_id)
         self._telemetry.session_ended(ended)
         state = ended.state if ended else "over"

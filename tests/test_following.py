@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from dispatcher.config import Settings
+from dispatcher.deadlines import Deadlines
 from dispatcher.machines.fly import FlyMachines
 from dispatcher.machines.fly_api import FlyAPI
-from dispatcher.supervisor import Deadlines
 from testkit.fakes.fly import ApiRequest, FlyEmulator
 from testkit.harness import (
     BOT_APP,

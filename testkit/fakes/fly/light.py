@@ -205,6 +205,7 @@ class LightProcess:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await poll
                 continue
+            status: int | str
             try:
                 status, body = poll.result()
             except (OSError, TimeoutError, ValueError) as exc:

@@ -16,7 +16,9 @@ burst 3 per machine, get 5/s; Daily: 20 requests/s, room deletes 2/s). The dispa
 pacing is its defaults (Fly creates 1/s burst 3, Daily room creates 15/s, room deletes 1.6/s).
 
 - `cold`: POOL_SIZE=0, every session a machine create.
-- `pool`: POOL_SIZE machines made ahead (stopped mode), destroyed after their session.
+- `pool`: a pool made ahead (stopped mode) of R x (a session + 3 s) machines, or --pool-size
+  (POOL_SIZE at most 100 a region: a bigger pool is spread over up to four regions, listed in
+  FLY_REGION), each destroyed after its session.
 - `recycle`: the same pool with POOL_RECYCLE=true: a machine whose session ended is stopped,
   updated (a new POOL_TOKEN) and offered again.
 
@@ -75,7 +77,9 @@ DEFAULT_RATES = (1.0, 5.0, 10.0, 20.0)
 SAMPLE_S = 2.0
 # A pool is sized to hold R sessions' worth of machines over a session and its recycling.
 POOL_CYCLE_MARGIN_S = 3.0
+# POOL_SIZE is at most 100 a region: a bigger pool is spread over more regions.
 MAX_POOL_SIZE = 100
+REGIONS = ("iad", "ord", "dfw", "ewr")
 START_TIMEOUT_S = 60.0
 SETTLE_S = 30.0
 SUSTAINED_SHARE = 0.9
@@ -97,11 +101,18 @@ class RateOptions:
     fill_timeout_s: float = 300.0
 
     def pool_for(self, rate: float) -> int:
-        """The pool's size at `rate`: --pool-size, else enough machines for R sessions over a
-        session and its cycle (at most 100, POOL_SIZE's limit)."""
+        """The pool's size at `rate` (all regions together): --pool-size, else enough machines
+        for R sessions over a session and its cycle."""
         if self.pool_size is not None:
             return self.pool_size
-        return max(1, min(MAX_POOL_SIZE, math.ceil(rate * (self.session_s + POOL_CYCLE_MARGIN_S))))
+        return max(1, math.ceil(rate * (self.session_s + POOL_CYCLE_MARGIN_S)))
+
+
+def spread(total: int) -> tuple[tuple[str, ...], int]:
+    """The regions a pool of `total` machines takes (POOL_SIZE is at most 100 a region) and
+    the POOL_SIZE of each."""
+    count = min(len(REGIONS), max(1, math.ceil(total / MAX_POOL_SIZE)))
+    return REGIONS[:count], min(MAX_POOL_SIZE, math.ceil(total / count))
 
 
 @dataclass
@@ -288,10 +299,19 @@ def _minus(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
 
 async def run_one(options: RateOptions, mode: str, rate: float, workdir: Path) -> dict[str, Any]:
     """One mode at one rate, on a fresh dispatcher, database and emulators."""
-    fly, daily = fly_emulator(light_machines=True), daily_emulator()
+    fly = fly_emulator(light_machines=True, regions=dict.fromkeys(REGIONS))
+    daily = daily_emulator()
     latency_profile.apply(fly, daily, latency_scale=PROFILES[options.profile])
-    pool_size = 0 if mode == "cold" else options.pool_for(rate)
-    result: dict[str, Any] = {"mode": mode, "rate": rate, "pool_size": pool_size}
+    regions, per_region = spread(options.pool_for(rate))
+    if mode == "cold":
+        regions, per_region = regions[:1], 0
+    pool_size = per_region * len(regions)
+    result: dict[str, Any] = {
+        "mode": mode,
+        "rate": rate,
+        "pool_size": pool_size,
+        "regions": list(regions),
+    }
     async with (
         fresh_database(options.database_url, prefix="rate_") as database_url,
         emulators(fly=fly, daily=daily) as urls,
@@ -305,12 +325,12 @@ async def run_one(options: RateOptions, mode: str, rate: float, workdir: Path) -
         )
         env |= latency_profile.dispatcher_pacing() | {
             "DISPATCHER_NAME": "rate",
-            "FLY_REGION": "iad",
+            "FLY_REGION": ",".join(regions),
             "MAX_SESSIONS": "100000",
             "MAX_SESSIONS_PER_USER": "1",
             "READY_TIMEOUT_S": "60",
             "SESSION_MAX_DURATION_S": str(int(options.session_s) + 120),
-            "POOL_SIZE": str(pool_size),
+            "POOL_SIZE": str(per_region),
             "POOL_MODE": "stopped",
             "POOL_INTERVAL_S": "1",
             "POOL_RECYCLE": "true" if mode == "recycle" else "false",
@@ -574,7 +594,9 @@ def main() -> None:
     parser.add_argument("--modes", type=_modes, default=MODES, metavar="cold,pool,recycle")
     parser.add_argument("--seconds", type=float, default=60.0, help="the window of each run")
     parser.add_argument("--session-s", type=float, default=5.0, help="a session after ready")
-    parser.add_argument("--pool-size", type=int, help="default: R x (session + 3 s), <= 100")
+    parser.add_argument(
+        "--pool-size", type=int, help="machines in all (default: R x (session + 3 s))"
+    )
     parser.add_argument("--profile", choices=sorted(PROFILES), default="realistic")
     parser.add_argument("--database-url", default=PG_URL, help="the PostgreSQL server to use")
     parser.add_argument("--out", type=Path, help="write the report as JSON here too")

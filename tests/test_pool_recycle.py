@@ -18,7 +18,7 @@ from dispatcher.pool import Pool
 from dispatcher.store import AVAILABLE, CLAIMED, RECYCLING, PoolRows, Store
 from testkit.fakes.common import Fault
 from testkit.fakes.fly import FlyEmulator
-from testkit.harness import Stack, dispatcher_stack
+from testkit.harness import Stack, dispatcher_stack, fly_emulator
 from testkit.waits import eventually
 from tests.test_pool import POOL_ENV, available, pool_rows
 
@@ -45,14 +45,17 @@ async def assignment(stack: Stack, machine: str, token: str) -> int:
     return answer.status_code
 
 
+@pytest.mark.parametrize("light", [False, True], ids=["process", "light"])
 async def test_a_recycled_machine_serves_the_next_session_and_the_old_token_is_refused(
-    tmp_path: Path,
+    tmp_path: Path, light: bool
 ) -> None:
     """A pool of 1 with POOL_RECYCLE: the first session's machine is not destroyed when the
     session ends: once stopped it is updated (a new POOL_TOKEN, `skip_launch`), available
     again, and the second session boots on it afresh. The first session's POOL_TOKEN, all its
-    bot ever saw, gets 401 from then on, before and after the second claim."""
-    async with dispatcher_stack(tmp_path, env=RECYCLE_ENV) as stack:
+    bot ever saw, gets 401 from then on, before and after the second claim. The same with
+    light machines (their assignment poll, as bench/start_rate.py uses them)."""
+    fly = fly_emulator(light_machines=light)
+    async with dispatcher_stack(tmp_path, env=RECYCLE_ENV, fly=fly) as stack:
         fly = stack.fly
         assert fly is not None
         (machine,) = await available(stack, 1)

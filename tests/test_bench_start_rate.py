@@ -14,6 +14,7 @@ from tests.conftest import _require_pg
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # three dispatchers, one after the other, on a loaded machine
 async def test_start_rate_bench_smoke(tmp_path: Path) -> None:
     """Each mode at 1 start/s for a few seconds, sessions of one second: every offered start
     answered and counted, the latencies, upstream 429s, backlogs and pool counters reported;

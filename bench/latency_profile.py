@@ -78,6 +78,12 @@ FLY_LATENCY: dict[str, Figure] = {
     "start": Figure(0.1, _FLYD + "; the answer, while the machine boots or resumes (below)"),
     "destroy": Figure(0.1, _FLYD),
     "suspend": Figure(0.1, _FLYD + "; the answer, while the snapshot is written (below)"),
+    "update": Figure(
+        1.0,
+        "assumed: FLY §9 quotes an update at ~20 s for a running machine, which it restarts; a "
+        "stopped machine's update with `skip_launch` (POOL_RECYCLE) boots nothing, and no "
+        "figure is published for it: 1 s, off every start's path",
+    ),
 }
 DAILY_LATENCY: dict[str, Figure] = {
     "create_room": Figure(0.25, _DAILY),
@@ -145,6 +151,7 @@ FLY_LIMITS: dict[str, Limit] = {
     "suspend": Limit(1.0, 3, _PER_ACTION + "; per machine"),
     "events": Limit(1.0, 3, _PER_ACTION + "; per machine"),
     "metadata": Limit(1.0, 3, _PER_ACTION + "; per machine"),
+    "update": Limit(1.0, 3, _PER_ACTION + "; per machine ([inf]: it names a machine)"),
 }
 DAILY_LIMITS: dict[str, Limit] = {
     "api": Limit(20.0, 20, "DAILY §2: most endpoints 20 req/s, or 100 per 5 s"),

@@ -140,7 +140,14 @@ class Lifespan:
             pool = _pool(settings, db, bots, pacer, metrics)
             if pool is not None:
                 stack.push_async_callback(pool.aclose)
-            supervisor = Supervisor(db, bots, janitor, settings, telemetry=telemetry)
+            supervisor = Supervisor(
+                db,
+                bots,
+                janitor,
+                settings,
+                telemetry=telemetry,
+                recycler=pool.recycle if pool is not None and pool.recycles else None,
+            )
             stack.push_async_callback(supervisor.aclose)
             reconciler = Reconciler(
                 db, bots, transports, supervisor, janitor, settings, telemetry, pool

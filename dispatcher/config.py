@@ -116,6 +116,9 @@ class Settings:
     pool_size: int = 0
     pool_mode: PoolMode = "stopped"
     pool_interval_s: float = 2.0
+    # A pool machine whose session ended is stopped and returned to the pool (its POOL_TOKEN
+    # rotated) rather than destroyed (Fly only).
+    pool_recycle: bool = False
     log_level: str = "INFO"
     log_format: LogFormat = "json"
     # Spans carry users' ids as they are (else a hash of each).
@@ -201,6 +204,7 @@ class Settings:
                 "POOL_MODE", POOL_MODES, "running" if backend == "local" else cls.pool_mode
             ),
             pool_interval_s=r.number("POOL_INTERVAL_S", cls.pool_interval_s, 0.1, 600),
+            pool_recycle=r.boolean("POOL_RECYCLE", cls.pool_recycle),
             log_level=r.choice(
                 "LOG_LEVEL", ("debug", "info", "warning", "error"), cls.log_level.lower()
             ).upper(),
@@ -215,6 +219,11 @@ class Settings:
             raise ConfigError(
                 f"POOL_MODE={self.pool_mode} needs the fly machine backend: local bot processes "
                 "wait running (POOL_MODE=running)"
+            )
+        if self.pool_recycle and self.machine_backend != "fly":
+            raise ConfigError(
+                "POOL_RECYCLE needs the fly machine backend: a local bot process that ended is "
+                "gone, there is nothing to return to the pool"
             )
         if self.pool_size and self.machine_backend == "fly" and "daily" not in self.transports:
             raise ConfigError(

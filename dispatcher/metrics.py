@@ -116,7 +116,8 @@ class Metrics:
         )
         self.pool_size = Gauge(
             "dispatcher_pool_machines",
-            "Warm pool machines by region and state (warming, available, claimed), from the store",
+            "Warm pool machines by region and state (warming, available, claimed, recycling), "
+            "from the store",
             ["region", "state"],
             registry=r,
         )
@@ -129,6 +130,17 @@ class Metrics:
         self.pool_start_failures = Counter(
             "dispatcher_pool_start_failures",
             "Claimed pool machines that failed to start (destroyed; another tried)",
+            registry=r,
+        )
+        self.pool_recycles = Counter(
+            "dispatcher_pool_recycled",
+            "Pool machines whose session ended returned to the pool (POOL_RECYCLE)",
+            registry=r,
+        )
+        self.pool_recycle_errors = Counter(
+            "dispatcher_pool_recycle_failures",
+            "Pool machines that could not be recycled (not stopped, or refused their new "
+            "config): destroyed",
             registry=r,
         )
         self.pool_replenish_errors = Counter(
@@ -224,6 +236,14 @@ class Metrics:
     def pool_start_failed(self) -> None:
         """A claimed pool machine failed to start."""
         self.pool_start_failures.inc()
+
+    def pool_recycled(self) -> None:
+        """A pool machine whose session ended is back in the pool."""
+        self.pool_recycles.inc()
+
+    def pool_recycle_failed(self) -> None:
+        """A pool machine could not be recycled (and was destroyed)."""
+        self.pool_recycle_errors.inc()
 
     def pool_replenish_failed(self) -> None:
         """A pool machine could not be made or suspended."""

@@ -18,7 +18,12 @@ keeps POOL_SIZE machines per region ready, in one of three modes:
   A machine still loading may be claimed too when none is loaded (it is further along than a
   cold one); a local worker that dies while idle is replaced at the next pass.
 
-A machine serves one session and is destroyed after it, like a cold one. Per-session data
+A machine serves one session and is destroyed after it, like a cold one; with POOL_RECYCLE
+(Fly) it is returned to the pool instead (`recycle`): once Fly reports it stopped it gets a new
+POOL_TOKEN through Fly's update (the previous session's bot, which saw the old token, can no
+longer ask for an assignment) and is `available` again; its next start is a fresh boot of the
+image (Fly resets the root filesystem on a stop). A machine that fails to stop or to take its
+new config is destroyed. Per-session data
 cannot ride in a pool machine's env (a started machine keeps the config it was created with),
 so the bot fetches it: `GET /internal/machines/{id}/assignment` with the machine's own token
 (dispatcher/callbacks.py builds the answer). Claims are row updates (dispatcher/store/pool.py),
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +50,16 @@ from dispatcher.errors import DispatcherError
 from dispatcher.machines import MachineInfo, MachineRef, PoolBackend
 from dispatcher.metrics import Metrics
 from dispatcher.pacing import Pacer
-from dispatcher.store import AVAILABLE, CLAIMED, RETIRED, WARMING, PoolMachine, PoolRows, Store
+from dispatcher.store import (
+    AVAILABLE,
+    CLAIMED,
+    RECYCLING,
+    RETIRED,
+    WARMING,
+    PoolMachine,
+    PoolRows,
+    Store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +75,10 @@ SUSPEND_WAIT_S = 60
 LEADER_POLL_S = 1.0
 # A suspended-mode machine whose bot has not asked for its assignment by then is retired.
 WARM_TIMEOUT_S = 300.0
+# A recycled machine not back in the pool by then (its dispatcher died mid-way) is destroyed.
+RECYCLE_TIMEOUT_S = 300.0
+# How long past the stop's grace periods a recycled machine's stop is waited for.
+RECYCLE_MARGIN_S = 15.0
 
 
 class Pool:
@@ -140,7 +159,9 @@ class Pool:
         ref = MachineRef(row.machine_id, row.region or None, row.version, pooled=True)
         try:
             if self.mode != "running":
-                await self._machines.start(ref)
+                version = await self._machines.start(ref)
+                if version:
+                    ref = dataclasses.replace(ref, version=version)
             elif self._machines.pool_dead(ref):
                 raise RuntimeError("the pool machine is not running")
         except Exception:
@@ -218,9 +239,11 @@ class Pool:
         counts = await self._rows.counts(image)
         wanted: list[str] = []
         for region in self.regions():
-            have = counts.get((region, WARMING), 0) + counts.get((region, AVAILABLE), 0)
-            if have > size:
-                await self._shrink(image, region, have - size)
+            idle = counts.get((region, WARMING), 0) + counts.get((region, AVAILABLE), 0)
+            # Recycling machines are on their way back: none is made in their stead.
+            have = idle + counts.get((region, RECYCLING), 0)
+            if idle > size:
+                await self._shrink(image, region, idle - size)
             wanted += [region] * max(0, size - have)
         # As many at once as free create turns allow (never a turn a start would wait for).
         turns = 0
@@ -251,17 +274,21 @@ class Pool:
             log.info("pool machine %s is over the host's capacity: retiring it", row.machine_id)
             await self._retire(row)
 
-    async def _make(self, region: str) -> bool:
-        token, token_hash = new_callback_token()
-        launch = self.mode != "stopped"
-        image = self.image
-        env = {
+    def _env(self, token: str) -> dict[str, str]:
+        """A pool machine's env: whom to ask for its assignment, with which token."""
+        return {
             "DISPATCHER_URL": self._dispatcher_url,
             "POOL_TOKEN": token,
             "BOT_TRANSPORT": self.transports[0],
             # What the bot preloads: every transport its session may use.
             "POOL_TRANSPORTS": ",".join(self.transports),
         }
+
+    async def _make(self, region: str) -> bool:
+        token, token_hash = new_callback_token()
+        launch = self.mode != "stopped"
+        image = self.image
+        env = self._env(token)
         try:
             ref = await self._machines.create_pooled(env, region or None, launch=launch)
         except (DispatcherError, OSError) as exc:
@@ -278,6 +305,67 @@ class Pool:
         )
         log.info("pool machine %s made in %s", ref.id, ref.region)
         return True
+
+    # -- recycling (POOL_RECYCLE) ----------------------------------------------------------------
+
+    @property
+    def recycles(self) -> bool:
+        """Whether machines whose session ended come back to the pool (POOL_RECYCLE)."""
+        return self._settings.pool_recycle
+
+    async def recycle(self, session_id: str, ref: MachineRef) -> bool:
+        """Take back the machine of an ended session, if it is a pool machine claimed by it
+        and POOL_RECYCLE is on: whether the pool took it (else the caller destroys it). One
+        row update now: the old POOL_TOKEN stops working at once (its hash is replaced); the
+        wait for the stop and the new config happen in the background, so the session's end
+        waits for nothing."""
+        if not self.recycles:
+            return False
+        row = await self._rows.get(ref.id)
+        if row is None or row.state != CLAIMED or row.session_id != session_id:
+            return False
+        token, token_hash = new_callback_token()
+        moved = await self._rows.move(
+            ref.id,
+            RECYCLING,
+            from_states=(CLAIMED,),
+            token_hash=token_hash,
+            session_id=None,
+            body=None,
+        )
+        if not moved:
+            return False
+        version = ref.version or row.version
+        target = MachineRef(ref.id, row.region or None, version, pooled=True)
+        self._spawn(self._recycle(target, token))
+        return True
+
+    async def _recycle(self, ref: MachineRef, token: str) -> None:
+        """Wait for the machine to stop, give it its new token (and the current image), and
+        offer it again; destroy it if any of that fails."""
+        wait_s = 2 * self._settings.bot_stop_timeout_s + RECYCLE_MARGIN_S
+        try:
+            if await self._machines.wait_exit(ref, wait_s) is None:
+                raise TimeoutError(f"not stopped within {wait_s:.0f} s")
+            rotated = await self._machines.rotate(ref, self._env(token))
+            fields: dict[str, Any] = {"version": rotated.version, "image": self.image}
+            if self.mode == "stopped":
+                moved = await self._rows.move(ref.id, AVAILABLE, from_states=(RECYCLING,), **fields)
+            else:
+                # Booted again ahead of a claim: its bot's first ask makes it warm.
+                moved = await self._rows.move(ref.id, WARMING, from_states=(RECYCLING,), **fields)
+                if moved:
+                    await self._machines.start(rotated)
+            if not moved:
+                raise RuntimeError("its pool row moved on meanwhile")
+        except Exception as exc:
+            self._metrics.pool_recycle_failed()
+            log.warning("pool machine %s could not be recycled (%s): destroying it", ref.id, exc)
+            await self._rows.forget(ref.id)
+            await self._destroy(ref)
+            return
+        self._metrics.pool_recycled()
+        log.info("pool machine %s recycled", ref.id)
 
     async def _offer(self, row: PoolMachine) -> None:
         """Running mode: a loaded machine is available as it is."""
@@ -338,6 +426,12 @@ class Pool:
             if await self._stopped_while_idle(row, machine):
                 log.warning("pool machine %s stopped while idle: retiring it", row.machine_id)
                 await self._retire(row)
+                repairs += 1
+                continue
+            if row.state == RECYCLING and now - row.updated_at > RECYCLE_TIMEOUT_S:
+                log.warning("pool machine %s was never recycled: destroying it", row.machine_id)
+                await self._rows.forget(row.machine_id)
+                await self._destroy(MachineRef(row.machine_id, row.region or None, row.version))
                 repairs += 1
                 continue
             if row.state == WARMING and now - row.updated_at > WARM_TIMEOUT_S:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -57,6 +57,10 @@ EXIT_MARGIN_S = 15
 TICK_S = 1.0
 # A stop or destroy refused by an upstream failure is asked again after this long.
 RETRY_S = 1.0
+
+# Takes back the machine of an ended session instead of its destroy (the warm pool's
+# `Pool.recycle`, with POOL_RECYCLE): whether it did.
+Recycler = Callable[[str, MachineRef], Awaitable[bool]]
 
 
 class Phase(Enum):
@@ -97,8 +101,10 @@ class Supervisor:
         *,
         telemetry: Telemetry | None = None,
         clock: Callable[[], float] = time.time,
+        recycler: Recycler | None = None,
     ) -> None:
         self._telemetry = telemetry or Telemetry()
+        self._recycler = recycler
         self._store = store
         self._machines = machines
         self._janitor = janitor
@@ -390,10 +396,25 @@ class Supervisor:
         return ended
 
     async def clean_up(self, session: Session, ref: MachineRef | None) -> None:
-        """Destroy the session's machine and queue its room's delete; failures are recorded."""
-        if ref is not None:
+        """Destroy the session's machine (or, a pool machine with POOL_RECYCLE, hand it back to
+        the pool, which waits for its stop in the background) and queue its room's delete;
+        failures are recorded. Called once the session's end is recorded."""
+        if ref is not None and not await self._recycled(session, ref):
             await self._attempt(session.id, "machine_destroy", self._machines.destroy(ref))
         self._janitor.submit(session)
+
+    async def _recycled(self, session: Session, ref: MachineRef) -> bool:
+        """Whether the pool took the machine back (a failure to ask means a destroy)."""
+        if self._recycler is None:
+            return False
+        try:
+            taken = await self._recycler(session.id, ref)
+        except Exception as exc:
+            log.warning("recycling the machine failed: %s", exc)
+            return False
+        if taken:
+            await self._store.record(session.id, "machine_recycled", {"machine_id": ref.id})
+        return taken
 
     async def _attempt(self, session_id: str, what: str, call: Any) -> bool:
         try:

@@ -123,8 +123,16 @@ class PoolBackend(Protocol):
         """Make a pool machine with `env`: booted (`launch`), or created only (Fly's
         `skip_launch`). One attempt: the pool tries again on its next pass."""
 
-    async def start(self, ref: MachineRef) -> None:
-        """Start (or resume) a stopped (or suspended) pool machine."""
+    async def start(self, ref: MachineRef) -> str | None:
+        """Start (or resume) a stopped (or suspended) pool machine; the version it runs now
+        when the backend read it (None: the one known stands)."""
+
+    async def rotate(self, ref: MachineRef, env: dict[str, str]) -> MachineRef:
+        """Give a stopped pool machine (POOL_RECYCLE) a new env, leaving it stopped; the
+        machine with its new version."""
+
+    async def wait_exit(self, ref: MachineRef, timeout_s: float) -> MachineExit | None:
+        """Wait up to `timeout_s` for the machine to stop; None if it still runs."""
 
     async def suspend(self, ref: MachineRef, timeout_s: int) -> bool:
         """Suspend a booted pool machine; whether it was suspended within `timeout_s`."""

@@ -85,7 +85,10 @@ class FlyMachines:
     def pool_config(self, env: dict[str, str]) -> dict[str, Any]:
         """The machine config of a warm pool machine: the bot with no session yet."""
         metadata = {"dispatcher": self._settings.dispatcher_name, POOL_LABEL: "true"}
-        return self._config(BOT_COMMAND, env, metadata)
+        config = self._config(BOT_COMMAND, env, metadata)
+        # A machine to recycle must outlive its bot's exit: stopped, not destroyed.
+        config["auto_destroy"] = not self._settings.pool_recycle
+        return config
 
     def _config(
         self, cmd: Sequence[str], env: dict[str, str], metadata: dict[str, str]
@@ -125,9 +128,28 @@ class FlyMachines:
         """Never known without a call: the reconciler's inventory finds dead pool machines."""
         return False
 
-    async def start(self, ref: MachineRef) -> None:
-        """Start (or resume) a pool machine."""
+    async def start(self, ref: MachineRef) -> str | None:
+        """Start (or resume) a pool machine; with POOL_RECYCLE, the version (instance_id) it
+        runs now, read back with one GET (Fly's start answers `previous_state` only): the
+        follow waits for the stop of that version, as the machine is not destroyed when its
+        bot exits. None: not asked (the version the pool knows stands)."""
         await self._api.start(ref.id)
+        if not self._settings.pool_recycle:
+            return None
+        try:
+            machine = await self._api.get(ref.id)
+        except UpstreamError as exc:
+            log.warning("pool machine %s started; its version unread: %s", ref.id, exc)
+            return None
+        return machine.instance_id if machine is not None else None
+
+    async def rotate(self, ref: MachineRef, env: dict[str, str]) -> MachineRef:
+        """Give a stopped pool machine a new env (a new POOL_TOKEN) and the current image, and
+        leave it stopped (Fly's update with `skip_launch`): its next start boots that config.
+        The machine's new version. One attempt."""
+        body: dict[str, Any] = {"config": self.pool_config(env), "skip_launch": True}
+        machine = await self._api.update(ref.id, body)
+        return MachineRef(machine.id, machine.region or ref.region, machine.instance_id, True)
 
     async def suspend(self, ref: MachineRef, timeout_s: int) -> bool:
         """Suspend a started machine and wait until it is; False if it was not in time."""

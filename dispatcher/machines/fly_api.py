@@ -182,6 +182,14 @@ class FlyAPI(UpstreamClient):
         pool tries another machine rather than wait)."""
         await self._call("start", "POST", f"/machines/{machine_id}/start", mutating=True)
 
+    async def update(self, machine_id: str, body: dict[str, Any]) -> Machine:
+        """Replace a machine's config (`config` is the whole of it; `skip_launch` leaves a
+        stopped machine stopped): a new machine version. One attempt."""
+        response = await self._call(
+            "update", "POST", f"/machines/{machine_id}", json=body, mutating=True
+        )
+        return Machine.from_json(response.json())
+
     async def suspend(self, machine_id: str) -> None:
         """Suspend a started machine (its memory kept: it resumes where it was)."""
         await self._retried("suspend", "POST", f"/machines/{machine_id}/suspend", mutating=True)

@@ -139,10 +139,15 @@ class LocalMachines:
                 digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
         return f"local:{self._instance}:{digest.hexdigest()[:16]}"
 
-    async def start(self, ref: MachineRef) -> None:
+    async def start(self, ref: MachineRef) -> str | None:
         """A worker waits running: nothing to start. One that has died raises."""
         if self.pool_dead(ref):
             raise RuntimeError(f"pool worker {ref.id} is not running")
+        return None
+
+    async def rotate(self, ref: MachineRef, env: dict[str, str]) -> MachineRef:
+        """Never: a local worker that ended is gone (POOL_RECYCLE is Fly's only)."""
+        raise NotImplementedError("local bot processes are not recycled")
 
     async def suspend(self, ref: MachineRef, timeout_s: int) -> bool:
         """Local workers are never suspended (POOL_MODE=running only)."""

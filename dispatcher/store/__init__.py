@@ -7,7 +7,15 @@ from dispatcher.lifecycle import ACTIVE_STATES, TERMINAL_STATES, State
 from dispatcher.store.buckets import RateBuckets, StoreBucket, db_now
 from dispatcher.store.keys import IdempotencyKeys, IdempotencyRecord
 from dispatcher.store.locks import HeldLock, Locks, lock_key
-from dispatcher.store.pool import AVAILABLE, CLAIMED, RETIRED, WARMING, PoolMachine, PoolRows
+from dispatcher.store.pool import (
+    AVAILABLE,
+    CLAIMED,
+    RECYCLING,
+    RETIRED,
+    WARMING,
+    PoolMachine,
+    PoolRows,
+)
 from dispatcher.store.schema import (
     engine_url,
     events,
@@ -44,6 +52,7 @@ __all__ = [
     "ENDING",
     "FAILED",
     "READY",
+    "RECYCLING",
     "RETIRED",
     "STARTING",
     "TERMINAL_STATES",

@@ -23,6 +23,9 @@ AVAILABLE = "available"
 CLAIMED = "claimed"
 # Being destroyed (another image, never warm): its bot is told so (410) if it asks.
 RETIRED = "retired"
+# Its session ended (POOL_RECYCLE): waiting for its machine to stop and take a new POOL_TOKEN,
+# then `available` again (or `warming`, for a pool that boots its machines ahead).
+RECYCLING = "recycling"
 
 
 @dataclass(frozen=True)
@@ -167,14 +170,14 @@ class PoolRows:
         return sum(pooled), len(pooled) - sum(pooled)
 
     async def counts(self, image: str) -> dict[tuple[str, str], int]:
-        """Rows of `image` not yet claimed, by (region, state)."""
+        """Rows of `image` not yet claimed (recycling ones included), by (region, state)."""
         async with self._store.read() as conn:
             rows = await conn.execute(
                 sa.select(pool_machines.c.region, pool_machines.c.state, sa.func.count())
                 .where(
                     pool_machines.c.dispatcher == self._dispatcher,
                     pool_machines.c.image == image,
-                    pool_machines.c.state.in_((WARMING, AVAILABLE)),
+                    pool_machines.c.state.in_((WARMING, AVAILABLE, RECYCLING)),
                 )
                 .group_by(pool_machines.c.region, pool_machines.c.state)
             )

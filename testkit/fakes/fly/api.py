@@ -46,6 +46,7 @@ DEFAULT_LIMITS: dict[str, tuple[float, int]] = {
     "start": (1.0, 3),
     "suspend": (1.0, 3),
     "destroy": (1.0, 3),
+    "update": (1.0, 3),
     "events": (1.0, 3),
     "metadata": (1.0, 3),
 }
@@ -185,6 +186,7 @@ class FlyEmulator(MachineHandlers):
             Route("/v1/apps/{app}/machines", api("list", self._list), methods=["GET"]),
             Route(machine, api("get", self._get), methods=["GET"]),
             Route(machine, api("destroy", self._destroy), methods=["DELETE"]),
+            Route(machine, api("update", self._update), methods=["POST"]),
             Route(f"{machine}/wait", api("wait", self._wait), methods=["GET"]),
             Route(f"{machine}/stop", api("stop", self._stop), methods=["POST"]),
             Route(f"{machine}/start", api("start", self._start), methods=["POST"]),

@@ -273,6 +273,36 @@ class MachineHandlers(MachineRuntime):
             self._boot(machine, self.start_delay_s)
         return JSONResponse({"previous_state": previous, "migrated": False, "new_host": ""})
 
+    async def _update(self, request: Request, body: Any) -> Response:
+        """Replace a machine's config (`POST /machines/{id}`, reference §2: "full config only;
+        `name` and `region` cannot change"): a new version (instance_id). A stopped or created
+        machine stays so with `skip_launch`, else it boots the new config.
+
+        Not emulated: the update of a machine that runs (Fly restarts it with the new config):
+        412 `failed_precondition` here, [unv] on Fly. The machine answered is the updated one.
+        """
+        machine = self._machine(request)
+        config = validate_create(body)
+        if body.get("name") not in (None, machine.name):
+            raise _bad_request("invalid name: a machine's name cannot change")
+        if body.get("region") not in (None, machine.region):
+            raise _bad_request("invalid region: a machine's region cannot change")
+        if machine.state in ("destroying", "destroyed"):
+            raise self._wrong_state("update", machine)
+        if machine.active:
+            raise self._wrong_state("update", machine, "failed_precondition")
+        machine.image_dir = self._image_dir(config["image"])
+        machine.config = copy.deepcopy(config)
+        machine.instance_id = ulid()
+        machine.reached[machine.instance_id] = {machine.state}
+        machine.add_event("update", "updated", "user")
+        machine.updated_at = utc_now()
+        if not body.get("skip_launch"):
+            machine.add_event("start", "starting", "user")
+            machine.set_state("starting")
+            self._boot(machine, self.start_delay_s)
+        return JSONResponse(machine.to_json())
+
     async def _suspend(self, request: Request, body: Any) -> Response:
         """Suspend a started machine (reference §2, §10): its process is frozen, not ended.
 

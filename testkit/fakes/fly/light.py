@@ -23,11 +23,17 @@ The `testBot` script of SESSION_BODY is read as the test bot reads it, for the k
 machine plays: `ready_delay_s`, `skip_ready`, `exit_before_ready`, `exit_after_s`, `exit_code`,
 `no_ended`, `ignore_sigterm`, `ignore_max_duration`. Not played: the command line and the
 contract's finer checks (only the three variables a callback needs are required: without them
-it exits 3, as the test bot's `bad_contract`), webrtc's offer server (a light machine serves
-nothing), and the warm pool's assignment poll (a machine without SESSION_ID waits for its stop
-and exits 0). SIGSTOP/SIGCONT (suspend, resume) pause and continue it between its steps; any
-other signal whose default action ends a process ends it with 128+N. Callbacks are plain
-HTTP/1.1 over a new connection each (`Connection: close`, as the test bot's urllib), http only.
+it exits 3, as the test bot's `bad_contract`) and webrtc's offer server (a light machine serves
+nothing). A pooled machine (POOL_TOKEN, no SESSION_ID) plays the warm pool's assignment poll as
+the bot runtime does (bot_runtime/pool.py): `GET {DISPATCHER_URL}/internal/machines/
+{FLY_MACHINE_ID}/assignment?wait=5` with `Authorization: Bearer <POOL_TOKEN>`, again at once
+after a 204 and after 0.2 s on a connection error, 429 or 5xx; a 200's `env` is overlaid on the
+machine's and the session is played as above; a 410 (retired) exits 0, any other answer (401:
+a token that is not the machine's) exits 2, a stop before any assignment exits 0. A machine
+with neither waits for its stop and exits 0. SIGSTOP/SIGCONT (suspend, resume) pause and
+continue it between its steps (a poll under way is abandoned and asked again); any other signal
+whose default action ends a process ends it with 128+N. Callbacks and polls are plain HTTP/1.1
+over a new connection each (`Connection: close`, as the test bot's urllib), http only.
 Each step is a line in the machine's logs (`lightbot session=... ready status=204`).
 """
 
@@ -45,6 +51,9 @@ CALLBACK_TIMEOUT_S = 5.0
 CALLBACK_ATTEMPTS = 3
 READY_DELAY_S = 0.05
 EXIT_BAD_CONTRACT = 3
+EXIT_REFUSED = 2
+ASSIGNMENT_WAIT_S = 5
+ASSIGNMENT_RETRY_S = 0.2
 NEEDED = ("DISPATCHER_URL", "SESSION_ID", "BOT_CALLBACK_TOKEN")
 # Signals whose default action does not end a process.
 _HARMLESS = frozenset(
@@ -146,6 +155,10 @@ class LightProcess:
     async def _play(self) -> int:
         await asyncio.sleep(0)  # the runtime marks the machine started first
         self.say("start")
+        if not self.env.get("SESSION_ID") and self.env.get("POOL_TOKEN"):
+            assigned = await self._assignment()
+            if assigned is not None:
+                return self._leave(assigned)
         if not self.env.get("SESSION_ID"):
             self.say("no session: waiting for a stop")
             await self._pause(None, {})
@@ -173,6 +186,62 @@ class LightProcess:
             code = int(script.get("exit_code", 0))
             return await self._finish("crashed" if code else "completed", code, script)
         return await self._ended(stopped, script)
+
+    async def _assignment(self) -> int | None:
+        """Ask for the pool's assignment until one comes (None: the session's env is now in
+        `env`), or the exit code: 0 when stopped first or retired, EXIT_REFUSED when refused."""
+        while True:
+            await self._thawed.wait()
+            if self.stop_reason or self._exit is not None:
+                self.say("stopped before any assignment")
+                return 0
+            self._wake.clear()
+            poll = asyncio.ensure_future(self._poll_assignment())
+            wake = asyncio.ensure_future(self._wake.wait())
+            await asyncio.wait({poll, wake}, return_when=asyncio.FIRST_COMPLETED)
+            wake.cancel()
+            if not poll.done():
+                poll.cancel()  # a stop, an exit or a freeze: look again (a frozen poll is dead)
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await poll
+                continue
+            status: int | str
+            try:
+                status, body = poll.result()
+            except (OSError, TimeoutError, ValueError) as exc:
+                status, body = type(exc).__name__, b""
+            if status == 204:
+                continue
+            if status == 200:
+                try:
+                    env = json.loads(body)["env"]
+                    self.env.update({str(k): str(v) for k, v in env.items()})
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    self.say("assignment malformed")
+                    return EXIT_REFUSED
+                self.say("assigned")
+                return None
+            if status == 410:
+                self.say("retired")
+                return 0
+            if isinstance(status, int) and status != 429 and status < 500:
+                self.say(f"assignment refused status={status}")
+                return EXIT_REFUSED
+            await asyncio.sleep(ASSIGNMENT_RETRY_S)
+
+    async def _poll_assignment(self) -> tuple[int, bytes]:
+        """One long poll of the assignment: its status and body."""
+        env = self.env
+        base = urlsplit(env["DISPATCHER_URL"].rstrip("/"))
+        machine = quote(env.get("FLY_MACHINE_ID", ""), safe="")
+        path = f"{base.path}/internal/machines/{machine}/assignment?wait={ASSIGNMENT_WAIT_S}"
+        headers = {
+            "Host": base.netloc,
+            "Authorization": f"Bearer {env['POOL_TOKEN']}",
+            "Connection": "close",
+        }
+        async with asyncio.timeout(ASSIGNMENT_WAIT_S + CALLBACK_TIMEOUT_S):
+            return await _request("GET", base.hostname or "", base.port or 80, path, headers, None)
 
     async def _ended(self, stopped: str, script: dict[str, Any]) -> int:
         if stopped == "scripted" and self._exit is not None:
@@ -253,9 +322,26 @@ async def _post(
     host: str, port: int, path: str, headers: dict[str, str], payload: dict[str, Any]
 ) -> int:
     """One HTTP/1.1 POST of `payload` as JSON over a new connection; the answer's status."""
-    body = json.dumps(payload).encode()
-    head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    head += f"Content-Length: {len(body)}\r\n\r\n"
+    status, _ = await _request("POST", host, port, path, headers, payload)
+    return status
+
+
+async def _request(
+    method: str,
+    host: str,
+    port: int,
+    path: str,
+    headers: dict[str, str],
+    payload: dict[str, Any] | None,
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 request (`payload` as JSON, if any) over a new connection (`Connection:
+    close`); the answer's status and body (not de-chunked: a JSON body is found whole in it)."""
+    body = b"" if payload is None else json.dumps(payload).encode()
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    if payload is not None:
+        head += "Content-Type: application/json\r\n" if "Content-Type" not in headers else ""
+        head += f"Content-Length: {len(body)}\r\n"
+    head += "\r\n"
     reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(head.encode() + body)
@@ -264,10 +350,25 @@ async def _post(
         parts = status_line.split()
         if len(parts) < 2 or not parts[1].isdigit():
             raise ValueError(f"bad status line {status_line!r}")
-        while await reader.read(65536):  # the rest of the answer, until the server closes
-            pass
-        return int(parts[1])
+        rest = b""
+        while chunk := await reader.read(65536):  # the rest of the answer, until it closes
+            rest += chunk
+        fields, _, answer = rest.partition(b"\r\n\r\n")
+        chunked = b"transfer-encoding: chunked" in fields.lower()
+        return int(parts[1]), _dechunk(answer) if chunked else answer
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+def _dechunk(data: bytes) -> bytes:
+    """A chunked transfer-encoded body's content."""
+    out = b""
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0] or b"0", 16)
+        if size == 0:
+            break
+        out, data = out + data[:size], data[size + 2 :]
+    return out

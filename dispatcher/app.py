@@ -146,7 +146,7 @@ class Lifespan:
                 janitor,
                 settings,
                 telemetry=telemetry,
-                recycler=pool.recycle if pool is not None and pool.recycles else None,
+                recycler=pool.recycling.recycle if pool is not None and pool.recycling.on else None,
             )
             stack.push_async_callback(supervisor.aclose)
             reconciler = Reconciler(

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from dispatcher.aio import cancel_and_wait
+from dispatcher.cleanup import record_failure
 from dispatcher.logs import session_context
 from dispatcher.pacing import Pace, Pacer
 from dispatcher.rooms import RoomBackend
@@ -113,9 +114,7 @@ class RoomJanitor:
             await rooms.delete(session.room_name, pace=self._retries())
         except Exception as exc:
             log.warning("room delete failed: %s", exc)
-            await self._store.record(
-                session.id, "cleanup_failed", {"what": "room_delete", "error": str(exc)}
-            )
+            await record_failure(self._store, session.id, "room_delete", exc)
             # To the back of the reconciler's queue, so rooms that keep failing starve no other.
             await self._store.update(session.id)
             return False

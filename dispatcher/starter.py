@@ -15,6 +15,7 @@ from opentelemetry import trace
 
 from dispatcher.auth import Principal, new_callback_token
 from dispatcher.callbacks import bot_env
+from dispatcher.cleanup import record_failure
 from dispatcher.config import Settings
 from dispatcher.errors import (
     BadRequest,
@@ -285,9 +286,7 @@ class Starter:
         for (what, _), result in zip(cleanups, results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("undo %s failed: %s", what, result)
-                await self._store.record(
-                    session.id, "cleanup_failed", {"what": what, "error": str(result)}
-                )
+                await record_failure(self._store, session.id, what, result)
         error = room_error or machine_error
         details = (
             error.details() if isinstance(error, UpstreamError) else {"error": type(error).__name__}

@@ -28,12 +28,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from dispatcher.aio import cancel_and_wait
+from dispatcher.cleanup import Cleanup, Recycler
 from dispatcher.config import Settings
 from dispatcher.deadlines import Deadlines
 from dispatcher.errors import UpstreamError
@@ -57,10 +58,6 @@ EXIT_MARGIN_S = 15
 TICK_S = 1.0
 # A stop or destroy refused by an upstream failure is asked again after this long.
 RETRY_S = 1.0
-
-# Takes back the machine of an ended session instead of its destroy (the warm pool's
-# `Pool.recycle`, with POOL_RECYCLE): whether it did.
-Recycler = Callable[[str, MachineRef], Awaitable[bool]]
 
 
 class Phase(Enum):
@@ -104,10 +101,9 @@ class Supervisor:
         recycler: Recycler | None = None,
     ) -> None:
         self._telemetry = telemetry or Telemetry()
-        self._recycler = recycler
         self._store = store
         self._machines = machines
-        self._janitor = janitor
+        self._clean_up = Cleanup(store, machines, janitor, recycler)
         self._settings = settings
         self._clock = clock
         self._followed: dict[str, Followed] = {}
@@ -381,8 +377,8 @@ class Supervisor:
             wait.cancel()
 
     async def finish(self, session_id: str, ref: MachineRef, exit: MachineExit) -> Session | None:
-        """Record how the session ended (`lifecycle.finish_on_exit`), then delete its room and
-        make sure its machine is gone."""
+        """Record how the session ended (`lifecycle.finish_on_exit`), then clean up after it
+        (cleanup.py: its machine destroyed or recycled, its room's delete queued)."""
         session = await self._store.get(session_id)
         if session is None or not session.active:
             self._forget(session_id)
@@ -392,40 +388,8 @@ class Supervisor:
         self._telemetry.session_ended(ended)
         state = ended.state if ended else "over"
         log.info("session %s: %s (exit code %s)", state, reason, exit_code)
-        await self.clean_up(session, ref)
+        await self._clean_up(session, ref)
         return ended
-
-    async def clean_up(self, session: Session, ref: MachineRef | None) -> None:
-        """Destroy the session's machine (or, a pool machine with POOL_RECYCLE, hand it back to
-        the pool, which waits for its stop in the background) and queue its room's delete;
-        failures are recorded. Called once the session's end is recorded."""
-        if ref is not None and not await self._recycled(session, ref):
-            await self._attempt(session.id, "machine_destroy", self._machines.destroy(ref))
-        self._janitor.submit(session)
-
-    async def _recycled(self, session: Session, ref: MachineRef) -> bool:
-        """Whether the pool took the machine back (a failure to ask means a destroy)."""
-        if self._recycler is None:
-            return False
-        try:
-            taken = await self._recycler(session.id, ref)
-        except Exception as exc:
-            log.warning("recycling the machine failed: %s", exc)
-            return False
-        if taken:
-            await self._store.record(session.id, "machine_recycled", {"machine_id": ref.id})
-        return taken
-
-    async def _attempt(self, session_id: str, what: str, call: Any) -> bool:
-        try:
-            await call
-        except Exception as exc:
-            log.warning("%s failed: %s", what, exc)
-            await self._store.record(
-                session_id, "cleanup_failed", {"what": what, "error": str(exc)}
-            )
-            return False
-        return True
 
 
 def _ref(session: Session) -> MachineRef:

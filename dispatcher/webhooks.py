@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from dispatcher.cleanup import record_failure
 from dispatcher.config import Settings
 from dispatcher.errors import BadRequest, ErrorCode, Unauthorized
 from dispatcher.http.input import json_object
@@ -264,8 +265,6 @@ class DailyWebhooks:
             except Exception as exc:
                 # The session is `ending`: the reconciler stops its machine on its next pass.
                 log.warning("machine stop failed: %s", exc)
-                await self._store.record(
-                    session.id, "cleanup_failed", {"what": "machine_stop", "error": str(exc)}
-                )
+                await record_failure(self._store, session.id, "machine_stop", exc)
             self._supervisor.follow(ending, stop_sent=stopped)
         return True

@@ -20,7 +20,8 @@ from dispatcher.auth import new_callback_token
 from dispatcher.config import Settings
 from dispatcher.machines import MachineInfo, MachineRef
 from dispatcher.metrics import Metrics
-from dispatcher.pool import WARM_TIMEOUT_S, Pool
+from dispatcher.pool import Pool
+from dispatcher.pool.repairs import WARM_TIMEOUT_S
 from dispatcher.store import AVAILABLE, CLAIMED, RETIRED, WARMING, PoolRows, Store
 from testkit.fakes import TESTBOT_DIR
 from testkit.fakes.common import Fault

@@ -182,13 +182,13 @@ async def test_recycling_on_the_store(store: Store, stops: bool) -> None:
     await rows.add("m1", region="iad", image="img", state=AVAILABLE, token_hash="old", version="v1")
     await rows.claim(region="iad", image="img", session_id="s-1", body="{}")
     ref = MachineRef("m1", "iad", "v1", pooled=True)
-    assert not await pool.recycle("s-other", ref)
-    assert not await pool.recycle("s-1", MachineRef("unknown"))
-    assert await pool.recycle("s-1", ref)
+    assert not await pool.recycling.recycle("s-other", ref)
+    assert not await pool.recycling.recycle("s-1", MachineRef("unknown"))
+    assert await pool.recycling.recycle("s-1", ref)
     row = await rows.get("m1")
     assert row is not None and row.token_hash != "old"
     assert row.state in (RECYCLING, AVAILABLE)
-    assert not await pool.recycle("s-1", ref)  # once
+    assert not await pool.recycling.recycle("s-1", ref)  # once
 
     async def settled() -> bool:
         current = await rows.get("m1")

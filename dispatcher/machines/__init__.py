@@ -26,7 +26,7 @@ class MachineRef:
     id: str
     region: str | None = None
     version: str | None = None
-    # Taken from the warm pool (dispatcher/pool.py) rather than created for the session.
+    # Taken from the warm pool (dispatcher/pool/) rather than created for the session.
     pooled: bool = False
 
 
@@ -54,7 +54,7 @@ class MachineInfo:
     region: str | None = None
     version: str | None = None
     created_at: float | None = None
-    # A warm pool machine (dispatcher/pool.py), not yet or no longer labelled with a session.
+    # A warm pool machine (dispatcher/pool/), not yet or no longer labelled with a session.
     pool: bool = False
 
     @property
@@ -110,7 +110,7 @@ class MachineBackend(Protocol):
 
 
 class PoolBackend(Protocol):
-    """What the warm pool (dispatcher/pool.py) needs of a machine backend: make a pool
+    """What the warm pool (dispatcher/pool/) needs of a machine backend: make a pool
     machine, start or resume it, suspend it, retire it, and tell what code it runs."""
 
     def pool_image(self) -> str:

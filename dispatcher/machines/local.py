@@ -6,7 +6,7 @@ bots' sessions properly as it stops, see dispatcher/app.py), and on Linux each i
 through a leash that asks the kernel to SIGKILL it when the dispatcher dies however it dies,
 SIGKILL included (PR_SET_PDEATHSIG).
 
-The warm pool (dispatcher/pool.py) runs here too: `create_pooled` starts the bot runtime with a
+The warm pool (dispatcher/pool/) runs here too: `create_pooled` starts the bot runtime with a
 POOL_TOKEN and no session, leashed the same way, with its webrtc port chosen at once (kept as
 the address of the session it will serve). It loads everything and long-polls for its
 assignment, as a pooled Fly machine does. `pool_image` is a hash of the bot's code (the

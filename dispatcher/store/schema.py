@@ -80,7 +80,7 @@ webhook_events = sa.Table(
     sa.Column("received_at", sa.Float, nullable=False, index=True),
 )
 
-# The warm pool (dispatcher/pool.py): machines made ahead of sessions. `state` is `warming`
+# The warm pool (dispatcher/pool/): machines made ahead of sessions. `state` is `warming`
 # (made, not claimable yet), `available`, or `claimed` (by `session_id`, whose bot fetches its
 # assignment with the machine's token; `body` is that session's SESSION_BODY until then).
 pool_machines = sa.Table(

@@ -1,11 +1,10 @@
-"""The warm pool: bots of the current code made ahead of sessions, per region.
+"""`Pool`: the claims, the warming and the replenishment of the warm pool (dispatcher/pool/).
 
-One mechanism for both machine backends (a `PoolBackend`: make a pool machine, start or resume
-it, suspend it, retire it). On Fly a cold create takes seconds and the Machines API allows
-about one a second per app; starting a machine that already exists takes well under a second
-and is limited per machine (docs/reference/fly-machines.md §6, §9, §10). On one host (the local
-backend) a cold bot process spends seconds importing Pipecat and loading Silero. So the pool
-keeps POOL_SIZE machines per region ready, in one of three modes:
+On Fly a cold create takes seconds and the Machines API allows about one a second per app;
+starting a machine that already exists takes well under a second and is limited per machine
+(docs/reference/fly-machines.md §6, §9, §10). On one host (the local backend) a cold bot process
+spends seconds importing Pipecat and loading Silero. So the pool keeps POOL_SIZE machines per
+region ready, in one of three modes:
 
 - `stopped` (Fly): created with `skip_launch` (never booted; rootfs billing only). A claim
   starts it; the bot boots, loads, and fetches its assignment.
@@ -18,19 +17,13 @@ keeps POOL_SIZE machines per region ready, in one of three modes:
   A machine still loading may be claimed too when none is loaded (it is further along than a
   cold one); a local worker that dies while idle is replaced at the next pass.
 
-A machine serves one session and is destroyed after it, like a cold one; with POOL_RECYCLE
-(Fly) it is returned to the pool instead (`recycle`): once Fly reports it stopped it gets a new
-POOL_TOKEN through Fly's update (the previous session's bot, which saw the old token, can no
-longer ask for an assignment) and is `available` again; its next start is a fresh boot of the
-image (Fly resets the root filesystem on a stop). A machine that fails to stop or to take its
-new config is destroyed. Per-session data
-cannot ride in a pool machine's env (a started machine keeps the config it was created with),
-so the bot fetches it: `GET /internal/machines/{id}/assignment` with the machine's own token
-(dispatcher/callbacks.py builds the answer). Claims are row updates (dispatcher/store/pool.py),
-safe across instances. The replenisher runs on the reconciler's leader; on Fly it takes a
-create turn only when one is free at once, so the pool never delays a cold start, and an empty
-pool means a cold create, never an error. On one host the pool's processes count against
-MAX_SESSIONS: it keeps at most MAX_SESSIONS minus the live sessions idle (see `capacity`).
+A machine serves one session and is destroyed after it, like a cold one, unless POOL_RECYCLE
+returns it (recycle.py). Per-session data cannot ride in a pool machine's env (a started machine
+keeps the config it was created with), so the bot fetches it: `GET
+/internal/machines/{id}/assignment` with the machine's own token (dispatcher/callbacks.py builds
+the answer). The replenisher takes a create turn only when one is free at once, so the pool
+never delays a cold start, and an empty pool means a cold create, never an error. On one host
+the pool's processes count against MAX_SESSIONS (see `target`).
 """
 
 from __future__ import annotations
@@ -41,20 +34,21 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
-from dispatcher.aio import cancel_and_wait, every
+from dispatcher.aio import every
 from dispatcher.auth import new_callback_token
 from dispatcher.config import Settings
 from dispatcher.errors import DispatcherError
 from dispatcher.machines import MachineInfo, MachineRef, PoolBackend
 from dispatcher.metrics import Metrics
 from dispatcher.pacing import Pacer
+from dispatcher.pool.machines import PoolMachines, ref_of
+from dispatcher.pool.recycle import Recycling
+from dispatcher.pool.repairs import repair
 from dispatcher.store import (
     AVAILABLE,
     CLAIMED,
     RECYCLING,
-    RETIRED,
     WARMING,
     PoolMachine,
     PoolRows,
@@ -66,19 +60,8 @@ log = logging.getLogger(__name__)
 # How often a long-polling assignment request looks for its claim in the store (a claim made
 # on this instance wakes it at once).
 CLAIM_POLL_S = 0.2
-# Rows whose machine the inventory no longer lists are dropped after this (the list lags).
-LIST_LAG_S = 30.0
-# A machine labelled as ours but without a row (its row lost, or its create answered an error
-# but happened) is destroyed once this old.
-ORPHAN_AGE_S = 120.0
 SUSPEND_WAIT_S = 60
 LEADER_POLL_S = 1.0
-# A suspended-mode machine whose bot has not asked for its assignment by then is retired.
-WARM_TIMEOUT_S = 300.0
-# A recycled machine not back in the pool by then (its dispatcher died mid-way) is destroyed.
-RECYCLE_TIMEOUT_S = 300.0
-# How long past the stop's grace periods a recycled machine's stop is waited for.
-RECYCLE_MARGIN_S = 15.0
 
 
 class Pool:
@@ -96,29 +79,31 @@ class Pool:
         transports: Sequence[str] = ("daily",),
         capacity: Store | None = None,
     ) -> None:
+        self._m = PoolMachines(
+            rows, machines, settings, metrics, dispatcher_url=dispatcher_url, transports=transports
+        )
         self._rows = rows
         self._machines = machines
         self._settings = settings
         self._pacer = pacer
         self._metrics = metrics
-        self._dispatcher_url = dispatcher_url
-        self.transports = tuple(transports)
+        self.transports = self._m.transports
+        self.recycling = Recycling(self._m)
         # Local: the store whose live sessions, with the pool's idle machines, are held to
         # MAX_SESSIONS (bot processes on this host). None on Fly: machines are not the host's.
         self._capacity = capacity
         self._claimed: dict[str, asyncio.Event] = {}
         self._suspending: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def image(self) -> str:
         """What pool machines must run: Fly's BOT_IMAGE, or the local bot code's hash."""
-        return self._machines.pool_image()
+        return self._m.image
 
     @property
     def mode(self) -> str:
         """`stopped`, `suspended` or `running` (POOL_MODE)."""
-        return self._settings.pool_mode
+        return self._m.mode
 
     def regions(self) -> tuple[str, ...]:
         """Where the pool keeps machines: each of FLY_REGION, or one pool where Fly picks."""
@@ -167,8 +152,7 @@ class Pool:
         except Exception:
             self._metrics.pool_start_failed()
             log.warning("pool machine %s failed to start: destroying it", row.machine_id)
-            await self._rows.forget(row.machine_id)
-            self._spawn(self._destroy(ref))
+            self._m.spawn(self._m.drop(ref))
             raise
         return ref
 
@@ -196,7 +180,7 @@ class Pool:
         if row.state != WARMING or row.machine_id in self._suspending:
             return
         self._suspending.add(row.machine_id)
-        self._spawn(self._offer(row) if self.mode == "running" else self._suspend(row))
+        self._m.spawn(self._offer(row) if self.mode == "running" else self._suspend(row))
 
     def notify(self, row: PoolMachine) -> None:
         """The claiming session is stored: an assignment request of the machine held on this
@@ -230,11 +214,11 @@ class Pool:
             if row.state not in (WARMING, AVAILABLE):
                 continue
             if row.image != image:
-                await self._retire(row)
+                await self._m.retire(row)
             elif self._machines.pool_dead(MachineRef(row.machine_id)):
                 log.warning("pool machine %s died while idle: replacing it", row.machine_id)
                 self._metrics.pool_replenish_failed()
-                await self._retire(row)
+                await self._m.retire(row)
         size = await self.target()
         counts = await self._rows.counts(image)
         wanted: list[str] = []
@@ -272,23 +256,13 @@ class Pool:
         rows.sort(key=lambda r: (r.state != WARMING, -r.created_at))
         for row in rows[:surplus]:
             log.info("pool machine %s is over the host's capacity: retiring it", row.machine_id)
-            await self._retire(row)
-
-    def _env(self, token: str) -> dict[str, str]:
-        """A pool machine's env: whom to ask for its assignment, with which token."""
-        return {
-            "DISPATCHER_URL": self._dispatcher_url,
-            "POOL_TOKEN": token,
-            "BOT_TRANSPORT": self.transports[0],
-            # What the bot preloads: every transport its session may use.
-            "POOL_TRANSPORTS": ",".join(self.transports),
-        }
+            await self._m.retire(row)
 
     async def _make(self, region: str) -> bool:
         token, token_hash = new_callback_token()
         launch = self.mode != "stopped"
         image = self.image
-        env = self._env(token)
+        env = self._m.env(token)
         try:
             ref = await self._machines.create_pooled(env, region or None, launch=launch)
         except (DispatcherError, OSError) as exc:
@@ -306,67 +280,6 @@ class Pool:
         log.info("pool machine %s made in %s", ref.id, ref.region)
         return True
 
-    # -- recycling (POOL_RECYCLE) ----------------------------------------------------------------
-
-    @property
-    def recycles(self) -> bool:
-        """Whether machines whose session ended come back to the pool (POOL_RECYCLE)."""
-        return self._settings.pool_recycle
-
-    async def recycle(self, session_id: str, ref: MachineRef) -> bool:
-        """Take back the machine of an ended session, if it is a pool machine claimed by it
-        and POOL_RECYCLE is on: whether the pool took it (else the caller destroys it). One
-        row update now: the old POOL_TOKEN stops working at once (its hash is replaced); the
-        wait for the stop and the new config happen in the background, so the session's end
-        waits for nothing."""
-        if not self.recycles:
-            return False
-        row = await self._rows.get(ref.id)
-        if row is None or row.state != CLAIMED or row.session_id != session_id:
-            return False
-        token, token_hash = new_callback_token()
-        moved = await self._rows.move(
-            ref.id,
-            RECYCLING,
-            from_states=(CLAIMED,),
-            token_hash=token_hash,
-            session_id=None,
-            body=None,
-        )
-        if not moved:
-            return False
-        version = ref.version or row.version
-        target = MachineRef(ref.id, row.region or None, version, pooled=True)
-        self._spawn(self._recycle(target, token))
-        return True
-
-    async def _recycle(self, ref: MachineRef, token: str) -> None:
-        """Wait for the machine to stop, give it its new token (and the current image), and
-        offer it again; destroy it if any of that fails."""
-        wait_s = 2 * self._settings.bot_stop_timeout_s + RECYCLE_MARGIN_S
-        try:
-            if await self._machines.wait_exit(ref, wait_s) is None:
-                raise TimeoutError(f"not stopped within {wait_s:.0f} s")
-            rotated = await self._machines.rotate(ref, self._env(token))
-            fields: dict[str, Any] = {"version": rotated.version, "image": self.image}
-            if self.mode == "stopped":
-                moved = await self._rows.move(ref.id, AVAILABLE, from_states=(RECYCLING,), **fields)
-            else:
-                # Booted again ahead of a claim: its bot's first ask makes it warm.
-                moved = await self._rows.move(ref.id, WARMING, from_states=(RECYCLING,), **fields)
-                if moved:
-                    await self._machines.start(rotated)
-            if not moved:
-                raise RuntimeError("its pool row moved on meanwhile")
-        except Exception as exc:
-            self._metrics.pool_recycle_failed()
-            log.warning("pool machine %s could not be recycled (%s): destroying it", ref.id, exc)
-            await self._rows.forget(ref.id)
-            await self._destroy(ref)
-            return
-        self._metrics.pool_recycled()
-        log.info("pool machine %s recycled", ref.id)
-
     async def _offer(self, row: PoolMachine) -> None:
         """Running mode: a loaded machine is available as it is."""
         try:
@@ -375,7 +288,7 @@ class Pool:
             self._suspending.discard(row.machine_id)
 
     async def _suspend(self, row: PoolMachine) -> None:
-        ref = MachineRef(row.machine_id, row.region or None, row.version)
+        ref = ref_of(row)
         try:
             if await self._machines.suspend(ref, SUSPEND_WAIT_S):
                 await self._rows.move(row.machine_id, AVAILABLE, from_states=(WARMING,))
@@ -384,87 +297,17 @@ class Pool:
         except Exception as exc:
             self._metrics.pool_replenish_failed()
             log.warning("pool machine %s could not be suspended: %s", row.machine_id, exc)
-            await self._rows.forget(row.machine_id)
-            await self._destroy(ref)
+            await self._m.drop(ref)
         finally:
             self._suspending.discard(row.machine_id)
-
-    async def _retire(self, row: PoolMachine) -> None:
-        """Destroy an unclaimed machine (another image, dead, or no longer wanted)."""
-        if await self._rows.move(row.machine_id, RETIRED, from_states=(WARMING, AVAILABLE)):
-            log.info("retiring pool machine %s (image %s)", row.machine_id, row.image)
-            await self._destroy(MachineRef(row.machine_id, row.region or None, row.version))
-            await self._rows.forget(row.machine_id)
-
-    async def _destroy(self, ref: MachineRef) -> None:
-        try:
-            await self._machines.destroy(ref)
-        except Exception as exc:
-            # Still labelled as a pool machine: a later pass finds it without a row.
-            log.warning("pool machine %s destroy failed: %s", ref.id, exc)
 
     # -- the reconciler's pass -----------------------------------------------------------------
 
     async def validate(
         self, inventory: Sequence[MachineInfo], live_sessions: set[str], now: float
     ) -> int:
-        """Drop rows whose machine is gone (a bot that crashed while pooled, a session over);
-        offer machines suspended by a dispatcher that died before offering them; retire
-        machines that never got warm; destroy machines claimed by a session that never got
-        going (its dispatcher died between the claim and the start) and pool machines without a
-        row; how many repairs were made."""
-        listed = {m.id: m for m in inventory}
-        rows = {r.machine_id: r for r in await self._rows.all()}
-        repairs = 0
-        for row in rows.values():
-            machine = listed.get(row.machine_id)
-            if row.state == WARMING and machine is not None and machine.state == "suspended":
-                # Suspended by a dispatcher that died before it could offer the machine.
-                await self._rows.move(row.machine_id, AVAILABLE, from_states=(WARMING,))
-                repairs += 1
-                continue
-            if await self._stopped_while_idle(row, machine):
-                log.warning("pool machine %s stopped while idle: retiring it", row.machine_id)
-                await self._retire(row)
-                repairs += 1
-                continue
-            if row.state == RECYCLING and now - row.updated_at > RECYCLE_TIMEOUT_S:
-                log.warning("pool machine %s was never recycled: destroying it", row.machine_id)
-                await self._rows.forget(row.machine_id)
-                await self._destroy(MachineRef(row.machine_id, row.region or None, row.version))
-                repairs += 1
-                continue
-            if row.state == WARMING and now - row.updated_at > WARM_TIMEOUT_S:
-                log.warning("pool machine %s never got warm: retiring it", row.machine_id)
-                await self._retire(row)
-                repairs += 1
-                continue
-            settled = now - row.updated_at > max(LIST_LAG_S, self._settings.start_timeout_s)
-            if row.machine_id not in listed and now - row.updated_at > LIST_LAG_S:
-                await self._rows.forget(row.machine_id)
-                repairs += 1
-            elif row.state == CLAIMED and row.session_id not in live_sessions and settled:
-                log.warning("pool machine %s was claimed by a dead start", row.machine_id)
-                await self._rows.forget(row.machine_id)
-                await self._destroy(MachineRef(row.machine_id, row.region or None, row.version))
-                repairs += 1
-        for machine in inventory:
-            young = machine.created_at is not None and now - machine.created_at < ORPHAN_AGE_S
-            if machine.pool and not machine.session_id and machine.id not in rows and not young:
-                log.warning("destroying pool machine %s that has no pool row", machine.id)
-                await self._destroy(machine.ref)
-                repairs += 1
-        return repairs
-
-    async def _stopped_while_idle(self, row: PoolMachine, machine: MachineInfo | None) -> bool:
-        """Running mode: whether an unclaimed machine that the inventory misses, or lists as
-        not running, has stopped (asked of the machine itself: the list lags)."""
-        if self.mode != "running" or row.state not in (WARMING, AVAILABLE):
-            return False
-        if machine is not None and machine.live:
-            return False
-        ref = MachineRef(row.machine_id, row.region or None, row.version)
-        return await self._machines.exited(ref) is not None
+        """Repair the pool's rows against Fly's inventory (repairs.py); how many repairs."""
+        return await repair(self._m, inventory, live_sessions, now)
 
     async def claims(self) -> dict[str, str]:
         """Claimed machines and their sessions: machine id -> session id."""
@@ -478,11 +321,7 @@ class Pool:
         """Every row of the pool (`dispatcher pool status`, /metrics)."""
         return await self._rows.all()
 
-    def _spawn(self, work: Any) -> None:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def aclose(self) -> None:
-        """Cancel background work (suspends and destroys in flight: the reconciler redoes)."""
-        await cancel_and_wait(*self._tasks)
+        """Cancel background work (suspends, recycles and destroys in flight: the reconciler
+        redoes)."""
+        await self._m.aclose()

@@ -57,12 +57,10 @@ from testkit.harness import (
     BOT_IMAGE,
     JWT_SECRET,
     daily_emulator,
-    dispatcher_env,
+    dispatcher_process,
     emulators,
     fly_emulator,
 )
-from testkit.net import free_port
-from testkit.procs import DispatcherProcess
 from testkit.waits import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -329,14 +327,7 @@ async def run_mode(mode: str, options: LoadOptions, workdir: Path) -> dict[str, 
     ).encode()
     database_url = options.database_url or f"sqlite:///{workdir}/dispatcher-{mode}.db"
     async with emulators(fly=fly, daily=daily) as urls:
-        port = free_port()
-        env = dispatcher_env(
-            fly_url=urls.fly_url,
-            daily_url=urls.daily_url,
-            dispatcher_url=f"http://127.0.0.1:{port}",
-            db=database_url,
-        )
-        env |= pacing | {
+        env = pacing | {
             "DISPATCHER_NAME": f"load-{mode}",
             "MAX_SESSIONS": str(max(1000, options.starts * 2)),
             "MAX_SESSIONS_PER_USER": "10",
@@ -344,7 +335,9 @@ async def run_mode(mode: str, options: LoadOptions, workdir: Path) -> dict[str, 
             "READY_TIMEOUT_S": "60",
             "SESSION_MAX_DURATION_S": "600",
         }
-        async with DispatcherProcess(env, workdir, port=port, log_level="WARNING") as proc:
+        async with dispatcher_process(
+            urls, workdir, db=database_url, env=env, log_level="WARNING"
+        ) as proc:
             await proc.start()
             headers = start_headers(users)
             begin = CpuMark.take(proc.pid)

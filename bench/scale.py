@@ -64,8 +64,12 @@ from dispatcher.store import engine_url
 from testkit.databases import PG_URL, fresh_database
 from testkit.fakes.daily import DailyEmulator
 from testkit.fakes.fly import FlyEmulator
-from testkit.harness import daily_emulator, dispatcher_env, emulators, fly_emulator
-from testkit.net import free_port
+from testkit.harness import (
+    daily_emulator,
+    dispatcher_process,
+    emulators,
+    fly_emulator,
+)
 from testkit.procs import DispatcherProcess
 
 DEFAULT_LEVELS = (1000, 5000, 10000)
@@ -572,14 +576,7 @@ async def run_scale(
         fresh_database(options.database_url, prefix="scale_") as database_url,
         emulators(fly=fly, daily=daily) as urls,
     ):
-        port = free_port()
-        env = dispatcher_env(
-            fly_url=urls.fly_url,
-            daily_url=urls.daily_url,
-            dispatcher_url=f"http://127.0.0.1:{port}",
-            db=database_url,
-        )
-        env |= {
+        env = {
             "DISPATCHER_NAME": "scale",
             "MAX_SESSIONS": str(top + 10 * (options.starts + 1) * len(options.levels) + 100),
             "MAX_SESSIONS_PER_USER": "1",
@@ -591,7 +588,9 @@ async def run_scale(
         }
         engine = create_async_engine(engine_url(database_url))
         try:
-            async with DispatcherProcess(env, workdir, port=port, log_level="WARNING") as proc:
+            async with dispatcher_process(
+                urls, workdir, db=database_url, env=env, log_level="WARNING"
+            ) as proc:
                 await proc.start()
                 report["dispatcher_rss_at_start_mib"] = rss_mib(proc.pid)
                 stage = Stage(options, proc, fly, daily, Client(proc.url), Sessions(engine))

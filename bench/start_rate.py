@@ -68,9 +68,12 @@ from dispatcher.store import engine_url
 from testkit.databases import PG_URL, fresh_database
 from testkit.fakes.daily import DailyEmulator
 from testkit.fakes.fly import FlyEmulator
-from testkit.harness import daily_emulator, dispatcher_env, emulators, fly_emulator
-from testkit.net import free_port
-from testkit.procs import DispatcherProcess
+from testkit.harness import (
+    daily_emulator,
+    dispatcher_process,
+    emulators,
+    fly_emulator,
+)
 
 MODES = ("cold", "pool", "recycle")
 DEFAULT_RATES = (1.0, 5.0, 10.0, 20.0)
@@ -316,14 +319,7 @@ async def run_one(options: RateOptions, mode: str, rate: float, workdir: Path) -
         fresh_database(options.database_url, prefix="rate_") as database_url,
         emulators(fly=fly, daily=daily) as urls,
     ):
-        port = free_port()
-        env = dispatcher_env(
-            fly_url=urls.fly_url,
-            daily_url=urls.daily_url,
-            dispatcher_url=f"http://127.0.0.1:{port}",
-            db=database_url,
-        )
-        env |= latency_profile.dispatcher_pacing() | {
+        env = latency_profile.dispatcher_pacing() | {
             "DISPATCHER_NAME": "rate",
             "FLY_REGION": ",".join(regions),
             "MAX_SESSIONS": "100000",
@@ -338,7 +334,9 @@ async def run_one(options: RateOptions, mode: str, rate: float, workdir: Path) -
         engine = create_async_engine(engine_url(database_url))
         db = Database(engine)
         try:
-            async with DispatcherProcess(env, workdir, port=port, log_level="WARNING") as proc:
+            async with dispatcher_process(
+                urls, workdir, db=database_url, env=env, log_level="WARNING"
+            ) as proc:
                 await proc.start()
                 if pool_size:
                     result["pool_fill_s"] = await fill_pool(db, pool_size, options.fill_timeout_s)

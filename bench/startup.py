@@ -88,12 +88,11 @@ from testkit.harness import (
     DAILY_KEY,
     FLY_TOKEN,
     daily_emulator,
-    dispatcher_env,
+    dispatcher_process,
     emulators,
     fly_emulator,
 )
-from testkit.net import free_port, serve
-from testkit.procs import DispatcherProcess
+from testkit.net import serve
 from testkit.waits import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -463,14 +462,7 @@ async def run_dispatched(phase: str, options: StartupOptions, workdir: Path) -> 
         {"createDailyRoom": True, "body": {"testBot": bot_script(phase, options)}}
     ).encode()
     async with emulators(fly=fly, daily=daily) as urls:
-        port = free_port()
-        env = dispatcher_env(
-            fly_url=urls.fly_url,
-            daily_url=urls.daily_url,
-            dispatcher_url=f"http://127.0.0.1:{port}",
-            db=f"sqlite:///{workdir}/startup-{phase}.db",
-        )
-        env |= lp.dispatcher_pacing(scale_limits=options.limit_scale) | {
+        env = lp.dispatcher_pacing(scale_limits=options.limit_scale) | {
             "DISPATCHER_NAME": f"startup-{phase}",
             "FLY_REGION": REGION,
             "MAX_SESSIONS": str(max(1000, options.sessions * 2)),
@@ -483,7 +475,13 @@ async def run_dispatched(phase: str, options: StartupOptions, workdir: Path) -> 
         if options.cprofile:
             env |= profiler_env(workdir, phase)
         async with (
-            DispatcherProcess(env, workdir, port=port, log_level="WARNING") as proc,
+            dispatcher_process(
+                urls,
+                workdir,
+                db=f"sqlite:///{workdir}/startup-{phase}.db",
+                env=env,
+                log_level="WARNING",
+            ) as proc,
             contextlib.AsyncExitStack() as stack,
         ):
             await proc.start()

@@ -61,8 +61,13 @@ from testkit.chaos_report import ChaosReport, check, settle
 from testkit.fakes.common import Fault
 from testkit.fakes.daily import DailyEmulator
 from testkit.fakes.fly import FlyEmulator
-from testkit.harness import JWT_SECRET, daily_emulator, dispatcher_env, emulators, fly_emulator
-from testkit.net import free_port
+from testkit.harness import (
+    JWT_SECRET,
+    daily_emulator,
+    dispatcher_process,
+    emulators,
+    fly_emulator,
+)
 from testkit.procs import DispatcherProcess
 
 # The emulator's create limit, raised from Fly's 1/s so that pacing does not dominate a run;
@@ -165,17 +170,11 @@ async def run_chaos(
     report = ChaosReport()
     fly = fly_emulator(limits={"create": (CREATE_RATE, CREATE_BURST), "list": (5.0, 10)})
     daily = daily_emulator()
-    port = free_port()
     async with emulators(fly=fly, daily=daily) as urls:
         assert urls.fly_url is not None
-        env = dispatcher_env(
-            fly_url=urls.fly_url,
-            daily_url=urls.daily_url,
-            dispatcher_url=f"http://127.0.0.1:{port}",
-            db=f"sqlite:///{tmp_path}/chaos.db",
-        )
+        db = f"sqlite:///{tmp_path}/chaos.db"
         async with (
-            DispatcherProcess(env | CHAOS_ENV, tmp_path, port=port) as proc,
+            dispatcher_process(urls, tmp_path, db=db, env=CHAOS_ENV) as proc,
             httpx.AsyncClient(base_url=proc.url, trust_env=False, timeout=30) as http,
         ):
             await proc.start()

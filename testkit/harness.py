@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,8 @@ from dispatcher.upstream import RetryPolicy
 from testkit.fakes import TESTBOT_DIR
 from testkit.fakes.daily import DailyEmulator
 from testkit.fakes.fly import FlyEmulator
-from testkit.net import bind_loopback, serve
+from testkit.net import bind_loopback, free_port, serve
+from testkit.procs import DispatcherProcess
 from testkit.waits import eventually
 
 BOT_APP = "pipecat-bots"
@@ -129,6 +130,26 @@ def dispatcher_env(
     if daily_url:
         env |= {"DAILY_API_KEY": DAILY_KEY, "DAILY_API_URL": daily_url}
     return env
+
+
+def dispatcher_process(
+    urls: Emulators,
+    log_dir: Path,
+    *,
+    db: str,
+    env: Mapping[str, str] | None = None,
+    log_level: str = "INFO",
+) -> DispatcherProcess:
+    """A dispatcher process (not started) on a free port, wired to served emulators: the
+    environment of `dispatcher_env` with `env` over it."""
+    port = free_port()
+    values = dispatcher_env(
+        fly_url=urls.fly_url,
+        daily_url=urls.daily_url,
+        dispatcher_url=f"http://127.0.0.1:{port}",
+        db=db,
+    )
+    return DispatcherProcess(values | dict(env or {}), log_dir, port=port, log_level=log_level)
 
 
 def fly_emulator(**kwargs: Any) -> FlyEmulator:

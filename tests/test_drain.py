@@ -24,12 +24,10 @@ from testkit.fakes.fly import FlyEmulator
 from testkit.harness import (
     JWT_SECRET,
     daily_emulator,
-    dispatcher_env,
+    dispatcher_process,
     emulators,
     fly_emulator,
 )
-from testkit.net import free_port
-from testkit.procs import DispatcherProcess
 from testkit.waits import eventually
 
 STARTS = 50
@@ -89,14 +87,8 @@ def bot_running(machine: Any) -> bool:
     return machine.state == "started" and proc is not None and proc.returncode is None
 
 
-def drain_env(urls: Any, port: int, db: str, **extra: str) -> dict[str, str]:
-    env = dispatcher_env(
-        fly_url=urls.fly_url,
-        daily_url=urls.daily_url,
-        dispatcher_url=f"http://127.0.0.1:{port}",
-        db=db,
-    )
-    return env | {
+def drain_env(**extra: str) -> dict[str, str]:
+    return {
         "FLY_CREATE_RATE": "1000",
         "FLY_CREATE_BURST": "1000",
         "MAX_SESSIONS": "200",
@@ -129,113 +121,112 @@ async def test_sigterm_during_50_starts(tmp_path: Path) -> None:
     gate = HeldCreates()
     fly = fly_emulator(limits={"create": (1000.0, 1000)})
     fly.latency = gate
-    port = free_port()
     db = f"sqlite:///{tmp_path}/dispatcher.db"
     users = [f"drain-user-{i}" for i in range(STARTS)]
-    async with emulators(fly=fly, daily=daily_emulator(rate_limits=False)) as urls, gate:
-        env = drain_env(urls, port, db)
-        async with (
-            DispatcherProcess(env, tmp_path, port=port) as proc,
-            httpx.AsyncClient(base_url=proc.url, timeout=60, trust_env=False) as http,
-        ):
-            await proc.start()
+    async with (
+        emulators(fly=fly, daily=daily_emulator(rate_limits=False)) as urls,
+        gate,
+        dispatcher_process(urls, tmp_path, db=db, env=drain_env()) as proc,
+        httpx.AsyncClient(base_url=proc.url, timeout=60, trust_env=False) as http,
+    ):
+        await proc.start()
+        assert (await healthz(http))["draining"] is False
+        assert (await http.get("/readyz")).status_code == 200
+
+        store = await Store.open(db)
+        starts = [
+            asyncio.create_task(
+                http.post("/start", json={"createDailyRoom": True}, headers=headers(user))
+            )
+            for user in users
+        ]
+        try:
+            await eventually(
+                lambda: gate.held == STARTS, timeout=30, what=f"{STARTS} creates in flight"
+            )
+            # Each start reserved its session; none has its machine yet (a bot that booted
+            # meanwhile may have called ready already).
+            reserved = await store.list_sessions(limit=1000)
+            assert len(reserved) == STARTS
+            assert all(s.state in ("starting", "ready") for s in reserved), reserved
+            assert all(s.machine_id is None for s in reserved), reserved
+
+            proc.terminate()
+            await wait_draining(http)
+
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            assert ready.json()["code"] == "draining"
+            refused = await http.post(
+                "/start", json={"createDailyRoom": True}, headers=headers("late-user")
+            )
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["code"] == "draining"
+            assert int(refused.headers["retry-after"]) >= 1
+            # The drain waits for the starts in flight: none could answer yet.
+            assert proc.running
+            assert not any(task.done() for task in starts)
+
+            gate.release()
+            answers = await asyncio.gather(*starts)
+            for answer in answers:
+                assert answer.status_code == 200, answer.text
+            session_ids = {answer.json()["sessionId"] for answer in answers}
+            assert len(session_ids) == STARTS
+
+            returncode = await proc.wait(DRAIN_TIMEOUT_S + SHUTDOWN_ALLOWANCE_S)
+            assert returncode == -signal.SIGTERM
+            assert "drain time is up" not in proc.log_text()
+
+            # No 51st session or machine for the refused start.
+            assert creates(fly) == STARTS
+            sessions = {s.id: s for s in await store.list_sessions(limit=1000)}
+            assert set(sessions) == session_ids
+            pids = {}
+            for sid, session in sessions.items():
+                assert session.state in ("dispatched", "ready"), session
+                made = machines_of(fly, sid)
+                assert len(made) == 1, made
+                assert made[0].id == session.machine_id
+                assert bot_running(made[0]), made[0]
+                pids[sid] = made[0].process.pid
+            assert len(fly.machines) == STARTS
+
+            # A restart never touches running bots.
+            await proc.restart()
             assert (await healthz(http))["draining"] is False
-            assert (await http.get("/readyz")).status_code == 200
+            for sid in session_ids:
+                (machine,) = machines_of(fly, sid)
+                assert bot_running(machine) and machine.process.pid == pids[sid]
 
-            store = await Store.open(db)
-            starts = [
-                asyncio.create_task(
-                    http.post("/start", json={"createDailyRoom": True}, headers=headers(user))
+            owner = {sid: s.user_id for sid, s in sessions.items()}
+            deleted = await asyncio.gather(
+                *(
+                    http.delete(f"/sessions/{sid}", headers=headers(owner[sid]))
+                    for sid in session_ids
                 )
-                for user in users
-            ]
-            try:
-                await eventually(
-                    lambda: gate.held == STARTS, timeout=30, what=f"{STARTS} creates in flight"
-                )
-                # Each start reserved its session; none has its machine yet (a bot that booted
-                # meanwhile may have called ready already).
-                reserved = await store.list_sessions(limit=1000)
-                assert len(reserved) == STARTS
-                assert all(s.state in ("starting", "ready") for s in reserved), reserved
-                assert all(s.machine_id is None for s in reserved), reserved
+            )
+            for answer in deleted:
+                assert answer.status_code == 202, answer.text
 
-                proc.terminate()
-                await wait_draining(http)
+            async def all_ended() -> bool:
+                states = {s.state for s in await store.list_sessions(limit=1000)}
+                assert "failed" not in states, states
+                return states == {"ended"}
 
-                ready = await http.get("/readyz")
-                assert ready.status_code == 503, ready.text
-                assert ready.json()["code"] == "draining"
-                refused = await http.post(
-                    "/start", json={"createDailyRoom": True}, headers=headers("late-user")
-                )
-                assert refused.status_code == 503, refused.text
-                assert refused.json()["code"] == "draining"
-                assert int(refused.headers["retry-after"]) >= 1
-                # The drain waits for the starts in flight: none could answer yet.
-                assert proc.running
-                assert not any(task.done() for task in starts)
-
-                gate.release()
-                answers = await asyncio.gather(*starts)
-                for answer in answers:
-                    assert answer.status_code == 200, answer.text
-                session_ids = {answer.json()["sessionId"] for answer in answers}
-                assert len(session_ids) == STARTS
-
-                returncode = await proc.wait(DRAIN_TIMEOUT_S + SHUTDOWN_ALLOWANCE_S)
-                assert returncode == -signal.SIGTERM
-                assert "drain time is up" not in proc.log_text()
-
-                # No 51st session or machine for the refused start.
-                assert creates(fly) == STARTS
-                sessions = {s.id: s for s in await store.list_sessions(limit=1000)}
-                assert set(sessions) == session_ids
-                pids = {}
-                for sid, session in sessions.items():
-                    assert session.state in ("dispatched", "ready"), session
-                    made = machines_of(fly, sid)
-                    assert len(made) == 1, made
-                    assert made[0].id == session.machine_id
-                    assert bot_running(made[0]), made[0]
-                    pids[sid] = made[0].process.pid
-                assert len(fly.machines) == STARTS
-
-                # A restart never touches running bots.
-                await proc.restart()
-                assert (await healthz(http))["draining"] is False
-                for sid in session_ids:
-                    (machine,) = machines_of(fly, sid)
-                    assert bot_running(machine) and machine.process.pid == pids[sid]
-
-                owner = {sid: s.user_id for sid, s in sessions.items()}
-                deleted = await asyncio.gather(
-                    *(
-                        http.delete(f"/sessions/{sid}", headers=headers(owner[sid]))
-                        for sid in session_ids
-                    )
-                )
-                for answer in deleted:
-                    assert answer.status_code == 202, answer.text
-
-                async def all_ended() -> bool:
-                    states = {s.state for s in await store.list_sessions(limit=1000)}
-                    assert "failed" not in states, states
-                    return states == {"ended"}
-
-                await eventually(all_ended, timeout=60, what="every session ended")
-                await eventually(
-                    lambda: all(m.state == "destroyed" for m in fly.machines.values()),
-                    timeout=30,
-                    what="every machine destroyed",
-                )
-                proc.terminate()
-                assert await proc.wait(DRAIN_TIMEOUT_S + SHUTDOWN_ALLOWANCE_S) == -signal.SIGTERM
-            finally:
-                await store.close()
-                for task in starts:
-                    task.cancel()
-                await asyncio.gather(*starts, return_exceptions=True)
+            await eventually(all_ended, timeout=60, what="every session ended")
+            await eventually(
+                lambda: all(m.state == "destroyed" for m in fly.machines.values()),
+                timeout=30,
+                what="every machine destroyed",
+            )
+            proc.terminate()
+            assert await proc.wait(DRAIN_TIMEOUT_S + SHUTDOWN_ALLOWANCE_S) == -signal.SIGTERM
+        finally:
+            await store.close()
+            for task in starts:
+                task.cancel()
+            await asyncio.gather(*starts, return_exceptions=True)
     log = proc.log_text()
     assert f"draining: {STARTS} starts in flight" in log, proc.log_tail()
     assert "drain time is up" not in log
@@ -244,10 +235,10 @@ async def test_sigterm_during_50_starts(tmp_path: Path) -> None:
 async def test_sigterm_with_nothing_in_flight_exits_promptly(tmp_path: Path) -> None:
     """With no start in flight the drain is over at once: the process exits (-15) long before
     a long DRAIN_TIMEOUT_S."""
-    port = free_port()
     async with emulators(fly=fly_emulator()) as urls:
-        env = drain_env(urls, port, f"sqlite:///{tmp_path}/d.db", DRAIN_TIMEOUT_S="600")
-        async with DispatcherProcess(env, tmp_path, port=port) as proc:
+        env = drain_env(DRAIN_TIMEOUT_S="600")
+        db = f"sqlite:///{tmp_path}/d.db"
+        async with dispatcher_process(urls, tmp_path, db=db, env=env) as proc:
             await proc.start()
             proc.terminate()
             assert await proc.wait(30) == -signal.SIGTERM
@@ -268,12 +259,11 @@ async def test_a_drain_cut_short(tmp_path: Path, cut: str) -> None:
     # Lists unthrottled: the restarted dispatcher's reconciler lists machines every 0.3 s.
     fly = fly_emulator(limits={"list": (1000.0, 1000)})
     fly.latency = gate
-    port = free_port()
     db = f"sqlite:///{tmp_path}/d.db"
     async with emulators(fly=fly) as urls, gate:
-        env = drain_env(urls, port, db, DRAIN_TIMEOUT_S=str(drain_s))
+        env = drain_env(DRAIN_TIMEOUT_S=str(drain_s))
         async with (
-            DispatcherProcess(env, tmp_path, port=port) as proc,
+            dispatcher_process(urls, tmp_path, db=db, env=env) as proc,
             httpx.AsyncClient(base_url=proc.url, timeout=60, trust_env=False) as http,
         ):
             await proc.start()

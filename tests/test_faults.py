@@ -16,13 +16,11 @@ from dispatcher.upstream import RetryPolicy
 from testkit.chaos import FAULT_WEIGHTS, OOM, SIGKILL, run_chaos
 from testkit.fakes.common import Fault
 from testkit.harness import (
-    dispatcher_env,
+    dispatcher_process,
     dispatcher_stack,
     emulators,
     fly_emulator,
 )
-from testkit.net import free_port
-from testkit.procs import DispatcherProcess
 from testkit.waits import eventually
 from tests.test_procs import headers
 
@@ -115,18 +113,13 @@ async def test_a_start_that_died_with_its_dispatcher_after_a_callback_is_failed(
     """SIGKILL while a create hangs, after the bot called ready or the client deleted the
     session (so it left `starting` with no machine recorded): after the restart the reconciler
     fails it as start_interrupted and removes its machine and room."""
-    port = free_port()
     fly = fly_emulator()
     fly.faults.add("create", Fault(504, apply_first=True, delay_s=3))
     async with emulators(fly=fly) as urls:
-        env = dispatcher_env(
-            fly_url=urls.fly_url,
-            daily_url=urls.daily_url,
-            dispatcher_url=f"http://127.0.0.1:{port}",
-            db=f"sqlite:///{tmp_path}/d.db",
-        ) | {"START_TIMEOUT_S": "2", "RECONCILE_INTERVAL_S": "0.2", "BOT_STOP_TIMEOUT_S": "1"}
+        env = {"START_TIMEOUT_S": "2", "RECONCILE_INTERVAL_S": "0.2", "BOT_STOP_TIMEOUT_S": "1"}
+        db = f"sqlite:///{tmp_path}/d.db"
         async with (
-            DispatcherProcess(env, tmp_path, port=port) as proc,
+            dispatcher_process(urls, tmp_path, db=db, env=env) as proc,
             httpx.AsyncClient(base_url=proc.url, timeout=10) as http,
         ):
             await proc.start()

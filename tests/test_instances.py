@@ -29,11 +29,10 @@ from testkit.harness import (
     BOT_APP,
     JWT_SECRET,
     daily_emulator,
-    dispatcher_env,
+    dispatcher_process,
     emulators,
     fly_emulator,
 )
-from testkit.net import free_port
 from testkit.procs import DispatcherProcess
 from testkit.waits import eventually
 
@@ -128,14 +127,10 @@ async def several_instances(
     ):
         instances = []
         for _ in range(count):
-            port = free_port()
-            env = dispatcher_env(
-                fly_url=urls.fly_url,
-                daily_url=urls.daily_url,
-                dispatcher_url=f"http://127.0.0.1:{port}",
-                db=database_url,
-            ) | {"FLY_CREATE_RATE": "1000", "FLY_CREATE_BURST": "1000", **extra}
-            proc = await stack.enter_async_context(DispatcherProcess(env, tmp_path, port=port))
+            env = {"FLY_CREATE_RATE": "1000", "FLY_CREATE_BURST": "1000", **extra}
+            proc = await stack.enter_async_context(
+                dispatcher_process(urls, tmp_path, db=database_url, env=env)
+            )
             http = await stack.enter_async_context(
                 httpx.AsyncClient(base_url=proc.url, timeout=30, trust_env=False)
             )

@@ -16,11 +16,10 @@ from testkit.harness import (
     DAILY_KEY,
     FLY_TOKEN,
     JWT_SECRET,
-    dispatcher_env,
+    dispatcher_process,
     emulators,
     fly_emulator,
 )
-from testkit.net import free_port
 from testkit.procs import DispatcherProcess
 from testkit.waits import eventually
 
@@ -61,15 +60,10 @@ async def start_session(http: httpx.AsyncClient) -> str:
 async def test_kill_restart_terminate(tmp_path: Path) -> None:
     """A real process: healthy, a session ready, SIGKILL (-9), restarted on the same port with
     the session still there, the session deleted and ended, SIGTERM (-15), a log written."""
-    port = free_port()
     async with emulators(fly=fly_emulator()) as urls:
-        env = dispatcher_env(
-            fly_url=urls.fly_url,
-            daily_url=urls.daily_url,
-            dispatcher_url=f"http://127.0.0.1:{port}",
-            db=f"sqlite:///{tmp_path}/d.db",
-        )
-        async with DispatcherProcess(env, tmp_path, port=port) as proc:
+        db = f"sqlite:///{tmp_path}/d.db"
+        async with dispatcher_process(urls, tmp_path, db=db) as proc:
+            port = proc.port
             assert not proc.running
             await proc.start()
             assert proc.running and proc.url == f"http://127.0.0.1:{port}"
@@ -109,26 +103,19 @@ async def test_kill_restart_terminate(tmp_path: Path) -> None:
 @pytest.mark.slow
 async def test_process_on_a_fresh_postgresql_database(tmp_path: Path, pg_database_url: str) -> None:
     """`pg_database_url` is a database of its own that a dispatcher process can use."""
-    port = free_port()
-    async with emulators(fly=fly_emulator()) as urls:
-        env = dispatcher_env(
-            fly_url=urls.fly_url,
-            daily_url=urls.daily_url,
-            dispatcher_url=f"http://127.0.0.1:{port}",
-            db=pg_database_url,
-        )
-        async with (
-            DispatcherProcess(env, tmp_path, port=port) as proc,
-            httpx.AsyncClient(base_url=proc.url, timeout=10) as http,
-        ):
-            await proc.start()
-            sid = await start_session(http)
-            session = await wait_state(http, sid, "ready")
-            assert session["sessionId"] == sid
-            ready = await http.get("/readyz")
-            assert ready.status_code == 200, ready.text
-            assert (await http.delete(f"/sessions/{sid}", headers=headers())).status_code == 202
-            await wait_state(http, sid, "ended")
+    async with (
+        emulators(fly=fly_emulator()) as urls,
+        dispatcher_process(urls, tmp_path, db=pg_database_url) as proc,
+        httpx.AsyncClient(base_url=proc.url, timeout=10) as http,
+    ):
+        await proc.start()
+        sid = await start_session(http)
+        session = await wait_state(http, sid, "ready")
+        assert session["sessionId"] == sid
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert (await http.delete(f"/sessions/{sid}", headers=headers())).status_code == 202
+        await wait_state(http, sid, "ended")
     assert "configuration error" not in proc.log_text()
 
 

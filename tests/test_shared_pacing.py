@@ -32,9 +32,12 @@ from dispatcher.store import Session, Store, StoreBucket
 from testkit.fakes.daily import RATE_LIMITS as DAILY_LIMITS
 from testkit.fakes.daily import DailyEmulator
 from testkit.fakes.fly import DEFAULT_LIMITS, FlyEmulator
-from testkit.harness import daily_emulator, dispatcher_env, emulators, fly_emulator
-from testkit.net import free_port
-from testkit.procs import DispatcherProcess
+from testkit.harness import (
+    daily_emulator,
+    dispatcher_process,
+    emulators,
+    fly_emulator,
+)
 from testkit.waits import eventually
 from tests.test_instances import Instance, headers
 
@@ -95,15 +98,8 @@ async def instances(
     ):
         started: list[Instance] = []
         for _ in range(INSTANCES):
-            port = free_port()
-            env = dispatcher_env(
-                fly_url=urls.fly_url,
-                daily_url=urls.daily_url,
-                dispatcher_url=f"http://127.0.0.1:{port}",
-                db=database_url,
-            )
             proc = await stack.enter_async_context(
-                DispatcherProcess(env | ENV, tmp_path, port=port)
+                dispatcher_process(urls, tmp_path, db=database_url, env=ENV)
             )
             # No keep-alive: the deletes come after a wait longer than uvicorn keeps an idle
             # connection (5 s), and a request sent as the server closes one is lost.

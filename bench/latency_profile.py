@@ -1,6 +1,6 @@
 """The recorded latency profile of Fly's Machines API and Daily's REST API, for the emulators.
 
-Every figure carries its source: a section of ../shared/reference (FLY = fly-machines.md,
+Every figure carries its source: a section of docs/reference (FLY = fly-machines.md,
 DAILY = daily.md), a public page, or "assumed:" with the reason when no source gives a number.
 The API answer latencies are mostly assumptions: the reference documents rate limits and boot
 times, not how long an API call takes to answer.

@@ -90,6 +90,25 @@ def test_no_page_points_outside_the_repository(page: Path) -> None:
     assert not found, f"{page.relative_to(ROOT)}: {found}"
 
 
+def test_no_source_points_outside_the_repository() -> None:
+    """No module, of the service, the bots, the testkit or the benches, points at the shared
+    folder or a path of the machine it was written on: its references are in docs/reference."""
+    sources = [
+        path
+        for package in ("dispatcher", "bot_runtime", "bots", "testkit", "bench", "tests")
+        for path in (ROOT / package).rglob("*.py")
+        if path != Path(__file__).resolve()
+    ]
+    assert len(sources) > 100
+    found = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in sources
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if OUTSIDE.search(line)
+    ]
+    assert not found, found
+
+
 def test_the_readme_starts_with_the_two_commands() -> None:
     """The first code block of the README is `make run` then `make test`, as a newcomer runs
     them."""

@@ -1,6 +1,6 @@
 """A stateful emulator of Daily's REST API (`https://api.daily.co/v1`) for loopback tests.
 
-It follows `/work/shared/reference/daily.md`: rooms, REST and self-signed meeting tokens,
+It follows `docs/reference/daily.md`: rooms, REST and self-signed meeting tokens,
 presence, Daily's error bodies and rate limits. A participant joining a room is played by
 `DailyEmulator.join` (or `POST /_emulator/rooms/{name}/join`), which checks a token the way
 Daily's media servers would; `GET /_emulator/rooms/{name}/participants` lists who is in it,

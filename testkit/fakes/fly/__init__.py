@@ -1,6 +1,6 @@
 """A stateful emulator of the Fly Machines API that runs each machine as a local process.
 
-Follows /work/shared/reference/fly-machines.md. Choices where the reference is silent:
+Follows docs/reference/fly-machines.md. Choices where the reference is silent:
 
 - Every request is checked against Fly's published OpenAPI document
   (`tests/reference/fly-machines-openapi.json`, by `openapi.py`): what it refuses (a wrong type,

@@ -37,7 +37,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import tempfile
 import time
 from collections import Counter
@@ -51,7 +50,7 @@ import httpx
 import jwt
 
 from bench import latency_profile
-from bench.report import emit, machine_busy, ms, pct, percentile, process_cpu_s, secs, summary
+from bench.report import CpuMark, emit, ms, pct, percentile, secs, summary
 from dispatcher import app as dispatcher_app
 from testkit.harness import (
     BOT_IMAGE,
@@ -141,52 +140,6 @@ class Answer:
 
 
 # -- CPU accounting ----------------------------------------------------------------------------
-
-
-@dataclass
-class CpuMark:
-    """CPU counters at one moment."""
-
-    at: float
-    dispatcher: float | None
-    own: float
-    children: float
-    busy: float
-    total: float
-
-    @classmethod
-    def take(cls, pid: int) -> CpuMark:
-        own = resource.getrusage(resource.RUSAGE_SELF)
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        busy, total = machine_busy()
-        return cls(
-            at=time.perf_counter(),
-            dispatcher=process_cpu_s(pid),
-            own=own.ru_utime + own.ru_stime,
-            children=children.ru_utime + children.ru_stime,
-            busy=busy,
-            total=total,
-        )
-
-    def since(self, before: CpuMark) -> dict[str, float | None]:
-        """CPU seconds spent by each side between `before` and this mark, and the wall time.
-
-        `bots` counts the children this process reaped: the machines' processes (the
-        dispatcher is a child too, but is reaped only once it is stopped, after the last mark).
-        """
-        dispatcher = (
-            self.dispatcher - before.dispatcher
-            if self.dispatcher is not None and before.dispatcher is not None
-            else None
-        )
-        ticks = self.total - before.total
-        return {
-            "wall_s": self.at - before.at,
-            "dispatcher_s": dispatcher,
-            "bench_s": self.own - before.own,
-            "bots_s": self.children - before.children,
-            "machine_busy": (self.busy - before.busy) / ticks if ticks else None,
-        }
 
 
 class LoopLag:

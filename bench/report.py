@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,52 @@ def machine_busy() -> tuple[float, float]:
     total = float(sum(values[:8]))
     idle = values[3] + values[4]
     return total - idle, total
+
+
+@dataclass
+class CpuMark:
+    """CPU counters at one moment."""
+
+    at: float
+    dispatcher: float | None
+    own: float
+    children: float
+    busy: float
+    total: float
+
+    @classmethod
+    def take(cls, pid: int) -> CpuMark:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        busy, total = machine_busy()
+        return cls(
+            at=time.perf_counter(),
+            dispatcher=process_cpu_s(pid),
+            own=own.ru_utime + own.ru_stime,
+            children=children.ru_utime + children.ru_stime,
+            busy=busy,
+            total=total,
+        )
+
+    def since(self, before: CpuMark) -> dict[str, float | None]:
+        """CPU seconds spent by each side between `before` and this mark, and the wall time.
+
+        `bots` counts the children this process reaped: the machines' processes (the
+        dispatcher is a child too, but is reaped only once it is stopped, after the last mark).
+        """
+        dispatcher = (
+            self.dispatcher - before.dispatcher
+            if self.dispatcher is not None and before.dispatcher is not None
+            else None
+        )
+        ticks = self.total - before.total
+        return {
+            "wall_s": self.at - before.at,
+            "dispatcher_s": dispatcher,
+            "bench_s": self.own - before.own,
+            "bots_s": self.children - before.children,
+            "machine_busy": (self.busy - before.busy) / ticks if ticks else None,
+        }
 
 
 def ms(seconds: float | None, unit: str = " ms") -> str:

@@ -31,7 +31,9 @@ and code, upstream 429s (the emulators' refusals, by operation: the dispatcher r
 `POST /start` latency and start to ready (p50/p95), and the backlogs sampled every 2 s from the
 dispatcher's /metrics: Fly creates queued, Daily room creates queued, room deletes queued, rooms
 awaiting delete, with their growth (a least-squares slope over the window's second half, per
-second). A rate is **sustained** when the second half achieves at least 90% of R, no start of
+second), and the CPU over the window in cores (the dispatcher's; this process's, which serves
+the emulators and their light bots and makes the load; the machine's busy share). A rate is
+**sustained** when the second half achieves at least 90% of R, no start of
 it got a 429, and neither create queue grows (slope under 0.1/s). Rooms awaiting delete are
 reported apart: they grow whenever sessions end faster than 1.6/s, and are bounded by the rooms'
 `exp` (a room past it is marked deleted without a call: dispatcher/janitor.py).
@@ -63,7 +65,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bench import latency_profile
 from bench.load import PROFILES, token
-from bench.report import emit, ms, summary
+from bench.report import CpuMark, emit, ms, summary
 from dispatcher.store import engine_url
 from testkit.databases import PG_URL, fresh_database
 from testkit.fakes.daily import DailyEmulator
@@ -345,10 +347,12 @@ async def run_one(options: RateOptions, mode: str, rate: float, workdir: Path) -
                 script = {"exit_after_s": options.session_s, "ready_delay_s": 0.3}
                 body = json.dumps({"createDailyRoom": True, "body": {"testBot": script}}).encode()
                 samples, stop = Samples(), asyncio.Event()
+                cpu_before = CpuMark.take(proc.pid)
                 began = time.monotonic()
                 sampler = asyncio.create_task(sample(proc.url, samples, began, stop))
                 answers = await offer(proc.url, rate, options.seconds, body)
                 window_s = time.monotonic() - began
+                cpu = cores(CpuMark.take(proc.pid).since(cpu_before))
                 stop.set()
                 await sampler
                 after = refused(fly, daily)
@@ -365,6 +369,7 @@ async def run_one(options: RateOptions, mode: str, rate: float, workdir: Path) -
                 }
                 result["upstream_requests"] = {"fly": requests[0], "daily": requests[1]}
                 result["window_s"] = window_s
+                result["cpu"] = cpu
                 result["counters"] = await counters(proc.url)
                 result["pool_at_end"] = dict(await db.pool_states())
                 result["sustained"] = sustained(result, rate)
@@ -376,6 +381,17 @@ async def run_one(options: RateOptions, mode: str, rate: float, workdir: Path) -
         finally:
             await engine.dispose()
     return result
+
+
+def cores(spent: dict[str, float | None]) -> dict[str, float]:
+    """CPU seconds over a window as cores on average: the dispatcher's, this process's (the
+    emulators, their light bots, the load), and the machine's busy share."""
+    wall = spent["wall_s"] or 1.0
+    return {
+        "dispatcher_cores": (spent["dispatcher_s"] or 0.0) / wall,
+        "bench_cores": (spent["bench_s"] or 0.0) / wall,
+        "machine_busy": spent["machine_busy"] or 0.0,
+    }
 
 
 async def settle(db: Database, ids: list[str]) -> dict[str, tuple[str, float, float | None]]:
@@ -500,6 +516,16 @@ def _upstream(run: dict[str, Any]) -> str:
     return ", ".join(parts) or "0"
 
 
+def _cpu(run: dict[str, Any]) -> str:
+    cpu = run.get("cpu")
+    if not cpu:
+        return "-"
+    return (
+        f"{cpu['dispatcher_cores']:.2f} / {cpu['bench_cores']:.2f} core, "
+        f"{cpu['machine_busy'] * 100:.0f}%"
+    )
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as printed: one line per run."""
     o = report["options"]
@@ -525,12 +551,13 @@ def format_report(report: dict[str, Any]) -> str:
         "Fly creates queued",
         "room creates queued",
         "rooms awaiting delete",
+        "CPU dispatcher/bench/busy",
         "sustained",
     ]
     rows = [head]
     for run in report["runs"]:
         if "error" in run:
-            rows.append([run["mode"], f"{run['rate']:g}", "-", run["error"][:60]] + [""] * 9)
+            rows.append([run["mode"], f"{run['rate']:g}", "-", run["error"][:60]] + [""] * 10)
             continue
         rows.append(
             [
@@ -546,6 +573,7 @@ def format_report(report: dict[str, Any]) -> str:
                 _backlog(run, "fly_creates_queued"),
                 _backlog(run, "room_creates_queued"),
                 _backlog(run, "rooms_awaiting_delete"),
+                _cpu(run),
                 "yes" if run["sustained"] else "no",
             ]
         )

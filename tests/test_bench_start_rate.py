@@ -17,7 +17,7 @@ from tests.conftest import _require_pg
 @pytest.mark.timeout(600)  # three dispatchers, one after the other, on a loaded machine
 async def test_start_rate_bench_smoke(tmp_path: Path) -> None:
     """Each mode at 1 start/s for a few seconds, sessions of one second: every offered start
-    answered and counted, the latencies, upstream 429s, backlogs and pool counters reported;
+    answered and counted, the latencies, upstream 429s, backlogs, CPU and pool counters reported;
     a pool filled first; a printable, JSON-able report."""
     await _require_pg()
     options = RateOptions(
@@ -51,6 +51,10 @@ async def test_start_rate_bench_smoke(tmp_path: Path) -> None:
         for figure in run["backlog"].values():
             assert {"first", "last", "max", "slope_per_s"} <= set(figure)
         assert isinstance(run["sustained"], bool)
+        # The dispatcher served starts over the window: some CPU, and never more than the
+        # machine has; the busy share is a fraction.
+        assert 0 < run["cpu"]["dispatcher_cores"] <= report["machine"]["cpus"]
+        assert run["cpu"]["bench_cores"] > 0 and 0 <= run["cpu"]["machine_busy"] <= 1
         assert set(run["counters"]) >= {"pool_claims", "pool_misses", "pool_recycled"}
         assert run["pool_size"] == (0 if run["mode"] == "cold" else 2)
         if run["mode"] != "cold":

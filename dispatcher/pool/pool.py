@@ -152,7 +152,8 @@ class Pool:
         except Exception:
             self._metrics.pool_start_failed()
             log.warning("pool machine %s failed to start: destroying it", row.machine_id)
-            self._m.spawn(self._m.drop(ref))
+            await self._rows.forget(row.machine_id)
+            self._m.spawn(self._m.destroy(ref))
             raise
         return ref
 

@@ -343,12 +343,18 @@ async def test_pool_status_for_on_call(tmp_path: Path, monkeypatch: pytest.Monke
     assert status["size"] == 2 and status["mode"] == "stopped" and status["image"] == BOT_IMAGE
     assert status["machines"] == {"iad/claimed": 1}
     assert (status["claims"], status["misses"]) == (1, 0)
-    assert status["thisInstance"] == {"startFailures": 1.0, "replenishErrors": 0.0}
+    assert status["recycle"] is False
+    assert status["thisInstance"] == {
+        "startFailures": 1.0,
+        "replenishErrors": 0.0,
+        "recycled": 0.0,
+        "recycleFailures": 0.0,
+    }
     (row,) = status["pool"]
     assert (row["machineId"], row["sessionId"], row["flyState"]) == (second, sid, "started")
     assert code == 0
     assert "within 1h: 1 starts from the pool, 0 cold" in text
-    assert "1 pool machines failed to start" in text
+    assert "1 pool machines failed to start" in text and "recycled" not in text
     assert second in text and first not in text
 
 

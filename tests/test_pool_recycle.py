@@ -20,6 +20,7 @@ from testkit.fakes.common import Fault
 from testkit.fakes.fly import FlyEmulator
 from testkit.harness import Stack, dispatcher_stack, fly_emulator
 from testkit.waits import eventually
+from tests.test_oncall import cli, cli_json, oncall_stack
 from tests.test_pool import POOL_ENV, available, pool_rows
 
 RECYCLE_ENV = POOL_ENV | {"POOL_SIZE": "1", "POOL_INTERVAL_S": "60", "POOL_RECYCLE": "true"}
@@ -89,6 +90,28 @@ async def test_a_recycled_machine_serves_the_next_session_and_the_old_token_is_r
     assert "dispatcher_pool_recycle_failures_total 0.0" in metrics
     # Never a second machine: the one pool machine served both sessions.
     assert len(fly.machines) == 1
+
+
+async def test_pool_status_counts_recycled_machines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dispatcher pool status` with POOL_RECYCLE: says the pool recycles, and how many machines
+    this instance recycled and could not, as JSON and as text."""
+    async with oncall_stack(tmp_path, monkeypatch, RECYCLE_ENV) as (stack, _):
+        (machine,) = await available(stack, 1)
+        sid = (await stack.start()).json()["sessionId"]
+        await stack.wait_state(sid, "ready")
+        await end(stack, sid)
+        assert await available(stack, 1) == [machine]
+        status = await cli_json("pool", "status")
+        code, text = await cli("pool", "status")
+    assert status["recycle"] is True
+    assert status["machines"] == {"iad/available": 1}
+    assert status["thisInstance"]["recycled"] == 1.0
+    assert status["thisInstance"]["recycleFailures"] == 0.0
+    assert code == 0
+    assert "(stopped, recycling)" in text
+    assert "1 recycled, 0 could not be (destroyed)" in text
 
 
 async def test_a_machine_that_cannot_be_recycled_is_destroyed(tmp_path: Path) -> None:

@@ -116,6 +116,7 @@ async def pool_status(clients: Clients, *, since_s: float, as_json: bool) -> int
     summary = {
         "size": s.pool_size,
         "mode": s.pool_mode,
+        "recycle": s.pool_recycle,
         "image": s.bot_image,
         "machines": {f"{region}/{state}": n for (region, state), n in sorted(by_state.items())},
         "claims": claims,
@@ -139,14 +140,21 @@ async def pool_status(clients: Clients, *, since_s: float, as_json: bool) -> int
         ]
         print_json(summary | {"pool": listing})
         return 0
+    recycling = ", recycling" if s.pool_recycle else ""
     print(
-        f"pool: {s.pool_size} per region ({s.pool_mode}), image {s.bot_image or '-'}; "
+        f"pool: {s.pool_size} per region ({s.pool_mode}{recycling}), image {s.bot_image or '-'}; "
         f"within {age(since_s)}: {claims} starts from the pool, {misses} cold"
     )
     if errors is not None:
         print(
             f"this instance since it started: {errors['startFailures']:.0f} pool machines "
             f"failed to start, {errors['replenishErrors']:.0f} could not be made or suspended"
+            + (
+                f"; {errors['recycled']:.0f} recycled, {errors['recycleFailures']:.0f} could "
+                "not be (destroyed)"
+                if s.pool_recycle
+                else ""
+            )
         )
     lines = [
         (
@@ -165,7 +173,7 @@ async def pool_status(clients: Clients, *, since_s: float, as_json: bool) -> int
 
 
 async def _local_pool_errors(settings: Settings) -> dict[str, float] | None:
-    """The pool's error counters of the dispatcher serving on this machine (the port of
+    """The pool's counters of the dispatcher serving on this machine (the port of
     DISPATCHER_URL, where /metrics is served), or None when it does not answer."""
     port = urlsplit(settings.dispatcher_url or "").port
     if port is None:
@@ -184,6 +192,8 @@ async def _local_pool_errors(settings: Settings) -> dict[str, float] | None:
     return {
         "startFailures": values.get("dispatcher_pool_start_failures_total", 0.0),
         "replenishErrors": values.get("dispatcher_pool_replenish_errors_total", 0.0),
+        "recycled": values.get("dispatcher_pool_recycled_total", 0.0),
+        "recycleFailures": values.get("dispatcher_pool_recycle_failures_total", 0.0),
     }
 
 

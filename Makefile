@@ -42,8 +42,9 @@ lint: sync
 # Every test (CI runs this): most on PYTEST_WORKERS xdist workers, those whose module-scoped
 # fixtures are costly on one worker each (xdist_group, hence --dist loadgroup); then, in one
 # process, the browser tests (their page timeouts want the machine) and the `serial` ones.
-# Both passes run; the target fails if either did.
-PYTEST_WORKERS ?= 2
+# Both passes run; the target fails if either did. Four workers on two cores: most tests wait
+# on processes and sockets, not the CPU (docs/testing.md has the figures).
+PYTEST_WORKERS ?= 4
 test: lint
 	status=0; \
 	$(UV) run pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not browser and not serial" || status=$$?; \

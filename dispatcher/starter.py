@@ -29,7 +29,7 @@ from dispatcher.errors import (
 from dispatcher.janitor import RoomJanitor
 from dispatcher.lifecycle import EndReason, State, dispatch, fail_start
 from dispatcher.logs import bind
-from dispatcher.machines import BOT_COMMAND, BotSpec, MachineBackend, MachineRef
+from dispatcher.machines import BOT_COMMAND, BotSpec, MachineBackend, MachineRef, where
 from dispatcher.pacing import Pacer
 from dispatcher.pool import Pool
 from dispatcher.rooms import RoomBackend, RoomPlan
@@ -217,10 +217,10 @@ class Starter:
                 await self._store.record(session_id, kind, details)
             dispatched = await self._after_race(session_id, machine)
         log.info(
-            "session dispatched to %s machine %s in %s",
+            "session dispatched to %s machine %s %s",
             "pool" if machine.pooled else "new",
             machine.id,
-            machine.region,
+            where(machine),
         )
         self._supervisor.follow(dispatched)
         return {**rooms.answer(plan), "sessionId": session_id}

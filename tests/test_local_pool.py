@@ -10,6 +10,7 @@ however it stops. No timings: every wait is for a condition.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -76,11 +77,13 @@ async def offer(stack: Stack, sid: str) -> httpx.Response:
 
 @pytest.mark.parametrize("transport", ["webrtc", "daily"])
 async def test_a_session_gets_a_loaded_worker_and_the_pool_refills(
-    tmp_path: Path, transport: str
+    tmp_path: Path, transport: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A pool of 1: a session of either transport the local backend offers takes the loaded
     worker (webrtc: the port it was started with is the session's bot address); the pool
-    makes another; the session ends, and its worker process exits (one session each)."""
+    makes another; the session ends, and its worker process exits (one session each). The log
+    says where the worker runs: on this host (a local bot has no region)."""
+    caplog.set_level(logging.INFO, logger="dispatcher")
     async with dispatcher_stack(tmp_path, env=POOL, local=True) as stack:
         (worker,) = await idle_workers(stack, 1)
         script = {"testBot": {"ready_on_offer": transport == "webrtc"}}
@@ -102,6 +105,9 @@ async def test_a_session_gets_a_loaded_worker_and_the_pool_refills(
         await stack.wait_state(sid, "ended", timeout=WAIT_S)
         await eventually(lambda: not alive(pids[0]), timeout=WAIT_S, what="the worker's exit")
         assert await idle_workers(stack, 1) == [spare]
+    lines = [r.getMessage() for r in caplog.records]
+    assert f"pool machine {worker} made on this host" in lines
+    assert f"session dispatched to pool machine {worker} on this host" in lines
 
 
 async def test_sessions_started_at_once_never_share_a_worker(tmp_path: Path) -> None:

@@ -30,6 +30,11 @@ class MachineRef:
     pooled: bool = False
 
 
+def where(ref: MachineRef) -> str:
+    """Where a machine runs, for a log line: `in <region>`, or `on this host` (local bots)."""
+    return f"in {ref.region}" if ref.region else "on this host"
+
+
 @dataclass(frozen=True)
 class MachineExit:
     """How a bot's machine ended: exit code when known, OOM, whether we asked it to stop."""

@@ -39,7 +39,7 @@ from dispatcher.aio import every
 from dispatcher.auth import new_callback_token
 from dispatcher.config import Settings
 from dispatcher.errors import DispatcherError
-from dispatcher.machines import MachineInfo, MachineRef, PoolBackend
+from dispatcher.machines import MachineInfo, MachineRef, PoolBackend, where
 from dispatcher.metrics import Metrics
 from dispatcher.pacing import Pacer
 from dispatcher.pool.machines import PoolMachines, ref_of
@@ -278,7 +278,7 @@ class Pool:
             token_hash=token_hash,
             version=ref.version,
         )
-        log.info("pool machine %s made in %s", ref.id, ref.region)
+        log.info("pool machine %s made %s", ref.id, where(ref))
         return True
 
     async def _offer(self, row: PoolMachine) -> None:

@@ -86,6 +86,12 @@ class AssignmentServer:
         self._assignment = body
         self._assigned.set()
 
+    async def hang_up(self) -> None:
+        """Close every connection being held (a HANG), without an answer."""
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+
     async def polled(self, count: int = 1, timeout_s: float = BOOT_TIMEOUT_S) -> Poll:
         """The `count`-th request, once it has arrived."""
         async with asyncio.timeout(timeout_s):

@@ -297,17 +297,22 @@ async def test_pooled_sigterm_before_assignment_exits_0(
     assert len(assignments.polls) == (1 if boot_s == "0" else 0)
 
 
+@pytest.mark.parametrize("poll", ["hangs", "fails"])
 async def test_pooled_frozen_while_waiting_asks_again_once_resumed(
-    recorder: CallbackRecorder, assignments: AssignmentServer
+    recorder: CallbackRecorder, assignments: AssignmentServer, poll: str
 ) -> None:
     """Frozen (SIGSTOP) with a poll whose connection never answers, then resumed (SIGCONT),
-    it notices the pause, asks again and plays the assignment."""
+    it notices the pause, asks again and plays the assignment. The same when the poll failed
+    while it was frozen (its connection closed, as a socket timeout does after a long freeze):
+    the failure is the pause's."""
     assignments.script = [HANG]
     bot = await start_pooled(assignments)
     await assignments.polled()
     bot.proc.send_signal(signal.SIGSTOP)
     try:
         assignments.assign(daily_assignment(recorder, {"exit_after_s": 0, "ready_delay_s": 0}))
+        if poll == "fails":
+            await assignments.hang_up()
         await asyncio.sleep(2.0)  # A freeze longer than the pause threshold (1 s).
     finally:
         bot.proc.send_signal(signal.SIGCONT)

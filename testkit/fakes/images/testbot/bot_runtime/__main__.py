@@ -371,21 +371,26 @@ class PooledMachine:
 
     def ask(self) -> tuple[str, Any]:
         """One long poll in a thread: ("answer", (status, body)), ("error", name), or
-        ("stopped" | "paused", seconds) when a signal or a pause of the process cut it short."""
+        ("stopped" | "paused", seconds) when a signal or a pause of the process cut it short (a
+        poll that failed across a pause, its socket timed out while frozen, is a pause too)."""
         box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
         threading.Thread(target=lambda: box.put(self.get()), daemon=True).start()
         monotonic, wall = time.monotonic(), time.time()
         while True:
             try:
-                return box.get(timeout=POOL_TICK_S)
+                outcome: tuple[str, Any] | None = box.get(timeout=POOL_TICK_S)
             except queue.Empty:
-                pass
+                outcome = None
+            if outcome is not None and outcome[0] == "answer":
+                return outcome
             if self.signals.reason:
                 return "stopped", 0.0
             now_monotonic, now_wall = time.monotonic(), time.time()
             late_s = max(now_monotonic - monotonic, now_wall - wall) - POOL_TICK_S
             if late_s > POOL_PAUSE_S:
                 return "paused", late_s
+            if outcome is not None:
+                return outcome
             monotonic, wall = now_monotonic, now_wall
 
     def get(self) -> tuple[str, Any]:

@@ -10,6 +10,10 @@ from collections.abc import AsyncIterator
 import uvicorn
 from starlette.types import ASGIApp
 
+from dispatcher.machines.local import free_port as bot_port
+
+LOOPBACK = "127.0.0.1"
+
 
 def bind_loopback(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
     """A listening TCP socket on loopback (port 0: any free port).
@@ -26,10 +30,10 @@ def bind_loopback(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
 
 
 def free_port() -> int:
-    """A loopback TCP port that was free a moment ago (for a child process to listen on)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port that was free a moment ago (for a child process to listen on),
+    chosen as the local backend chooses its bots' ports: below the ephemeral range, where no
+    server binding port 0 and no outgoing connection takes it before the child listens."""
+    return bot_port(LOOPBACK)
 
 
 @contextlib.asynccontextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -18,7 +19,7 @@ import pytest
 from dispatcher.cli import listen
 from dispatcher.config import Settings
 from dispatcher.machines import BotSpec
-from dispatcher.machines.local import LocalMachines
+from dispatcher.machines.local import BOT_PORTS, LocalMachines, free_port
 from testkit.fakes import TESTBOT_DIR
 from testkit.harness import (
     DAILY_KEY,
@@ -288,4 +289,27 @@ def test_listening_sockets_are_tcp_so_answers_are_not_delayed() -> None:
         try:
             assert sock.proto == socket.IPPROTO_TCP
         finally:
+            sock.close()
+
+
+def test_bot_ports_are_chosen_below_the_ephemeral_range() -> None:
+    """A local bot's port comes from BOT_PORTS, below every ephemeral range (on Linux read from
+    the kernel), so nothing that binds port 0 or connects out takes it before the bot listens;
+    it is free when chosen, and a port in use is never chosen."""
+    low = 49152
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert BOT_PORTS.stop <= low
+    held = []
+    try:
+        for _ in range(20):
+            port = free_port("127.0.0.1")
+            assert port in BOT_PORTS
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", port))  # free when chosen
+            sock.listen(1)
+            held.append(sock)
+        assert len({s.getsockname()[1] for s in held}) == len(held)  # none in use chosen
+    finally:
+        for sock in held:
             sock.close()

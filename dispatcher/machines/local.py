@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 
 # Where a local bot serves its HTTP routes (SmallWebRTC offers), on a port chosen per launch.
 BOT_HOST = "127.0.0.1"
+# Bot ports are chosen below the ephemeral ranges (Linux 32768-60999, macOS and Windows
+# 49152-65535), which the kernel hands out to anything that binds port 0 or connects out: a
+# port from there could be taken between its choice and the bot's listen (a slow boot), and an
+# offer would reach another server.
+BOT_PORTS = range(20000, 32768)
+PORT_TRIES = 50
 
 # The bot runtime's default entry point (bot_runtime/entrypoint.py), from the repository root.
 EXAMPLE_BOT = Path(__file__).resolve().parents[2] / "examples" / "bot" / "bot.py"
@@ -278,7 +284,16 @@ class LocalMachines:
 
 
 def free_port(host: str) -> int:
-    """A TCP port free on `host` right now (the bot binds it a moment later)."""
+    """A TCP port of BOT_PORTS free on `host` right now (the bot binds it a moment later),
+    chosen at random; any free port if none of PORT_TRIES was."""
+    for _ in range(PORT_TRIES):
+        port = BOT_PORTS.start + secrets.randbelow(len(BOT_PORTS))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])

@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from testkit.fakes.recorder import (
     CallbackRecorder,
     contract_env,
 )
+from testkit.waits import eventually
 from tests.test_bot_pool import DROP, HANG, AssignmentServer
 
 
@@ -297,6 +299,11 @@ async def test_pooled_sigterm_before_assignment_exits_0(
     assert len(assignments.polls) == (1 if boot_s == "0" else 0)
 
 
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped by a signal (state T in /proc/<pid>/stat)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
 @pytest.mark.parametrize("poll", ["hangs", "fails"])
 async def test_pooled_frozen_while_waiting_asks_again_once_resumed(
     recorder: CallbackRecorder, assignments: AssignmentServer, poll: str
@@ -312,6 +319,8 @@ async def test_pooled_frozen_while_waiting_asks_again_once_resumed(
     try:
         assignments.assign(daily_assignment(recorder, {"exit_after_s": 0, "ready_delay_s": 0}))
         if poll == "fails":
+            # Only once the kernel has stopped it: a close seen before would be a plain error.
+            await eventually(lambda: stopped(bot.proc.pid), what="the bot stopped")
             await assignments.hang_up()
         await asyncio.sleep(2.0)  # A freeze longer than the pause threshold (1 s).
     finally:

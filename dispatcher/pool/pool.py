@@ -82,11 +82,7 @@ class Pool:
         self._m = PoolMachines(
             rows, machines, settings, metrics, dispatcher_url=dispatcher_url, transports=transports
         )
-        self._rows = rows
-        self._machines = machines
-        self._settings = settings
         self._pacer = pacer
-        self._metrics = metrics
         self.transports = self._m.transports
         self.recycling = Recycling(self._m)
         # Local: the store whose live sessions, with the pool's idle machines, are held to
@@ -107,7 +103,7 @@ class Pool:
 
     def regions(self) -> tuple[str, ...]:
         """Where the pool keeps machines: each of FLY_REGION, or one pool where Fly picks."""
-        return self._settings.fly_regions or ("",)
+        return self._m.settings.fly_regions or ("",)
 
     # -- claims --------------------------------------------------------------------------------
 
@@ -119,22 +115,22 @@ class Pool:
         states = (AVAILABLE, WARMING) if self.mode == "running" else (AVAILABLE,)
         for state in states:
             for region in regions or self.regions():
-                row = await self._rows.claim(
+                row = await self._m.rows.claim(
                     region=region, image=image, session_id=session_id, body=body, state=state
                 )
                 if row is not None:
-                    self._metrics.pool_claim()
+                    self._m.metrics.pool_claim()
                     return row
-        self._metrics.pool_miss()
+        self._m.metrics.pool_miss()
         return None
 
     async def row(self, machine_id: str) -> PoolMachine | None:
         """The stored row of a pool machine."""
-        return await self._rows.get(machine_id)
+        return await self._m.rows.get(machine_id)
 
     async def release(self, row: PoolMachine) -> None:
         """Give back a claimed machine never started (its session was refused)."""
-        await self._rows.move(
+        await self._m.rows.move(
             row.machine_id, AVAILABLE, from_states=(CLAIMED,), session_id=None, body=None
         )
 
@@ -144,15 +140,15 @@ class Pool:
         ref = MachineRef(row.machine_id, row.region or None, row.version, pooled=True)
         try:
             if self.mode != "running":
-                version = await self._machines.start(ref)
+                version = await self._m.backend.start(ref)
                 if version:
                     ref = dataclasses.replace(ref, version=version)
-            elif self._machines.pool_dead(ref):
+            elif self._m.backend.pool_dead(ref):
                 raise RuntimeError("the pool machine is not running")
         except Exception:
-            self._metrics.pool_start_failed()
+            self._m.metrics.pool_start_failed()
             log.warning("pool machine %s failed to start: destroying it", row.machine_id)
-            await self._rows.forget(row.machine_id)
+            await self._m.rows.forget(row.machine_id)
             self._m.spawn(self._m.destroy(ref))
             raise
         return ref
@@ -169,7 +165,7 @@ class Pool:
                     return None
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(remaining, CLAIM_POLL_S))
-                current = await self._rows.get(row.machine_id)
+                current = await self._m.rows.get(row.machine_id)
             return current
         finally:
             self._claimed.pop(row.machine_id, None)
@@ -195,7 +191,7 @@ class Pool:
     async def run(self, leader: Callable[[], bool]) -> None:
         """Replenish every POOL_INTERVAL_S while this instance leads, until cancelled (an
         instance that does not lead looks again every second: it may take over)."""
-        interval_s = self._settings.pool_interval_s
+        interval_s = self._m.settings.pool_interval_s
 
         async def step() -> float | None:
             if not leader():
@@ -210,18 +206,18 @@ class Pool:
         host's capacity, then make what each region lacks, as far as free create turns allow;
         how many machines were made."""
         image = self.image
-        rows = await self._rows.all()
+        rows = await self._m.rows.all()
         for row in rows:
             if row.state not in (WARMING, AVAILABLE):
                 continue
             if row.image != image:
                 await self._m.retire(row)
-            elif self._machines.pool_dead(MachineRef(row.machine_id)):
+            elif self._m.backend.pool_dead(MachineRef(row.machine_id)):
                 log.warning("pool machine %s died while idle: replacing it", row.machine_id)
-                self._metrics.pool_replenish_failed()
+                self._m.metrics.pool_replenish_failed()
                 await self._m.retire(row)
         size = await self.target()
-        counts = await self._rows.counts(image)
+        counts = await self._m.rows.counts(image)
         wanted: list[str] = []
         for region in self.regions():
             idle = counts.get((region, WARMING), 0) + counts.get((region, AVAILABLE), 0)
@@ -241,17 +237,17 @@ class Pool:
         """How many idle machines each region should have: POOL_SIZE; on one host at most
         MAX_SESSIONS minus the live sessions, so that the host never runs more bots than
         MAX_SESSIONS allows sessions (a session's bot is its claimed machine, or a cold one)."""
-        size = self._settings.pool_size
+        size = self._m.settings.pool_size
         if self._capacity is None:
             return size
         live = await self._capacity.count_active()
-        return max(0, min(size, self._settings.max_sessions - live))
+        return max(0, min(size, self._m.settings.max_sessions - live))
 
     async def _shrink(self, image: str, region: str, surplus: int) -> None:
         """Retire `surplus` idle machines of a region: those still loading first, newest first."""
         rows = [
             r
-            for r in await self._rows.all()
+            for r in await self._m.rows.all()
             if r.image == image and r.region == region and r.state in (WARMING, AVAILABLE)
         ]
         rows.sort(key=lambda r: (r.state != WARMING, -r.created_at))
@@ -265,12 +261,12 @@ class Pool:
         image = self.image
         env = self._m.env(token)
         try:
-            ref = await self._machines.create_pooled(env, region or None, launch=launch)
+            ref = await self._m.backend.create_pooled(env, region or None, launch=launch)
         except (DispatcherError, OSError) as exc:
-            self._metrics.pool_replenish_failed()
+            self._m.metrics.pool_replenish_failed()
             log.warning("pool machine create failed in %s: %s", region or "any region", exc)
             return False
-        await self._rows.add(
+        await self._m.rows.add(
             ref.id,
             region=region,
             image=image,
@@ -284,19 +280,19 @@ class Pool:
     async def _offer(self, row: PoolMachine) -> None:
         """Running mode: a loaded machine is available as it is."""
         try:
-            await self._rows.move(row.machine_id, AVAILABLE, from_states=(WARMING,))
+            await self._m.rows.move(row.machine_id, AVAILABLE, from_states=(WARMING,))
         finally:
             self._suspending.discard(row.machine_id)
 
     async def _suspend(self, row: PoolMachine) -> None:
         ref = ref_of(row)
         try:
-            if await self._machines.suspend(ref, SUSPEND_WAIT_S):
-                await self._rows.move(row.machine_id, AVAILABLE, from_states=(WARMING,))
+            if await self._m.backend.suspend(ref, SUSPEND_WAIT_S):
+                await self._m.rows.move(row.machine_id, AVAILABLE, from_states=(WARMING,))
                 return
             raise TimeoutError("not suspended in time")
         except Exception as exc:
-            self._metrics.pool_replenish_failed()
+            self._m.metrics.pool_replenish_failed()
             log.warning("pool machine %s could not be suspended: %s", row.machine_id, exc)
             await self._m.drop(ref)
         finally:
@@ -314,13 +310,13 @@ class Pool:
         """Claimed machines and their sessions: machine id -> session id."""
         return {
             r.machine_id: r.session_id
-            for r in await self._rows.all()
+            for r in await self._m.rows.all()
             if r.state == CLAIMED and r.session_id
         }
 
     async def status(self) -> list[PoolMachine]:
         """Every row of the pool (`dispatcher pool status`, /metrics)."""
-        return await self._rows.all()
+        return await self._m.rows.all()
 
     async def aclose(self) -> None:
         """Cancel background work (suspends, recycles and destroys in flight: the reconciler

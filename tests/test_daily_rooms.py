@@ -151,3 +151,55 @@ async def test_inventory_stops_on_a_repeated_page() -> None:
     assert {k for r in asked[1:] for k in r.url.params} == {
         "limit", "ending_before", "starting_after"
     }  # fmt: skip
+
+
+async def test_rooms_made_ahead_take_one_call_and_admit_planned_tokens(
+    served: tuple[DailyEmulator, DailyRooms, DailyAPI],
+) -> None:
+    """`make_ahead` makes private rooms with our limits in one call; a plan for one of them
+    gives tokens that join it."""
+    emu, rooms, _ = served
+    exp = int(time.time()) + 900
+    assert await rooms.make_ahead(["s-a1", "s-a2"], exp)
+    assert [r.path for r in emu.requests if r.method == "POST"] == ["/batch/rooms"]
+    room = emu.rooms["s-a2"]
+    assert room.privacy == "private" and room.properties["max_participants"] == 2
+    assert room.properties["exp"] == exp and room.properties["eject_at_room_exp"] is True
+    plan = rooms.plan("s-a2", "u", time.time() + 600, {}, {})
+    assert emu.join("s-a2", plan.user_token)["owner"] is False
+
+
+@pytest.mark.parametrize("made", [True, False])
+async def test_an_ambiguous_batch_create_is_settled_by_one_lookup(
+    served: tuple[DailyEmulator, DailyRooms, DailyAPI], made: bool
+) -> None:
+    """A batch create that answered 500 may have made its rooms: one lookup says whether."""
+    emu, rooms, _ = served
+    emu.faults.add("create_rooms", status=500, apply_first=made)
+    assert await rooms.make_ahead(["s-b1", "s-b2"], int(time.time()) + 900) is made
+    assert ("s-b2" in emu.rooms) is made
+    assert [r.path for r in emu.requests if r.method == "GET"][1:] == ["/rooms/s-b1"]
+    emu.faults.add("create_rooms", status=400)
+    with pytest.raises(UpstreamError):
+        await rooms.make_ahead(["s-b3"], int(time.time()) + 900)
+
+
+async def test_delete_many_is_one_call_or_one_a_room_when_refused(
+    served: tuple[DailyEmulator, DailyRooms, DailyAPI],
+) -> None:
+    """Rooms are deleted in one batch call; a batch Daily refuses with a 400 (say, for a name
+    it does not know: undocumented) is deleted one room at a time; a 5xx is raised."""
+    emu, rooms, _ = served
+    emu.limiter.enabled = False  # the fallback's deletes are unpaced here
+    names = [f"s-d{i}" for i in range(4)]
+    await rooms.make_ahead(names, int(time.time()) + 900)
+    await rooms.delete_many(names[:2])
+    assert [r.path for r in emu.requests if r.method == "DELETE"] == ["/batch/rooms"]
+    emu.faults.add("delete_rooms", status=404)
+    await rooms.delete_many([*names[2:], "s-gone"])
+    deletes = [r.path for r in emu.requests if r.method == "DELETE"]
+    assert deletes[1:] == ["/batch/rooms", "/rooms/s-d2", "/rooms/s-d3", "/rooms/s-gone"]
+    assert not emu.rooms
+    emu.faults.add("delete_rooms", status=500, times=10)
+    with pytest.raises(UpstreamError):
+        await rooms.delete_many(["s-x", "s-y"])

@@ -657,3 +657,51 @@ async def test_standalone_process_answers() -> None:
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), timeout=30)
+
+
+async def test_batch_create_makes_every_room_or_none(
+    api: httpx.AsyncClient, emu: DailyEmulator, clock: Clock
+) -> None:
+    """`POST /batch/rooms` makes each room as `POST /rooms` would and answers them; one bad
+    room (or a name taken, in the batch or before it) fails the call and nothing is made."""
+    exp = int(clock.now) + 600
+    rooms = [
+        {"name": f"s-{i}", "privacy": "private", "properties": {"exp": exp, "max_participants": 2}}
+        for i in range(3)
+    ]
+    made = await api.post("/batch/rooms", json={"rooms": rooms})
+    assert made.status_code == 200
+    assert [r["name"] for r in made.json()] == ["s-0", "s-1", "s-2"]
+    assert emu.rooms["s-2"].privacy == "private" and emu.rooms["s-2"].properties["exp"] == exp
+    for bad in (
+        [{"name": "s-3"}, {"name": "s-bad!"}],
+        [{"name": "s-3"}, {"name": "s-3"}],
+        [{"name": "s-3"}, {"name": "s-0"}],
+        [{"name": "s-3", "properties": {"no_such_property": 1}}],
+    ):
+        refused = await api.post("/batch/rooms", json={"rooms": bad})
+        assert refused.status_code == 400, bad
+        assert refused.json()["error"] == "invalid-request-error"
+        assert "s-3" not in emu.rooms
+    for body in ({"rooms": []}, {"rooms": [{}] * 1001}, {"rooms": ["s-4"]}, {"other": 1}):
+        assert (await api.post("/batch/rooms", json=body)).status_code == 400
+
+
+async def test_batch_delete_counts_the_live_rooms_it_deleted(
+    api: httpx.AsyncClient, emu: DailyEmulator, clock: Clock
+) -> None:
+    """`DELETE /batch/rooms` deletes the named rooms it has, ejecting who is in them, and
+    answers how many live rooms went; an unknown name is no error; it is a room delete for the
+    rate limit."""
+    await create_room(api, name="a")
+    await create_room(api, name="b", properties={"exp": int(clock.now) + 10})
+    emu.join("a")
+    clock.advance(20)
+    gone = await api.request("DELETE", "/batch/rooms", json={"rooms": ["a", "b", "nope"]})
+    assert gone.status_code == 200 and gone.json() == {"deleted_count": 1}
+    assert not emu.rooms and {r.name for r in emu.deleted} == {"a", "b"}
+    assert [p.left_reason for p in emu.departures] == ["room-deleted"]
+    assert (await api.request("DELETE", "/batch/rooms", json={"rooms": [1]})).status_code == 400
+    emu.limiter.limits["delete_room"] = (0.01, 1)
+    assert (await api.request("DELETE", "/batch/rooms", json={"rooms": ["x"]})).status_code == 200
+    assert (await api.request("DELETE", "/batch/rooms", json={"rooms": ["x"]})).status_code == 429

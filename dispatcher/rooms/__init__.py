@@ -72,6 +72,10 @@ class RoomBackend(Protocol):
         """Delete the room; a room that is already gone counts as deleted. `pace`, when given,
         is awaited before each attempt (a rate limiter's turn, retries included)."""
 
+    async def delete_many(self, names: list[str], *, pace: Pace | None = None) -> None:
+        """Delete rooms in as few calls as the backend allows (`pace` as for `delete`); rooms
+        already gone count as deleted."""
+
     async def inventory(self) -> list[str]:
         """Names of the rooms the backend holds now (bounded; may miss the oldest)."""
 

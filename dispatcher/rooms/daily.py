@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import replace
 from typing import Any
@@ -16,6 +17,8 @@ from dispatcher.rooms import BotContract, RoomPlan
 from dispatcher.rooms.daily_api import DailyAPI, Domain
 from dispatcher.rooms.daily_properties import CLAIMS, ROOM, TOKEN, Property
 from dispatcher.upstream import RetryPolicy
+
+log = logging.getLogger(__name__)
 
 # The longest string a client may give where Daily documents no values (a `user_name`): the
 # dispatcher's own limit, which keeps the tokens small.
@@ -198,6 +201,35 @@ class DailyRooms:
     async def delete(self, name: str, *, pace: Pace | None = None) -> None:
         """Delete the room (404 counts as done), awaiting `pace` before each attempt."""
         await self._api.delete_room(name, pace=pace)
+
+    async def delete_many(self, names: list[str], *, pace: Pace | None = None) -> None:
+        """Delete rooms in one batch call (rooms already gone count as deleted), awaiting `pace`
+        before each attempt. A batch refused with a 4xx other than 429 (Daily does not say
+        whether one unknown name fails the batch) is deleted one room at a time."""
+        try:
+            await self._api.delete_rooms(names, pace=pace)
+            return
+        except UpstreamError as exc:
+            if exc.status is None or exc.status >= 500 or exc.status == 429 or len(names) == 1:
+                raise
+            log.warning("batch room delete refused (%s): deleting one at a time", exc)
+        for name in names:
+            await self._api.delete_room(name, pace=pace)
+
+    async def make_ahead(self, names: list[str], exp: int) -> bool:
+        """Make private rooms ahead of their sessions in one batch call (all or none), each
+        with `exp` and the limits `plan` gives; whether they exist. After an ambiguous failure
+        one room is looked up: the batch is all or none, so it tells for every room."""
+        properties = {"exp": exp, "eject_at_room_exp": True, "max_participants": MAX_PARTICIPANTS}
+        rooms = [{"name": n, "privacy": "private", "properties": properties} for n in names]
+        try:
+            await self._api.create_rooms(rooms)
+        except UpstreamError as exc:
+            if not exc.ambiguous:
+                raise
+            log.warning("batch room create may have failed (%s): looking one room up", exc)
+            return await self._api.get_room(names[0]) is not None
+        return True
 
     async def inventory(self) -> list[str]:
         """Names of the rooms Daily holds for our domain (up to a thousand)."""

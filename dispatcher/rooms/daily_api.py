@@ -14,6 +14,8 @@ from dispatcher.upstream import UpstreamClient, http_client
 API = "daily"
 REQUEST_ID = "x-request-id"
 ROOMS_PAGE = 100
+# Rooms one batch call may create or delete (docs/reference/daily.md §2).
+MAX_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,31 @@ class DailyAPI(UpstreamClient):
         )
         data = response.json()
         return _room(data)
+
+    async def create_rooms(self, rooms: list[dict[str, Any]], *, attempt: int = 1) -> None:
+        """Create rooms in one call, all or none (`POST /batch/rooms`): one attempt, as for
+        `create_room`. Its answer is not read: what it holds is unverified, and the rooms are
+        the ones asked for."""
+        if not 1 <= len(rooms) <= MAX_BATCH:
+            raise ValueError(f"a batch holds 1 to {MAX_BATCH} rooms")
+        await self._call(
+            "create_rooms",
+            "POST",
+            "batch/rooms",
+            json={"rooms": rooms},
+            mutating=True,
+            attempt=attempt,
+        )
+
+    async def delete_rooms(self, names: list[str], *, pace: Pace | None = None) -> None:
+        """Delete rooms in one call (`DELETE /batch/rooms`), retried; `pace` as for
+        `delete_room`. Whether Daily refuses a batch that names a room it no longer has is not
+        documented: the caller falls back to `delete_room` after a 4xx."""
+        if not 1 <= len(names) <= MAX_BATCH:
+            raise ValueError(f"a batch holds 1 to {MAX_BATCH} rooms")
+        await self._retried(
+            "delete_rooms", "DELETE", "batch/rooms", json={"rooms": names}, mutating=True, pace=pace
+        )
 
     async def get_room(self, name: str) -> Room | None:
         """The room, or None if Daily does not have it (deleted or expired)."""

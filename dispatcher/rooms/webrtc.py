@@ -82,6 +82,9 @@ class WebRTCRooms:
     async def delete(self, name: str, *, pace: Pace | None = None) -> None:
         """Nothing to delete."""
 
+    async def delete_many(self, names: list[str], *, pace: Pace | None = None) -> None:
+        """Nothing to delete."""
+
     async def inventory(self) -> list[str]:
         """No rooms to list."""
         return []

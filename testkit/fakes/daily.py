@@ -1,15 +1,15 @@
 """A stateful emulator of Daily's REST API (`https://api.daily.co/v1`) for loopback tests.
 
-It follows `docs/reference/daily.md`: rooms, REST and self-signed meeting tokens,
-presence, Daily's error bodies and rate limits. A participant joining a room is played by
-`DailyEmulator.join` (or `POST /_emulator/rooms/{name}/join`), which checks a token the way
-Daily's media servers would; `GET /_emulator/rooms/{name}/participants` lists who is in it,
+It follows `docs/reference/daily.md`: rooms (one by one and in batches), REST and self-signed
+meeting tokens, presence, Daily's error bodies and rate limits. A participant joining a room is
+played by `DailyEmulator.join` (or `POST /_emulator/rooms/{name}/join`), which checks a token
+the way Daily's media servers would; `GET /_emulator/rooms/{name}/participants` lists who is in it,
 for the daily-python stand-in (`testkit/fakes/daily_python/`) to watch. `GET /rooms` lists rooms
 newest first, and its cursors go by creation as Daily documents them: `starting_after=<id>`
 gives the rooms created after that one, `ending_before=<id>` those created before it (the
 `limit` rooms next to it, newest first: [inf]); `rooms_paging` plays other readings of them
-(see `ROOM_PAGING`). Not emulated: the up-to-15 s lag of `GET /presence`, webhooks, batch
-endpoints, recordings, knocking, and Daily's exact `info` strings (debug text only).
+(see `ROOM_PAGING`). Not emulated: the up-to-15 s lag of `GET /presence`, webhooks,
+recordings, knocking, and Daily's exact `info` strings (debug text only).
 """
 
 from __future__ import annotations
@@ -56,9 +56,11 @@ DEFAULT_API_KEY = "7c1f3e0a9b2d4c6e8f0a1b3c5d7e9f1a2b4c6d8e0f1a3b5c7d9e1f2a4b6c8
 DEFAULT_DOMAIN_ID = "5c5a3bde-2b1e-4c8c-9a55-1d2f0e7b9a10"
 MAX_PARTICIPANTS = 200
 # Reference §2: most endpoints 20 req/s; DELETE /rooms/:name ~2 req/s ("or 50 per 30 s"),
-# so a burst of 2: a third quick delete is refused.
+# so a burst of 2: a third quick delete is refused. The batch endpoints (§2: "higher effective
+# limits", no figure) count a call as one request, a batch delete as one delete [unv].
 RATE_LIMITS = {"api": (20.0, 20), "delete_room": (2.0, 2)}
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+MAX_BATCH = 1000  # rooms a batch call may create or delete (§2)
 ROOM_PAGING = ("documented", "stripe", "oldest_first")
 """How `GET /rooms` orders and pages: `documented` (Daily's docs: newest first, `starting_after`
 gives rooms created after the cursor room, `ending_before` those created before it); `stripe`
@@ -419,25 +421,57 @@ class DailyEmulator:
         return {"domain_name": self.domain_name, "domain_id": self.domain_id, "config": config}
 
     def _create_room(self, request: Request, body: Any) -> dict[str, Any]:
-        body = _object(body)
+        room = self._new_room(_object(body), self.clock(), set())
+        self._add(room)
+        return room.to_json(self.domain_name)
+
+    def _new_room(self, body: dict[str, Any], now: float, taken: set[str]) -> Room:
+        """The room `body` asks for, checked as Daily would (not added yet); `taken` holds
+        the names earlier rooms of the same batch take."""
         _only_keys(body, {"name", "privacy", "properties"})
         name = body.get("name") or uuid.uuid4().hex[:20]
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise _invalid("name may only contain A-Z, a-z, 0-9, '-' and '_', at most 128 chars")
         privacy = _privacy(body.get("privacy", "public"))
         props = _validate(body.get("properties", {}), ROOM_PROPERTIES, "room")
-        now = self.clock()
-        if (old := self.rooms.get(name)) is not None:
-            if not old.expired(now):
-                raise _invalid(f"a room named {name} already exists")
-            self._retire(old, now)
-        self._seq += 1
-        room = Room(
-            id=str(uuid.uuid4()), name=name, privacy=privacy, created_at=now, seq=self._seq,
+        old = self.rooms.get(name)
+        if name in taken or (old is not None and not old.expired(now)):
+            raise _invalid(f"a room named {name} already exists")
+        taken.add(name)
+        return Room(
+            id=str(uuid.uuid4()), name=name, privacy=privacy, created_at=now, seq=0,
             properties={k: v for k, v in props.items() if v is not None},
         )  # fmt: skip
-        self.rooms[name] = room
-        return room.to_json(self.domain_name)
+
+    def _add(self, room: Room) -> None:
+        if (old := self.rooms.get(room.name)) is not None:
+            self._retire(old, room.created_at)
+        self._seq += 1
+        room.seq = self._seq
+        self.rooms[room.name] = room
+
+    def _create_rooms(self, request: Request, body: Any) -> list[dict[str, Any]]:
+        """`POST /batch/rooms`: every room or none; the answer is the rooms made, as
+        `GET /rooms/:name` answers each [unv: docs/reference/daily.md §2]."""
+        specs = _batch(_object(body), dict)
+        now, taken = self.clock(), set[str]()
+        made = [self._new_room(spec, now, taken) for spec in specs]
+        for room in made:
+            self._add(room)
+        return [room.to_json(self.domain_name) for room in made]
+
+    def _delete_rooms(self, request: Request, body: Any) -> dict[str, Any]:
+        """`DELETE /batch/rooms`: the named rooms Daily has (live or past `exp`) are deleted;
+        the answer is `{"deleted_count": N}` (Daily's OpenAPI page), N counting live rooms."""
+        names = _batch(_object(body), str)
+        now, count = self.clock(), 0
+        for name in dict.fromkeys(names):
+            room = self.rooms.get(name)
+            if room is None:
+                continue
+            count += not room.expired(now)
+            self._retire(room, now)
+        return {"deleted_count": count}
 
     def _live_room(self, name: str) -> Room:
         room = self.rooms.get(name)
@@ -558,6 +592,8 @@ class DailyEmulator:
             ("/rooms/{name}", "DELETE", "delete_room", self._delete_room),
             ("/rooms/{name}/presence", "GET", "presence", self._room_presence),
             ("/presence", "GET", "presence", self._presence),
+            ("/batch/rooms", "POST", "create_rooms", self._create_rooms),
+            ("/batch/rooms", "DELETE", "delete_rooms", self._delete_rooms),
             ("/meeting-tokens", "POST", "create_token", self._create_token),
             ("/meeting-tokens/{token}", "GET", "get_token", self._get_token),
         ]
@@ -572,7 +608,7 @@ class DailyEmulator:
         ]
 
     def _endpoint(
-        self, op: str, operation: Callable[[Request, Any], dict[str, Any]]
+        self, op: str, operation: Callable[[Request, Any], Any]
     ) -> Callable[[Request], Awaitable[Response]]:
         """Auth, rate limit, latency, injected fault, then the operation itself."""
 
@@ -586,7 +622,7 @@ class DailyEmulator:
             fault: Fault | None = None
             try:
                 self._authenticate(request)
-                self._throttle("delete_room" if op == "delete_room" else "api")
+                self._throttle("delete_room" if op.startswith("delete_room") else "api")
                 await self.latency.sleep(op)
                 fault = self.faults.take(op)
                 if fault is not None and not fault.apply_first:
@@ -683,6 +719,17 @@ def _object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise _invalid("request body must be a JSON object")
     return body
+
+
+def _batch(body: dict[str, Any], kind: type) -> list[Any]:
+    """The `rooms` of a batch call: 1 to MAX_BATCH items of `kind`, else a 400."""
+    _only_keys(body, {"rooms"})
+    rooms = body.get("rooms")
+    if not isinstance(rooms, list) or not 1 <= len(rooms) <= MAX_BATCH:
+        raise _invalid(f"rooms must be an array of 1 to {MAX_BATCH} items")
+    if not all(isinstance(r, kind) for r in rooms):
+        raise _invalid(f"rooms must hold {'objects' if kind is dict else 'room names'}")
+    return rooms
 
 
 def _limit(value: str | None) -> int:

@@ -37,6 +37,7 @@ from dispatcher.readiness import Readiness
 from dispatcher.reconciler import Reconciler
 from dispatcher.rooms import RoomBackend
 from dispatcher.rooms.daily import ROOM_CREATE_BURST, ROOM_CREATE_RATE, DailyRooms
+from dispatcher.rooms.stock import RoomStock
 from dispatcher.sessions import SessionService
 from dispatcher.store import PoolRows, Store, StoreBucket
 from dispatcher.supervisor import Supervisor
@@ -140,6 +141,7 @@ class Lifespan:
             pool = _pool(settings, db, bots, pacer, metrics)
             if pool is not None:
                 stack.push_async_callback(pool.aclose)
+            stock = _stock(settings, db, transports, room_pacer, janitor.pacer, metrics)
             supervisor = Supervisor(
                 db,
                 bots,
@@ -168,6 +170,7 @@ class Lifespan:
                     telemetry,
                     pool,
                     room_pacer=room_pacer,
+                    stock=stock,
                 ),
                 callbacks=BotCallbacks(settings, db, transports, supervisor, telemetry, pool),
                 readiness=_readiness(db, bots, transports),
@@ -198,6 +201,7 @@ class Lifespan:
                 },
                 leader=lambda: reconciler.leader,
                 pool=_pool_states(pool) if pool is not None else None,
+                room_stock=stock.available if stock is not None else None,
             )
             loop_task = asyncio.create_task(reconciler.run(), name="reconciler")
             stack.push_async_callback(cancel_and_wait, loop_task)
@@ -209,6 +213,11 @@ class Lifespan:
             if pool is not None:
                 pool_task = asyncio.create_task(pool.run(lambda: reconciler.leader), name="pool")
                 stack.push_async_callback(cancel_and_wait, pool_task)
+            if stock is not None:
+                stock_task = asyncio.create_task(
+                    stock.run(lambda: reconciler.leader), name="room stock"
+                )
+                stack.push_async_callback(cancel_and_wait, stock_task)
             log.info(
                 "dispatcher ready: machines=%s transports=%s auth=%s store=%s",
                 bots.name,
@@ -287,6 +296,30 @@ def _daily_pacer(
         rate, burst = ROOM_DELETE_RATE, ROOM_DELETE_BURST
     return Pacer(
         rate, burst, max_wait_s=max_wait_s, what=f"room {call}s", bucket=StoreBucket(db, key)
+    )
+
+
+def _stock(
+    settings: Settings,
+    db: Store,
+    transports: Mapping[str, RoomBackend],
+    create_pacer: Pacer | None,
+    delete_pacer: Pacer,
+    metrics: Metrics,
+) -> RoomStock | None:
+    """The Daily room stock, when DAILY_ROOM_STOCK asks for one."""
+    daily = transports.get("daily")
+    if not settings.daily_room_stock or not isinstance(daily, DailyRooms):
+        return None
+    return RoomStock(
+        db,
+        settings.dispatcher_name,
+        daily,
+        size=settings.daily_room_stock,
+        session_max_s=settings.session_max_duration_s,
+        create_pacer=create_pacer,
+        delete_pacer=delete_pacer,
+        metrics=metrics,
     )
 
 

@@ -119,6 +119,9 @@ class Settings:
     # A pool machine whose session ended is stopped and returned to the pool (its POOL_TOKEN
     # rotated) rather than destroyed (Fly only).
     pool_recycle: bool = False
+    # Daily rooms kept made ahead of sessions (dispatcher/rooms/stock.py); 0: each start makes
+    # its room.
+    daily_room_stock: int = 0
     log_level: str = "INFO"
     log_format: LogFormat = "json"
     # Spans carry users' ids as they are (else a hash of each).
@@ -205,6 +208,7 @@ class Settings:
             ),
             pool_interval_s=r.number("POOL_INTERVAL_S", cls.pool_interval_s, 0.1, 600),
             pool_recycle=r.boolean("POOL_RECYCLE", cls.pool_recycle),
+            daily_room_stock=r.integer("DAILY_ROOM_STOCK", cls.daily_room_stock, 0, 1000),
             log_level=r.choice(
                 "LOG_LEVEL", ("debug", "info", "warning", "error"), cls.log_level.lower()
             ).upper(),
@@ -229,6 +233,8 @@ class Settings:
             raise ConfigError(
                 "POOL_SIZE needs daily sessions (DAILY_API_KEY): pooled bots join Daily"
             )
+        if self.daily_room_stock and "daily" not in self.transports:
+            raise ConfigError("DAILY_ROOM_STOCK needs daily sessions (DAILY_API_KEY)")
         if self.pool_mode == "suspended" and self.bot_memory_mb > SUSPEND_MAX_MEMORY_MB:
             raise ConfigError(
                 f"POOL_MODE=suspended needs BOT_MEMORY_MB of at most {SUSPEND_MAX_MEMORY_MB} "

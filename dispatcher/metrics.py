@@ -148,7 +148,18 @@ class Metrics:
             "Pool machines that could not be made or suspended",
             registry=r,
         )
+        self.room_stock = Gauge(
+            "dispatcher_room_stock",
+            "Daily rooms made ahead that a start can take now (DAILY_ROOM_STOCK), from the store",
+            registry=r,
+        )
+        self.room_stock_misses = Counter(
+            "dispatcher_room_stock_misses",
+            "Daily starts that found the room stock empty and made their own room",
+            registry=r,
+        )
         self._store: Store | None = None
+        self._room_stock: Callable[[], Awaitable[int]] | None = None
         self._pool: Callable[[], Awaitable[list[tuple[str, str]]]] | None = None
         # (region, state) pairs shown before: shown as 0 once empty rather than vanishing.
         self._pool_seen: set[tuple[str, str]] = set()
@@ -165,11 +176,13 @@ class Metrics:
         leader: Callable[[], bool],
         pool: Callable[[], Awaitable[list[tuple[str, str]]]] | None = None,
         paced: Mapping[str, Pacer] | None = None,
+        room_stock: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         """What is read at scrape time: the store's sessions and rooms to delete, queue
-        depths, leadership, the pool's machines as (region, state) pairs, and the shared
-        queues of the `paced` calls."""
+        depths, leadership, the pool's machines as (region, state) pairs, the shared
+        queues of the `paced` calls, and the rooms in stock."""
         self._store, self._dispatcher, self._pool = store, dispatcher, pool
+        self._room_stock = room_stock
         self._paced = dict(paced or {})
         self.create_queue.set_function(lambda: float(create_queue()))
         self.room_delete_queue.set_function(lambda: float(room_delete_queue()))
@@ -189,6 +202,11 @@ class Metrics:
                 self.paced_queue.labels(call=call).set(await pacer.queued())
             except Exception as exc:  # e.g. Daily's domain, the bucket's key, not known yet
                 log.debug("no %s queue to show: %s", call, exc)
+        if self._room_stock is not None:
+            try:
+                self.room_stock.set(await self._room_stock())
+            except Exception as exc:  # Daily's domain not known yet
+                log.debug("no room stock to show: %s", exc)
         if self._pool is not None:
             machines = Counter_(await self._pool())
             for region, state in {*machines, *self._pool_seen}:

@@ -27,13 +27,13 @@ for what needs repair, all through the clients' retry policy (which honours Retr
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 
 from dispatcher.aio import every
 from dispatcher.config import Settings
+from dispatcher.ids import SESSION_ID
 from dispatcher.janitor import RoomJanitor
 from dispatcher.lifecycle import EndReason, State, interrupt_start
 from dispatcher.logs import session_context
@@ -46,8 +46,6 @@ from dispatcher.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-# Room names that are session ids (see starter.new_session_id); other rooms are not ours.
-SESSION_ROOM = re.compile(r"^s-[0-9a-f]{16}$")
 # Rooms of sessions that ended less than this ago are left to the supervisor that ended them.
 ROOM_GRACE_S = 10.0
 ROOMS_PER_PASS = 50
@@ -337,7 +335,7 @@ class Reconciler:
             )
         }
         for rooms in self._rooms.values():
-            names = [n for n in await rooms.inventory() if SESSION_ROOM.match(n)]
+            names = [n for n in await rooms.inventory() if SESSION_ID.match(n)]
             for session in (await self._store.get_many(names)).values():
                 ended_at = session.ended_at or session.updated_at
                 if not session.active and ended_at < now - ROOM_GRACE_S:

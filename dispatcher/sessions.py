@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -21,6 +21,7 @@ from dispatcher.errors import (
     Unavailable,
 )
 from dispatcher.idempotency import IDEMPOTENT_WAIT_S, Idempotency, IdempotentStarts
+from dispatcher.ids import new_session_id
 from dispatcher.janitor import RoomJanitor
 from dispatcher.lifecycle import ACTIVE_STATES, EndReason, State, request_end
 from dispatcher.logs import bind, session_context
@@ -28,8 +29,9 @@ from dispatcher.machines import MachineBackend, MachineRef
 from dispatcher.pacing import Pacer
 from dispatcher.pool import Pool
 from dispatcher.rooms import RoomBackend
+from dispatcher.rooms.stock import RoomStock
 from dispatcher.start import StartRequest
-from dispatcher.starter import Starter, new_session_id
+from dispatcher.starter import Starter
 from dispatcher.store import Session, Store
 from dispatcher.supervisor import Supervisor
 from dispatcher.telemetry import Telemetry
@@ -53,6 +55,7 @@ class SessionService:
         pool: Pool | None = None,
         *,
         room_pacer: Pacer | None = None,
+        stock: RoomStock | None = None,
         idempotent_wait_s: float = IDEMPOTENT_WAIT_S,
     ) -> None:
         self._settings = settings
@@ -72,6 +75,7 @@ class SessionService:
             self._telemetry,
             pool,
             room_pacer,
+            stock,
         )
         self._keys = IdempotentStarts(
             store, abandoned_after_s=settings.start_timeout_s, wait_s=idempotent_wait_s
@@ -110,8 +114,10 @@ class SessionService:
     async def _start_once(
         self, principal: Principal, request: StartRequest, idempotency: Idempotency | None
     ) -> dict[str, Any]:
-        """A start under an Idempotency-Key answers what the first start with it answered."""
-        session_id = new_session_id()
+        """A start under an Idempotency-Key answers what the first start with it answered. A
+        room made ahead names the session; one that the start did not take goes back."""
+        stocked = await self._starter.stocked_room(request)
+        session_id = stocked.name if stocked is not None else new_session_id()
         # This task's own context: every record logged for the start carries its session.
         bind(session_id=session_id)
         span = trace.get_current_span()
@@ -119,14 +125,20 @@ class SessionService:
         span.set_attribute("user.id", self._telemetry.tracing.user_id(principal.user))
         if request.region:
             span.set_attribute("session.region_requested", request.region)
-        if idempotency is None:
-            return await self._starter.start(principal, request, session_id)
-        return await self._keys.run(
-            principal.user,
-            idempotency,
-            session_id,
-            lambda: self._starter.start(principal, request, session_id),
-        )
+        started = False
+
+        def start() -> Awaitable[dict[str, Any]]:
+            nonlocal started
+            started = True
+            return self._starter.start(principal, request, session_id, stocked)
+
+        try:
+            if idempotency is None:
+                return await start()
+            return await self._keys.run(principal.user, idempotency, session_id, start)
+        finally:
+            if stocked is not None and not started:
+                await self._starter.put_back(stocked)
 
     async def get(self, principal: Principal, session_id: str) -> Session:
         """The caller's session, or any session for an admin (someone else's is reported as

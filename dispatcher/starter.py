@@ -1,12 +1,12 @@
-"""The start path: plan the room, claim a pool machine or create one under the shared pacing,
-create both at once, record the dispatch, and undo what was made when either fails."""
+"""The start path: plan the room (one made ahead when the room stock has one), claim a pool
+machine or create one under the shared pacing, create both at once, record the dispatch, and
+undo what was made when either fails."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -33,17 +33,14 @@ from dispatcher.machines import BOT_COMMAND, BotSpec, MachineBackend, MachineRef
 from dispatcher.pacing import Pacer
 from dispatcher.pool import Pool
 from dispatcher.rooms import RoomBackend, RoomPlan
+from dispatcher.rooms.stock import RoomStock
 from dispatcher.start import StartRequest
 from dispatcher.store import PoolMachine, Session, Store
+from dispatcher.store.room_stock import StockRoom
 from dispatcher.supervisor import Supervisor
 from dispatcher.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
-
-
-def new_session_id() -> str:
-    """A session id: short, URL- and Daily-room-name-safe, 64 random bits."""
-    return "s-" + secrets.token_hex(8)
 
 
 class Starter:
@@ -61,6 +58,7 @@ class Starter:
         telemetry: Telemetry,
         pool: Pool | None,
         room_pacer: Pacer | None = None,
+        stock: RoomStock | None = None,
     ) -> None:
         self._settings = settings
         self._telemetry = telemetry
@@ -73,9 +71,43 @@ class Starter:
         # Daily room creates (their share of Daily's budget), shared like the machine creates.
         self._room_pacer = room_pacer
         self._pool = pool
+        self._stock = stock
+
+    async def stocked_room(self, request: StartRequest) -> StockRoom | None:
+        """A room made ahead for this start (named as its session id), when it is a Daily start
+        that sets no room properties of its own and the stock has one."""
+        if self._stock is None or request.transport != "daily" or request.room_properties:
+            return None
+        return await self._stock.claim()
+
+    async def put_back(self, room: StockRoom) -> None:
+        """Return a room taken from the stock for a start that stored no session."""
+        if self._stock is not None:
+            await self._stock.put_back(room)
 
     async def start(
-        self, principal: Principal, request: StartRequest, session_id: str
+        self,
+        principal: Principal,
+        request: StartRequest,
+        session_id: str,
+        stocked: StockRoom | None = None,
+    ) -> dict[str, Any]:
+        """Start the session `session_id` (the name of `stocked`, a room made ahead, if given).
+        A failure before the session is stored puts `stocked` back; after, the room is the
+        session's, and deleted with it."""
+        try:
+            return await self._start(principal, request, session_id, stocked)
+        except BaseException:
+            if stocked is not None and await self._store.get(session_id) is None:
+                await self.put_back(stocked)
+            raise
+
+    async def _start(
+        self,
+        principal: Principal,
+        request: StartRequest,
+        session_id: str,
+        stocked: StockRoom | None,
     ) -> dict[str, Any]:
         rooms = self._room_backend(request.transport)
         await rooms.open()
@@ -87,7 +119,7 @@ class Starter:
         # A cold create and a Daily room take their turns now: a full queue is refused
         # before anything is made, and a turn taken is given back.
         fly = self._pacer if pooled is None else None
-        room = self._room_pacer if request.transport == "daily" else None
+        room = self._room_pacer if request.transport == "daily" and stocked is None else None
         taken: list[Pacer] = []
         try:
             delay = await fly.reserve() if fly else 0.0
@@ -100,7 +132,7 @@ class Starter:
             raise
         try:
             return await self._create(
-                principal, request, session_id, rooms, (delay, room_delay), pooled
+                principal, request, session_id, rooms, (delay, room_delay), pooled, stocked
             )
         except RetryLater:
             await self._give_back(taken, None)
@@ -121,6 +153,7 @@ class Starter:
         rooms: RoomBackend,
         delays: tuple[float, float],
         pooled: PoolMachine | None,
+        stocked: StockRoom | None,
     ) -> dict[str, Any]:
         delay, room_delay = delays
         now = time.time()
@@ -132,6 +165,7 @@ class Starter:
             request.room_properties,
             request.token_properties,
             default_ice_servers=request.default_ice_servers,
+            made_ahead_exp=stocked.exp if stocked is not None else None,
         )
         callback_token, callback_hash = new_callback_token()
         traceparent = self._telemetry.tracing.traceparent()
@@ -147,6 +181,7 @@ class Starter:
             expires_at=expires_at,
             room_name=plan.name or None,
             room_url=plan.url or None,
+            room_expires_at=plan.expires_at if plan.name else None,
             callback_hash=callback_hash,
             traceparent=traceparent,
         )
@@ -182,8 +217,9 @@ class Starter:
             },
             regions=self._regions(request.region),
         )
+        made = _nothing() if plan.made_ahead else _after(room_delay, lambda: rooms.create(plan))
         room_done, launched = await asyncio.gather(
-            _after(room_delay, lambda: rooms.create(plan)),
+            made,
             self._launch(spec, delay, pooled),
             return_exceptions=True,
         )
@@ -202,7 +238,8 @@ class Starter:
         span.set_attribute("session.pooled", machine.pooled)
         if machine.region:
             span.set_attribute("cloud.region", machine.region)
-        room_created = [("room_created", {"room": plan.name})] if plan.name else []
+        room = {"room": plan.name} | ({"made_ahead": True} if plan.made_ahead else {})
+        room_created = [("room_created", room)] if plan.name else []
         dispatched = await dispatch(
             self._store,
             session_id,
@@ -321,6 +358,10 @@ async def _after(delay: float, call: Callable[[], Awaitable[None]]) -> None:
     if delay > 0:
         await asyncio.sleep(delay)
     await call()
+
+
+async def _nothing() -> None:
+    """No call (a room made ahead)."""
 
 
 def _maybe_happened(error: BaseException | None) -> bool:

@@ -40,10 +40,10 @@ from dispatcher.cleanup import record_failure
 from dispatcher.config import Settings
 from dispatcher.errors import BadRequest, ErrorCode, Unauthorized
 from dispatcher.http.input import json_object
+from dispatcher.ids import SESSION_ID
 from dispatcher.lifecycle import EndReason, end_from_room
 from dispatcher.logs import session_context
 from dispatcher.machines import MachineBackend, MachineRef
-from dispatcher.reconciler import SESSION_ROOM
 from dispatcher.rooms.daily import daily_user_id
 from dispatcher.store import Session, Store
 from dispatcher.supervisor import Supervisor
@@ -213,7 +213,7 @@ class DailyWebhooks:
         payload = payload if isinstance(payload, dict) else {}
         room = payload.get("room")
         session = None
-        if isinstance(room, str) and SESSION_ROOM.match(room):
+        if isinstance(room, str) and SESSION_ID.match(room):
             session = await self._store.get(room)
         if (
             session is None

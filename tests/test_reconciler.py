@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from dispatcher.config import Secret, Settings
+from dispatcher.ids import new_session_id
 from dispatcher.janitor import RoomJanitor
 from dispatcher.lifecycle import EndReason
 from dispatcher.machines import BOT_COMMAND, BotSpec
@@ -35,7 +36,6 @@ from dispatcher.machines.fly_api import FlyAPI
 from dispatcher.reconciler import Reconciler
 from dispatcher.rooms.daily import DailyRooms
 from dispatcher.rooms.daily_api import DailyAPI
-from dispatcher.starter import new_session_id
 from dispatcher.store import ENDED, ENDING, FAILED, READY, STARTING, Event, Session, Store
 from dispatcher.supervisor import EXIT_MARGIN_S, Supervisor
 from dispatcher.telemetry import random_traceparent

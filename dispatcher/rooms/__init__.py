@@ -13,7 +13,8 @@ class RoomPlan:
     """A room decided before it exists: its name and URL, the two tokens, and its properties.
 
     A transport without rooms (webrtc) plans an empty name and URL: nothing to create; its
-    properties are what its peers use (webrtc: `iceServers`).
+    properties are what its peers use (webrtc: `iceServers`). `made_ahead`: the room exists
+    already (the room stock, dispatcher/rooms/stock.py), nothing to create either.
     """
 
     name: str
@@ -22,6 +23,7 @@ class RoomPlan:
     bot_token: str = field(repr=False)
     expires_at: float
     properties: dict[str, Any] = field(default_factory=dict)
+    made_ahead: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,11 @@ class RoomBackend(Protocol):
         token_properties: dict[str, Any],
         *,
         default_ice_servers: bool = False,
+        made_ahead_exp: float | None = None,
     ) -> RoomPlan:
         """Name, URL, tokens and properties of the session's room; no I/O.
-        `default_ice_servers`: the client asked for them (`enableDefaultIceServers`; webrtc)."""
+        `default_ice_servers`: the client asked for them (`enableDefaultIceServers`; webrtc).
+        `made_ahead_exp`: the room was made ahead (named `session_id`), with this `exp`."""
 
     def answer(self, plan: RoomPlan) -> dict[str, Any]:
         """What `POST /start` answers besides `sessionId` (how the client joins)."""

@@ -136,13 +136,16 @@ class DailyRooms:
         token_properties: dict[str, Any],
         *,
         default_ice_servers: bool = False,
+        made_ahead_exp: float | None = None,
     ) -> RoomPlan:
         """A private room named after the session, its URL and two self-signed tokens (ICE
-        servers are Daily's business: `default_ice_servers` does not apply)."""
+        servers are Daily's business: `default_ice_servers` does not apply). The tokens expire
+        with the session's room `exp`; a room made ahead keeps its own, later, `exp`."""
         exp = room_exp(expires_at)
+        made_exp = exp if made_ahead_exp is None else int(made_ahead_exp)
         properties = {
             **room_properties,
-            "exp": exp,
+            "exp": made_exp,
             "eject_at_room_exp": True,
             "max_participants": MAX_PARTICIPANTS,
         }
@@ -156,8 +159,9 @@ class DailyRooms:
             url=f"https://{self.domain.name}.daily.co/{session_id}",
             user_token=self._token(session_id, exp, user_claims),
             bot_token=self._token(session_id, exp, bot_claims),
-            expires_at=exp,
+            expires_at=made_exp,
             properties=properties,
+            made_ahead=made_ahead_exp is not None,
         )
 
     def answer(self, plan: RoomPlan) -> dict[str, Any]:

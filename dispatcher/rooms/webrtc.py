@@ -45,6 +45,7 @@ class WebRTCRooms:
         token_properties: dict[str, Any],
         *,
         default_ice_servers: bool = False,
+        made_ahead_exp: float | None = None,
     ) -> RoomPlan:
         """No room, only the session's ICE servers: Daily's room and token properties do not
         apply (and are ignored)."""

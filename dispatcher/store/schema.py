@@ -33,6 +33,8 @@ sessions = sa.Table(
     sa.Column("ended_at", sa.Float),
     sa.Column("expires_at", sa.Float, nullable=False),
     sa.Column("room_deleted_at", sa.Float),
+    # The room's `exp` when it is not the session's (a room made ahead, dispatcher/rooms/stock.py).
+    sa.Column("room_expires_at", sa.Float),
     sa.Column("end_requested_at", sa.Float),
     sa.Column("traceparent", sa.String(64)),
     sa.Column("error", sa.Text),
@@ -100,6 +102,20 @@ pool_machines = sa.Table(
     sa.Index("ix_pool_claim", "dispatcher", "state", "region", "image"),
 )
 
+# Daily rooms made ahead of their sessions (dispatcher/rooms/stock.py), each named as the id of
+# the session that will claim it; a claim deletes the row. `domain` is the Daily domain that
+# holds the room, `exp` its `exp` (unix seconds).
+room_stock = sa.Table(
+    "room_stock",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("dispatcher", sa.String(128), nullable=False),
+    sa.Column("domain", sa.String(128), nullable=False),
+    sa.Column("made_at", sa.Float, nullable=False),
+    sa.Column("exp", sa.Float, nullable=False),
+    sa.Index("ix_room_stock_claim", "dispatcher", "domain", "exp"),
+)
+
 # Columns added after the first release, with their DDL type: added on open when missing.
 _ADDED_COLUMNS = {
     "sessions": {
@@ -107,6 +123,7 @@ _ADDED_COLUMNS = {
         "end_requested_at": "FLOAT",
         "traceparent": "VARCHAR(64)",
         "error": "TEXT",
+        "room_expires_at": "FLOAT",
     }
 }
 

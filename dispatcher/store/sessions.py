@@ -50,6 +50,9 @@ class Session:
     traceparent: str | None = None
     # Why its bot failed, in the bot's words: its ended report's `error` (dispatcher/callbacks.py).
     error: str | None = None
+    # Its room's `exp` (unix seconds) when the room was made ahead (dispatcher/rooms/stock.py);
+    # None: the room's `exp` follows from `expires_at` (dispatcher/rooms/daily.py `room_exp`).
+    room_expires_at: float | None = None
 
     @property
     def active(self) -> bool:

@@ -1,10 +1,11 @@
 """Start rate: the highest rate of session starts one dispatcher sustains under Fly's and
-Daily's documented limits, cold, from a warm pool, and from a pool that recycles its machines.
+Daily's documented limits, cold, from a warm pool, from a pool that recycles its machines, and
+from that pool with Daily rooms made ahead.
 
-    .venv/bin/python bench/start_rate.py [--rates 1,5,10,20] [--modes cold,pool,recycle]
+    .venv/bin/python bench/start_rate.py [--rates 1,5,10,20] [--modes cold,pool,recycle,stock]
                                          [--seconds 60] [--session-s 5] [--pool-size N]
-                                         [--profile realistic|fast] [--database-url URL]
-                                         [--out f.json]
+                                         [--room-stock N] [--profile realistic|fast]
+                                         [--database-url URL] [--out f.json]
 
 For each mode and each rate R, a fresh run: one dispatcher as a real child process (`python -m
 dispatcher serve`, log level WARNING) on a fresh PostgreSQL database (created on
@@ -21,8 +22,11 @@ pacing is its defaults (Fly creates 1/s burst 3, Daily room creates 15/s, room d
   FLY_REGION), each destroyed after its session.
 - `recycle`: the same pool with POOL_RECYCLE=true: a machine whose session ended is stopped,
   updated (a new POOL_TOKEN) and offered again.
+- `stock`: `recycle` with DAILY_ROOM_STOCK: Daily rooms made ahead in batches (R x 5 s of
+  them, or --room-stock), so a start makes no Daily call (dispatcher/rooms/stock.py).
 
-A pool is filled before the window (at Fly's create limit: about a machine a second). Then
+A pool is filled before the window (at Fly's create limit: about a machine a second), and so is
+the room stock. Then
 `POST /start` is offered open-loop at R a second for --seconds, each as a user of its own; a
 429 is counted, never retried. Every session's bot ends itself --session-s after its ready
 (`exit_after_s`, with its `ended` callback). Reported per run: achieved starts/s (the whole
@@ -77,7 +81,10 @@ from testkit.harness import (
     fly_emulator,
 )
 
-MODES = ("cold", "pool", "recycle")
+MODES = ("cold", "pool", "recycle", "stock")
+# The room stock holds this many seconds of starts (at most DAILY_ROOM_STOCK's 1,000).
+STOCK_S = 5.0
+MAX_STOCK = 1000
 DEFAULT_RATES = (1.0, 5.0, 10.0, 20.0)
 SAMPLE_S = 2.0
 # A pool is sized to hold R sessions' worth of machines over a session and its recycling.
@@ -101,6 +108,7 @@ class RateOptions:
     seconds: float = 60.0
     session_s: float = 5.0
     pool_size: int | None = None
+    room_stock: int | None = None
     profile: str = "realistic"
     database_url: str = PG_URL
     fill_timeout_s: float = 300.0
@@ -111,6 +119,12 @@ class RateOptions:
         if self.pool_size is not None:
             return self.pool_size
         return max(1, math.ceil(rate * (self.session_s + POOL_CYCLE_MARGIN_S)))
+
+    def stock_for(self, rate: float) -> int:
+        """DAILY_ROOM_STOCK at `rate`: --room-stock, else STOCK_S of starts."""
+        if self.room_stock is not None:
+            return self.room_stock
+        return min(MAX_STOCK, max(1, math.ceil(rate * STOCK_S)))
 
 
 def spread(total: int) -> tuple[tuple[str, ...], int]:
@@ -187,6 +201,7 @@ GAUGES = {
     "room_creates_queued": 'dispatcher_paced_queue{call="daily_room_create"}',
     "room_deletes_queued": 'dispatcher_paced_queue{call="daily_room_delete"}',
     "rooms_awaiting_delete": "dispatcher_rooms_awaiting_delete",
+    "room_stock": "dispatcher_room_stock",
 }
 COUNTERS = {
     "pool_claims": "dispatcher_pool_claims_total",
@@ -194,6 +209,7 @@ COUNTERS = {
     "pool_recycled": "dispatcher_pool_recycled_total",
     "pool_recycle_failures": "dispatcher_pool_recycle_failures_total",
     "pool_start_failures": "dispatcher_pool_start_failures_total",
+    "room_stock_misses": "dispatcher_room_stock_misses_total",
 }
 
 
@@ -222,6 +238,20 @@ class Database:
                 for r in rows
                 if r[0] in wanted
             }
+
+    async def room_stock(self) -> int:
+        async with self.engine.connect() as conn:
+            return int(await conn.scalar(sa.text("SELECT count(*) FROM room_stock")) or 0)
+
+
+async def fill_stock(db: Database, size: int, timeout_s: float) -> float:
+    """Wait until the room stock holds `size` rooms; how long it took."""
+    began = time.monotonic()
+    while await db.room_stock() < size:
+        if time.monotonic() - began > timeout_s:
+            raise TimeoutError(f"the room stock did not reach {size} rooms in {timeout_s:.0f} s")
+        await asyncio.sleep(0.5)
+    return time.monotonic() - began
 
 
 async def fill_pool(db: Database, size: int, timeout_s: float) -> float:
@@ -311,10 +341,12 @@ async def run_one(options: RateOptions, mode: str, rate: float, workdir: Path) -
     if mode == "cold":
         regions, per_region = regions[:1], 0
     pool_size = per_region * len(regions)
+    stock = options.stock_for(rate) if mode == "stock" else 0
     result: dict[str, Any] = {
         "mode": mode,
         "rate": rate,
         "pool_size": pool_size,
+        "room_stock": stock,
         "regions": list(regions),
     }
     async with (
@@ -331,7 +363,8 @@ async def run_one(options: RateOptions, mode: str, rate: float, workdir: Path) -
             "POOL_SIZE": str(per_region),
             "POOL_MODE": "stopped",
             "POOL_INTERVAL_S": "1",
-            "POOL_RECYCLE": "true" if mode == "recycle" else "false",
+            "POOL_RECYCLE": "true" if mode in ("recycle", "stock") else "false",
+            "DAILY_ROOM_STOCK": str(stock),
         }
         engine = create_async_engine(engine_url(database_url))
         db = Database(engine)
@@ -342,6 +375,8 @@ async def run_one(options: RateOptions, mode: str, rate: float, workdir: Path) -
                 await proc.start()
                 if pool_size:
                     result["pool_fill_s"] = await fill_pool(db, pool_size, options.fill_timeout_s)
+                if stock:
+                    result["stock_fill_s"] = await fill_stock(db, stock, options.fill_timeout_s)
                 before = refused(fly, daily)
                 requests_before = len(fly.requests), len(daily.requests)
                 script = {"exit_after_s": options.session_s, "ready_delay_s": 0.3}
@@ -588,7 +623,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"{run['mode']} at {run['rate']:g}/s: answers {run['answers']}; pool claims "
             f"{c['pool_claims']:.0f}, misses {c['pool_misses']:.0f}, recycled "
-            f"{c['pool_recycled']:.0f} (failed {c['pool_recycle_failures']:.0f}); pool at end "
+            f"{c['pool_recycled']:.0f} (failed {c['pool_recycle_failures']:.0f}); room stock "
+            f"{run.get('room_stock', 0)}, misses {c['room_stock_misses']:.0f}; pool at end "
             f"{run['pool_at_end']}; never ready {run['never_ready']}; load after "
             + " ".join(f"{v:.1f}" for v in run["loadavg_after"])
         )
@@ -617,11 +653,14 @@ def _modes(text: str) -> tuple[str, ...]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", type=_floats, default=DEFAULT_RATES, metavar="R,R,...")
-    parser.add_argument("--modes", type=_modes, default=MODES, metavar="cold,pool,recycle")
+    parser.add_argument("--modes", type=_modes, default=MODES, metavar="cold,pool,recycle,stock")
     parser.add_argument("--seconds", type=float, default=60.0, help="the window of each run")
     parser.add_argument("--session-s", type=float, default=5.0, help="a session after ready")
     parser.add_argument(
         "--pool-size", type=int, help="machines in all (default: R x (session + 3 s))"
+    )
+    parser.add_argument(
+        "--room-stock", type=int, help=f"stock mode's rooms (default: R x {STOCK_S:g} s)"
     )
     parser.add_argument("--profile", choices=sorted(PROFILES), default="realistic")
     parser.add_argument("--database-url", default=PG_URL, help="the PostgreSQL server to use")
@@ -633,6 +672,7 @@ def main() -> None:
         seconds=args.seconds,
         session_s=args.session_s,
         pool_size=args.pool_size,
+        room_stock=args.room_stock,
         profile=args.profile,
         database_url=args.database_url,
     )

@@ -14,11 +14,11 @@ from tests.conftest import _require_pg
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # three dispatchers, one after the other, on a loaded machine
+@pytest.mark.timeout(600)  # four dispatchers, one after the other, on a loaded machine
 async def test_start_rate_bench_smoke(tmp_path: Path) -> None:
     """Each mode at 1 start/s for a few seconds, sessions of one second: every offered start
     answered and counted, the latencies, upstream 429s, backlogs, CPU and pool counters reported;
-    a pool filled first; a printable, JSON-able report."""
+    a pool (and the stock mode's rooms) filled first; a printable, JSON-able report."""
     await _require_pg()
     options = RateOptions(
         rates=(1.0,),
@@ -26,6 +26,7 @@ async def test_start_rate_bench_smoke(tmp_path: Path) -> None:
         seconds=4.0,
         session_s=1.0,
         pool_size=2,
+        room_stock=3,
         profile="fast",
         database_url=PG_URL,
     )
@@ -59,6 +60,10 @@ async def test_start_rate_bench_smoke(tmp_path: Path) -> None:
         assert run["pool_size"] == (0 if run["mode"] == "cold" else 2)
         if run["mode"] != "cold":
             assert run["pool_fill_s"] >= 0
+        assert run["room_stock"] == (3 if run["mode"] == "stock" else 0)
+        if run["mode"] == "stock":
+            # Every Daily start took a room made ahead: none made its own.
+            assert run["stock_fill_s"] >= 0 and run["counters"]["room_stock_misses"] == 0
     assert set(report["best"]) == set(MODES)
     assert report["machine"]["loadavg_before"] and report["machine"]["loadavg_after"]
     text = format_report(report)

@@ -58,6 +58,10 @@ _DAILY = (
     "region to Daily's API plus a write on their side"
 )
 _DAILY_READ = "assumed: as for create_room, without the write"
+_DAILY_BATCH = (
+    "assumed: no source gives a batch call's latency; twice create_room's, for the writes of "
+    "up to a hundred rooms"
+)
 
 # Seconds before each API call answers (the emulators' per-operation latency).
 FLY_LATENCY: dict[str, Figure] = {
@@ -90,6 +94,8 @@ DAILY_LATENCY: dict[str, Figure] = {
     "update_room": Figure(0.25, _DAILY),
     "delete_room": Figure(0.25, _DAILY),
     "create_token": Figure(0.25, _DAILY),
+    "create_rooms": Figure(0.5, _DAILY_BATCH),
+    "delete_rooms": Figure(0.5, _DAILY_BATCH),
     "domain": Figure(0.15, _DAILY_READ),
     "get_room": Figure(0.15, _DAILY_READ),
     "list_rooms": Figure(0.15, _DAILY_READ),

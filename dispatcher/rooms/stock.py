@@ -116,13 +116,19 @@ class RoomStock:
         await every(STOCK_INTERVAL_S, step, log=log, what="room stock pass")
 
     async def refill(self) -> int:
-        """Make, in one batch, the rooms the stock lacks; how many were made."""
+        """Make, in one batch, the rooms the stock lacks; how many were made. What is lacking
+        is counted again once the call's turn has come: a turn that came late (behind the
+        creates of starts that found the stock empty) makes all that went meanwhile."""
         domain = self._daily.domain.name
-        missing = min(self.size - await self._rows.count(domain, self._min_exp()), MAX_BATCH)
-        if missing <= 0:
+        if await self._rows.count(domain, self._min_exp()) >= self.size:
             return 0
         if self._create_pacer is not None:
             await self._create_pacer.acquire(bounded=False)
+        missing = min(self.size - await self._rows.count(domain, self._min_exp()), MAX_BATCH)
+        if missing <= 0:
+            if self._create_pacer is not None:
+                await self._create_pacer.cancel()
+            return 0
         names = [new_session_id() for _ in range(missing)]
         exp = int(self._clock() + self._ttl_s + self._session_max_s + ROOM_EXP_MARGIN_S)
         if not await self._daily.make_ahead(names, exp):

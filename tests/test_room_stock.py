@@ -3,6 +3,7 @@ no Daily call then; rooms a start did not take go back; rooms unclaimed too long
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from pathlib import Path
@@ -19,9 +20,10 @@ from dispatcher.store import Store
 from dispatcher.store.room_stock import RoomStockRows
 from dispatcher.upstream import RetryPolicy
 from testkit.fakes.daily import DailyEmulator
-from testkit.harness import DAILY_KEY, Stack, daily_emulator, dispatcher_stack
+from testkit.harness import DAILY_KEY, Stack, daily_emulator, dispatcher_stack, fly_emulator
 from testkit.net import serve
 from testkit.waits import eventually
+from tests.test_instances import several_instances
 
 STOCK_ENV = {"DAILY_ROOM_STOCK": "4"}
 FAST = RetryPolicy(attempts=2, initial_backoff_s=0.01, max_backoff_s=0.02)
@@ -32,6 +34,12 @@ def posts(daily: DailyEmulator, path: str) -> int:
     return sum(1 for r in daily.requests if r.method == "POST" and r.path == path)
 
 
+async def in_stock(store: Store) -> list[str]:
+    """The names of the rooms in the stock's rows."""
+    async with store.read() as conn:
+        return [r[0] for r in await conn.exec_driver_sql("SELECT name FROM room_stock")]
+
+
 async def stocked(stack: Stack, rows: int) -> list[str]:
     """Wait until the stock's rows hold `rows` rooms; their names."""
     store = await Store.open(stack.settings.database_url)
@@ -40,9 +48,7 @@ async def stocked(stack: Stack, rows: int) -> list[str]:
 
         async def full() -> bool:
             nonlocal names
-            async with store.read() as conn:
-                result = await conn.exec_driver_sql("SELECT name FROM room_stock")
-                names = [r[0] for r in result]
+            names = await in_stock(store)
             return len(names) == rows
 
         await eventually(full, timeout=15, what=f"{rows} rooms in stock")
@@ -161,3 +167,39 @@ async def test_rooms_left_unclaimed_past_their_ttl_are_deleted_in_one_call(store
         assert set(emu.rooms) == {first.name}
         assert await RoomStockRows(store, "d1").stale("other-domain", 1e13, 10) == []
         assert await stock.refill() == 3 and await stock.clear() == 0
+
+
+@pytest.mark.slow
+async def test_four_instances_take_distinct_rooms_from_one_stock(
+    tmp_path: Path, pg_database_url: str
+) -> None:
+    """Four instances on one PostgreSQL database share one stock, kept by the leader alone:
+    twelve starts at once, three on each, each take a different room made ahead (none makes
+    its own), and the stock is refilled to its size, not past it."""
+    fly = fly_emulator(limits={"create": (1000.0, 1000)})
+    async with several_instances(tmp_path, pg_database_url, 4, fly, DAILY_ROOM_STOCK="16") as group:
+        # Batches slow enough that refills by several instances would overlap and overfill.
+        group.daily.latency.per_op["create_rooms"] = 0.5
+        made: list[str] = []
+
+        def batched() -> list[str]:
+            return [
+                room["name"]
+                for r in group.daily.requests
+                if r.method == "POST" and r.path == "/batch/rooms"
+                for room in r.body["rooms"]
+            ]
+
+        async def full() -> bool:
+            nonlocal made
+            made = batched()
+            return len(await in_stock(group.store)) == 16
+
+        await eventually(full, timeout=30, what="16 rooms in stock")
+        answers = await asyncio.gather(*(group.all[n % 4].start(f"user-{n}") for n in range(12)))
+        assert [a.status_code for a in answers] == [200] * 12, [a.text for a in answers]
+        sids = {a.json()["sessionId"] for a in answers}
+        assert len(sids) == 12 and sids <= set(made)
+        assert not [r for r in group.daily.requests if r.method == "POST" and r.path == "/rooms"]
+        await eventually(full, timeout=30, what="the stock refilled")
+        assert len(made) == 16 + 12

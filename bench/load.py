@@ -12,8 +12,9 @@ with `--bot light` a minimal one, to spend less of this machine's CPU on bots, w
 on their own VMs) that calls ready, lives `--bot-seconds` and exits, so its machine is destroyed
 on its own; the bench then waits for every session to end and every machine to be gone before
 stopping the dispatcher.
-Room deletes are not waited for: the dispatcher paces them under Daily's 2 deletes/s whatever
-the limits, and those still queued at the stop are left to the reconciler (and the rooms' exp).
+Room deletes are not waited for: the dispatcher paces its batch delete calls under Daily's 2
+deletes/s whatever the limits, and those still queued at the stop are left to the reconciler
+(and the rooms' exp).
 
 Two configurations (`--limits both`, the default):
 - realistic: Fly's documented limits (create 1/s, burst 3, per app) and the dispatcher's create

@@ -14,7 +14,8 @@ dispatcher serve`, log level WARNING) on a fresh PostgreSQL database (created on
 both in this process with bench/latency_profile.py's latencies and **every documented rate
 limit enforced, none raised** (Fly: create 1/s burst 3 per app, start/stop/update/wait... 1/s
 burst 3 per machine, get 5/s; Daily: 20 requests/s, room deletes 2/s). The dispatcher's own
-pacing is its defaults (Fly creates 1/s burst 3, Daily room creates 15/s, room deletes 1.6/s).
+pacing is its defaults (Fly creates 1/s burst 3, Daily room creates 15/s, room delete calls
+1.6/s of up to 100 rooms each).
 
 - `cold`: POOL_SIZE=0, every session a machine create.
 - `pool`: a pool made ahead (stopped mode) of R x (a session + 3 s) machines, or --pool-size
@@ -39,8 +40,9 @@ second), and the CPU over the window in cores (the dispatcher's; this process's,
 the emulators and their light bots and makes the load; the machine's busy share). A rate is
 **sustained** when the second half achieves at least 90% of R, no start of
 it got a 429, and neither create queue grows (slope under 0.1/s). Rooms awaiting delete are
-reported apart: they grow whenever sessions end faster than 1.6/s, and are bounded by the rooms'
-`exp` (a room past it is marked deleted without a call: dispatcher/janitor.py).
+reported apart: they grow whenever sessions end faster than the deletes go (up to 160 rooms a
+second in batch calls), and are bounded by the rooms' `exp` (a room past it when its call is
+formed is marked deleted without a call: dispatcher/janitor.py).
 """
 
 from __future__ import annotations

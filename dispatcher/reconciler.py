@@ -15,8 +15,8 @@ whatever nobody else will:
 - a machine that no live session owns (its session ended or is unknown) is stopped, then
   destroyed on a later pass; a second machine of a live session is destroyed at once;
 - rooms of ended sessions still undeleted (in the store's record or in Daily's list) are
-  handed to the janitor, whose queue deletes them paced under Daily's limit (a pass never
-  waits for room deletes);
+  handed to the janitor, whose queue deletes them in batch calls paced under Daily's limit (a
+  pass never waits for room deletes);
 - the ids of handled Daily webhook events are forgotten after a day;
 - idempotency keys older than a day are forgotten, and rate-limit buckets full again.
 

@@ -96,7 +96,7 @@ RATE_LIMITED = {"error": "rate limit exceeded", "status": "rate_limited"}
 # Operations that every session or reconciler pass calls (a fault on `get`, which only the
 # reconciler calls now and then, may never fire).
 FLY_OPS = ("create", "list", "stop", "destroy", "events")
-DAILY_OPS = ("create_room", "delete_room")
+DAILY_OPS = ("create_room", "delete_rooms")  # the janitor deletes rooms in batch calls
 # Fault kinds queued on the emulators, and how often an extra one of each is drawn.
 FAULT_WEIGHTS = {
     "fly 429 burst": 3,

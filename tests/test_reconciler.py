@@ -686,21 +686,21 @@ async def test_rooms_of_ended_sessions_are_deleted(tmp_path: Path) -> None:
         assert stale not in r.daily.rooms and marked not in r.daily.rooms
         for kept in (active, just_ended, unknown, "lobby"):
             assert kept in r.daily.rooms, kept
-        deleted = [q.path for q in r.daily.requests if q.method == "DELETE"]
-        assert sorted(deleted) == sorted([f"/rooms/{stale}", f"/rooms/{marked}"])
+        deleted = [q for q in r.daily.requests if q.method == "DELETE"]
+        assert [q.path for q in deleted] == ["/batch/rooms"]  # both rooms in one call
+        assert sorted(deleted[0].body["rooms"]) == sorted([stale, marked])
         for sid in (stale, marked):
             session = await r.store.get(sid)
             assert session is not None and session.room_deleted_at is not None
         again = await r.reconciler.reconcile()
         await r.janitor.join()
         assert again.rooms_queued == 0
-        assert len([q for q in r.daily.requests if q.method == "DELETE"]) == 2
+        assert len([q for q in r.daily.requests if q.method == "DELETE"]) == 1
 
 
-@pytest.mark.slow
-async def test_many_room_deletes_are_paced_under_dailys_limit(tmp_path: Path) -> None:
-    """Eight rooms to delete in one pass go out paced by the janitor: Daily (about 2 deletes a
-    second, a burst of 2) never answers 429."""
+async def test_many_room_deletes_go_in_one_batch_call(tmp_path: Path) -> None:
+    """Eight rooms to delete in one pass go out in one batch call of the janitor: Daily (about
+    2 deletes a second, a burst of 2, a batch counted as one) never answers 429."""
     async with rig(tmp_path) as r:
         sids = [new_session_id() for _ in range(8)]
         for sid in sids:
@@ -709,10 +709,10 @@ async def test_many_room_deletes_are_paced_under_dailys_limit(tmp_path: Path) ->
 
         report = await r.reconciler.reconcile()
         assert report.rooms_queued == len(sids) and not report.errors
-        # The pass did not wait for them: at 1.6 deletes/s most are still queued.
-        assert r.janitor.queued >= len(sids) // 2
         await r.janitor.join()
         assert not set(sids) & set(r.daily.rooms)
+        deleted = [q for q in r.daily.requests if q.method == "DELETE"]
+        assert [sorted(q.body["rooms"]) for q in deleted] == [sorted(sids)]
         assert r.daily.limiter.refused.get("delete_room", 0) == 0
         for sid in sids:
             session = await r.store.get(sid)
@@ -721,18 +721,18 @@ async def test_many_room_deletes_are_paced_under_dailys_limit(tmp_path: Path) ->
 
 @pytest.mark.slow
 async def test_room_delete_retries_are_paced_too(tmp_path: Path) -> None:
-    """Deletes that fail once (503) are retried in their own turn: the retries never hit
-    Daily's delete limit either."""
+    """A batch delete that fails (503) is retried, each retry in its own turn: the retries
+    never hit Daily's delete limit either."""
     async with rig(tmp_path) as r:
         sids = [new_session_id() for _ in range(4)]
         for sid in sids:
             await r.room(sid)
             await r.session(sid, ENDED, age_s=120, ended_ago_s=60)
-        r.daily.faults.add("delete_room", status=503, times=len(sids))
+        r.daily.faults.add("delete_rooms", status=503, times=3)
 
         await r.reconciler.reconcile()
         await r.janitor.join()
-        assert len(r.daily.faults.fired) == len(sids)
+        assert r.daily.faults.fired == [("delete_rooms", 503)] * 3
         assert not set(sids) & set(r.daily.rooms)
         assert r.daily.limiter.refused.get("delete_room", 0) == 0
 
@@ -745,7 +745,7 @@ async def test_failed_room_delete_is_recorded_and_retried(tmp_path: Path) -> Non
         sid = new_session_id()
         await r.room(sid)
         await r.session(sid, ENDED, age_s=120, ended_ago_s=60)
-        r.daily.faults.add("delete_room", status=500, times=1000)
+        r.daily.faults.add("delete_rooms", status=500, times=1000)
 
         first = await r.reconciler.reconcile()
         await r.janitor.join()

@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import signal
-import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import httpx
 import pytest
 
-from dispatcher.janitor import EXPIRED_MARGIN_S, RoomJanitor
 from dispatcher.lifecycle import State
 from dispatcher.metrics import Metrics
-from dispatcher.pacing import Pace, Pacer
-from dispatcher.rooms.daily import ROOM_EXP_MARGIN_S, room_exp
-from dispatcher.store import Session, Store, StoreBucket
+from dispatcher.pacing import Pacer
+from dispatcher.store import Store, StoreBucket
 from testkit.fakes.daily import RATE_LIMITS as DAILY_LIMITS
 from testkit.fakes.daily import DailyEmulator
 from testkit.fakes.fly import DEFAULT_LIMITS, FlyEmulator
@@ -40,6 +36,7 @@ from testkit.harness import (
 )
 from testkit.waits import eventually
 from tests.test_instances import Instance, headers
+from tests.test_janitor import ended_session
 
 ENDED = State.ENDED
 INSTANCES = 4
@@ -78,11 +75,12 @@ def creates(fly: FlyEmulator) -> list[float]:
 
 
 def room_deletes(daily: DailyEmulator) -> list[float]:
-    """When each room delete reached Daily (refused ones too)."""
+    """When each room delete call reached Daily, batch or not (refused ones too): Daily's
+    delete limit counts a batch call as one delete (testkit/fakes/daily.py)."""
     return [
         at
         for r, at in zip(daily.requests, daily.arrivals, strict=True)
-        if r.method == "DELETE" and r.path.startswith("/rooms/")
+        if r.method == "DELETE" and r.path.startswith(("/rooms/", "/batch/rooms"))
     ]
 
 
@@ -128,8 +126,8 @@ async def test_four_instances_together_keep_to_flys_create_limit_and_dailys_dele
     """Twelve starts at once, three on each of four instances: Fly never answers a create
     429, and no more creates reached it within any one second than its bucket holds (1 a
     second plus a burst of 3). Then the twelve sessions are deleted at once: their rooms go
-    without a 429 from Daily, and no more deletes reached it within any second than its
-    bucket holds (2 a second plus a burst of 2)."""
+    (in batch calls, at most one a room) without a 429 from Daily, and no more delete calls
+    reached it within any second than its bucket holds (2 a second plus a burst of 2)."""
     fly, daily = fly_emulator(), daily_emulator()
     async with instances(tmp_path, pg_database_url, fly, daily) as group:
         users = [f"user-{i}" for i in range(SESSIONS)]
@@ -182,7 +180,8 @@ async def test_four_instances_together_keep_to_flys_create_limit_and_dailys_dele
         deleted = room_deletes(daily)
         rate, burst = DAILY_LIMITS["delete_room"]
         print(
-            f"room deletes: {len(deleted)} sent, {daily.limiter.refused.get('delete_room', 0)} "
+            f"room delete calls: {len(deleted)} sent, "
+            f"{daily.limiter.refused.get('delete_room', 0)} "
             f"refused (429), at most {most_in_any_second(deleted)} within one second (Daily "
             f"allows {rate + burst:g})"
         )
@@ -190,86 +189,12 @@ async def test_four_instances_together_keep_to_flys_create_limit_and_dailys_dele
             f"Daily refused {daily.limiter.refused['delete_room']} room deletes; "
             f"{most_in_any_second(deleted)} reached it within one second"
         )
-        assert len(deleted) == SESSIONS
+        assert 1 <= len(deleted) <= SESSIONS
         assert most_in_any_second(deleted) <= rate + burst
         assert daily.limiter.refused.get("api", 0) == 0
 
 
-# -- rooms past their exp ---------------------------------------------------------------------
-
-
-class RecordingRooms:
-    """A room backend that records the deletes asked of it."""
-
-    transport = "daily"
-    bot_routes = False
-
-    def __init__(self) -> None:
-        self.deleted: list[str] = []
-
-    async def open(self) -> None:
-        pass
-
-    async def delete(self, name: str, *, pace: Pace | None = None) -> None:
-        if pace is not None:
-            await pace()
-        self.deleted.append(name)
-
-
-async def ended_session(store: Store, sid: str, *, exp_in_s: float) -> Session:
-    """An ended daily session whose room's `exp` is `exp_in_s` from now."""
-    now = time.time()
-    session = Session(
-        id=sid,
-        user_id="u1",
-        state=ENDED,
-        transport="daily",
-        dispatcher="test",
-        created_at=now - 60,
-        updated_at=now,
-        expires_at=now + exp_in_s - ROOM_EXP_MARGIN_S,
-        room_name=sid,
-        ended_at=now,
-    )
-    await store.create_session(session, max_sessions=100)
-    return session
-
-
-async def test_a_room_past_its_exp_is_marked_deleted_without_a_call(store: Store) -> None:
-    """Daily treats a room past its `exp` as deleted: the janitor marks it deleted as of its
-    `exp` (and says so in the session's log) without calling Daily, and takes no turn."""
-    rooms = RecordingRooms()
-    janitor = RoomJanitor(store, {"daily": rooms})  # type: ignore[dict-item]
-    session = await ended_session(store, "s-expired", exp_in_s=-(EXPIRED_MARGIN_S + 1))
-    assert await store.count_rooms_to_delete() == 1
-    assert await janitor.delete(session)
-    assert rooms.deleted == []
-    stored = await store.get("s-expired")
-    assert stored is not None and stored.room_deleted_at == room_exp(session.expires_at)
-    assert [e.kind for e in await store.events("s-expired")][-1] == "room_expired"
-    assert await store.count_rooms_to_delete() == 0
-    assert await janitor.pacer.take_now()  # no turn was used
-
-
-async def test_a_room_whose_turn_comes_after_its_exp_gives_the_turn_back(store: Store) -> None:
-    """A room whose delete turn would come after its `exp` (the queue is an hour long) gives
-    its turn back to the rooms behind it and is marked deleted once it has expired; one whose
-    turn comes first is deleted."""
-    rooms = RecordingRooms()
-    pacer = Pacer(1 / 3600, 1, bucket=StoreBucket(store, "pace:daily-room-delete:test"))
-    janitor = RoomJanitor(store, {"daily": rooms}, pacer=pacer)  # type: ignore[dict-item]
-    first = await ended_session(store, "s-first", exp_in_s=3600)
-    assert await janitor.delete(first)
-    assert rooms.deleted == ["s-first"]
-    assert await pacer.queued() == 0
-    # Gone (by the margin) a moment from now, and the next turn is an hour away.
-    soon = await ended_session(store, "s-soon", exp_in_s=0.2 - EXPIRED_MARGIN_S)
-    assert await janitor.delete(soon)
-    assert rooms.deleted == ["s-first"]
-    stored = await store.get("s-soon")
-    assert stored is not None and stored.room_deleted_at == room_exp(soon.expires_at)
-    assert await pacer.queued() == 0  # the turn went back: the next one waits an hour, no more
-    assert math.ceil(await pacer.reserve() / 3600 - 0.01) == 1
+# -- metrics -----------------------------------------------------------------------------------
 
 
 async def test_metrics_show_the_rooms_awaiting_delete_and_the_shared_queues(store: Store) -> None:

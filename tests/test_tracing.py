@@ -91,7 +91,7 @@ async def test_the_spans_of_a_whole_session(tmp_path: Path, spans: Spans) -> Non
         await stack.wait_state(sid, "ended")
         end = await ended(stack, spans, sid, trace_id)
         await eventually(
-            lambda: spans.named("daily delete_room", trace_id), what="the room delete's span"
+            lambda: spans.named("daily delete_rooms", trace_id), what="the room delete's span"
         )
         machine = next(m for m in stack.fly.machines.values() if m.name == sid)
         env = machine.config["env"]
@@ -130,7 +130,7 @@ async def test_the_spans_of_a_whole_session(tmp_path: Path, spans: Spans) -> Non
     assert attr(by_name["fly create"][0], "upstream.request_id")
     # Later calls of the session join its trace: the follow's waits, the DELETE's stop, the
     # clean-up's destroy and the janitor's room delete.
-    for name in ("fly wait", "fly stop", "fly destroy", "daily delete_room"):
+    for name in ("fly wait", "fly stop", "fly destroy", "daily delete_rooms"):
         assert name in by_name, sorted(by_name)
         assert all(parent_id(s) == start.context.span_id for s in by_name[name])
 

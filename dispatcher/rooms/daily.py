@@ -55,8 +55,9 @@ TOKEN_PROPERTIES: dict[str, Property] = {
 GEO_REGIONS = ROOM["geo"].values
 MAX_PARTICIPANTS = 2
 # Daily's budget is 20 requests a second, or 100 per 5 s, for most endpoints (reference/daily.md
-# §2). Room creates take 15 a second of it, room deletes 1.6 (dispatcher/janitor.py), and the
-# rest is left for the odd room lookup, room list and readiness check.
+# §2). Room creates take 15 a second of it, room delete calls 1.6 (up to 100 rooms each:
+# dispatcher/janitor.py), and the rest is left for the odd room lookup, room list and readiness
+# check.
 ROOM_CREATE_RATE = 15.0
 ROOM_CREATE_BURST = 10
 ROOM_EXP_MARGIN_S = 300

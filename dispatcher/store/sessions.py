@@ -183,6 +183,17 @@ class SessionRows(Database):
                 .values(updated_at=time.time(), **values)
             )
 
+    async def update_many(self, session_ids: Sequence[str], **values: Any) -> None:
+        """Set the same fields of several sessions in one statement (a batch of room deletes)."""
+        if not session_ids:
+            return
+        async with self.write() as conn:
+            await conn.execute(
+                sessions.update()
+                .where(sessions.c.id.in_(list(session_ids)))
+                .values(updated_at=time.time(), **values)
+            )
+
     async def fill(self, session_id: str, **values: Any) -> None:
         """Set fields of a session that are still unset, in one statement: a value already
         stored is kept (None values are skipped)."""

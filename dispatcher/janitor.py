@@ -47,7 +47,10 @@ EXPIRED_MARGIN_S = 60.0
 
 
 def session_room_exp(session: Session) -> int:
-    """The `exp` of the session's room (unix seconds): the one place here that says what it is."""
+    """The `exp` of the session's room (unix seconds): the one it was made with (a room made
+    ahead has its own, later one), else the session's hard end plus the margin."""
+    if session.room_expires_at is not None:
+        return int(session.room_expires_at)
     return room_exp(session.expires_at)
 
 

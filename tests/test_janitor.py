@@ -216,6 +216,29 @@ async def test_a_room_past_its_exp_is_marked_deleted_without_a_call(
     assert [e.kind for e in await store.events(gone.id)][-1] == "room_expired"
 
 
+async def test_a_room_made_ahead_lives_to_its_own_exp(
+    daily: tuple[DailyEmulator, DailyRooms], store: Store
+) -> None:
+    """A room made ahead (the room stock) has an `exp` later than its session's: past the
+    session's but not the room's, the room is deleted with a call, not taken as expired."""
+    emu, rooms = daily
+    janitor = RoomJanitor(store, {"daily": rooms})
+    try:
+        session = await ended_session(store, "s-stocked", exp_in_s=-(EXPIRED_MARGIN_S + 1))
+        room_exp = int(time.time()) + 3600
+        await store.update(session.id, room_expires_at=float(room_exp))
+        await rooms.make_ahead([session.id], room_exp)
+        stored = await store.get(session.id)
+        assert stored is not None and session_room_exp(stored) == room_exp
+        assert janitor.submit(stored)
+        await janitor.join()
+    finally:
+        await janitor.aclose()
+    assert [c.body["rooms"] for c in batch_deletes(emu)] == [[session.id]]
+    assert session.id not in emu.rooms
+    assert "room_expired" not in [e.kind for e in await store.events(session.id)]
+
+
 async def test_closing_drops_the_queued_deletes(
     daily: tuple[DailyEmulator, DailyRooms], store: Store
 ) -> None:

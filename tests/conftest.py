@@ -11,8 +11,13 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from dispatcher.config import Secret
+from dispatcher.rooms.daily import DailyRooms
+from dispatcher.rooms.daily_api import DailyAPI
 from dispatcher.store import Store, engine_url
+from dispatcher.upstream import RetryPolicy
 from testkit.databases import PG_URL, pg_problem
+from testkit.fakes.daily import DailyEmulator
 from testkit.fakes.recorder import CallbackRecorder
 from testkit.net import serve
 from testkit.otlp_collector import OtlpCollector
@@ -110,3 +115,27 @@ async def bots() -> AsyncIterator[list[BotProcess]]:
         if bot.proc.returncode is None:
             bot.proc.kill()
             await bot.proc.wait()
+
+
+# Our Daily room backend against Daily's emulator (its rate limits on), with quick retries.
+DAILY_TEST_KEY = "k" * 64
+DAILY_RETRIES = RetryPolicy(attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
+
+
+@pytest.fixture
+async def daily_served() -> AsyncIterator[tuple[DailyEmulator, DailyRooms, DailyAPI]]:
+    """Daily's emulator served on loopback, our room backend for it, and its API client."""
+    emu = DailyEmulator(api_key=DAILY_TEST_KEY)
+    async with serve(emu.app) as url, DailyAPI.client(url, DAILY_TEST_KEY) as http:
+        api = DailyAPI(http, DAILY_RETRIES)
+        rooms = DailyRooms(api, Secret(DAILY_TEST_KEY), DAILY_RETRIES)
+        await rooms.open()
+        yield emu, rooms, api
+
+
+@pytest.fixture
+def daily_rooms(
+    daily_served: tuple[DailyEmulator, DailyRooms, DailyAPI],
+) -> tuple[DailyEmulator, DailyRooms]:
+    """The emulator and the room backend of `daily_served`."""
+    return daily_served[0], daily_served[1]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -12,36 +11,17 @@ from dispatcher.config import Secret
 from dispatcher.errors import UpstreamError
 from dispatcher.rooms.daily import MAX_USER_ID, DailyRooms, daily_user_id
 from dispatcher.rooms.daily_api import DailyAPI
-from dispatcher.upstream import RetryPolicy
 from testkit.fakes.daily import ROOM_PAGING, DailyEmulator, JoinRefused
 from testkit.net import serve
-
-KEY = "k" * 64
-FAST = RetryPolicy(attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
-
-
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[DailyEmulator, DailyRooms, DailyAPI]]:
-    emu = DailyEmulator(api_key=KEY)
-    async with serve(emu.app) as url, DailyAPI.client(url, KEY) as http:
-        api = DailyAPI(http, FAST)
-        rooms = DailyRooms(api, Secret(KEY), FAST)
-        await rooms.open()
-        yield emu, rooms, api
-
-
-@pytest.fixture
-def daily(
-    served: tuple[DailyEmulator, DailyRooms, DailyAPI],
-) -> tuple[DailyEmulator, DailyRooms]:
-    return served[0], served[1]
+from tests.conftest import DAILY_RETRIES as FAST
+from tests.conftest import DAILY_TEST_KEY as KEY
 
 
 async def test_planned_room_and_tokens_work_on_daily(
-    daily: tuple[DailyEmulator, DailyRooms],
+    daily_rooms: tuple[DailyEmulator, DailyRooms],
 ) -> None:
     """The room is private with our limits; the user token joins as non-owner, the bot as owner."""
-    emu, rooms = daily
+    emu, rooms = daily_rooms
     plan = rooms.plan(
         "s-abc", "user-7", time.time() + 600, {"start_video_off": True}, {"user_name": "Ada"}
     )
@@ -61,10 +41,10 @@ async def test_planned_room_and_tokens_work_on_daily(
 
 
 async def test_token_for_one_room_does_not_open_another(
-    daily: tuple[DailyEmulator, DailyRooms],
+    daily_rooms: tuple[DailyEmulator, DailyRooms],
 ) -> None:
     """A session's token is refused in another session's room."""
-    emu, rooms = daily
+    emu, rooms = daily_rooms
     first = rooms.plan("s-one", "u", time.time() + 600, {}, {})
     second = rooms.plan("s-two", "u", time.time() + 600, {}, {})
     await rooms.create(first)
@@ -73,9 +53,9 @@ async def test_token_for_one_room_does_not_open_another(
         emu.join("s-two", first.user_token)
 
 
-async def test_delete_is_idempotent(daily: tuple[DailyEmulator, DailyRooms]) -> None:
+async def test_delete_is_idempotent(daily_rooms: tuple[DailyEmulator, DailyRooms]) -> None:
     """Deleting a room twice is fine: 404 counts as deleted."""
-    emu, rooms = daily
+    emu, rooms = daily_rooms
     plan = rooms.plan("s-del", "u", time.time() + 600, {}, {})
     await rooms.create(plan)
     await rooms.delete("s-del")
@@ -83,9 +63,9 @@ async def test_delete_is_idempotent(daily: tuple[DailyEmulator, DailyRooms]) -> 
     assert "s-del" not in emu.rooms
 
 
-async def test_create_retries_then_gives_up(daily: tuple[DailyEmulator, DailyRooms]) -> None:
+async def test_create_retries_then_gives_up(daily_rooms: tuple[DailyEmulator, DailyRooms]) -> None:
     """A 503 is retried; a failure that persists raises UpstreamError with Daily's code."""
-    emu, rooms = daily
+    emu, rooms = daily_rooms
     emu.faults.add("create_room", status=503)
     await rooms.create(rooms.plan("s-r1", "u", time.time() + 600, {}, {}))
     assert "s-r1" in emu.rooms
@@ -104,10 +84,10 @@ def test_long_user_ids_are_hashed_to_fit() -> None:
 
 
 async def test_presence_lists_who_is_in_the_room(
-    served: tuple[DailyEmulator, DailyRooms, DailyAPI],
+    daily_served: tuple[DailyEmulator, DailyRooms, DailyAPI],
 ) -> None:
     """Presence shows the bot by its user id once it has joined (the watchdog signal)."""
-    emu, rooms, api = served
+    emu, rooms, api = daily_served
     plan = rooms.plan("s-pres", "u", time.time() + 600, {}, {})
     await rooms.create(plan)
     assert await api.presence("s-pres") == []
@@ -154,11 +134,11 @@ async def test_inventory_stops_on_a_repeated_page() -> None:
 
 
 async def test_rooms_made_ahead_take_one_call_and_admit_planned_tokens(
-    served: tuple[DailyEmulator, DailyRooms, DailyAPI],
+    daily_served: tuple[DailyEmulator, DailyRooms, DailyAPI],
 ) -> None:
     """`make_ahead` makes private rooms with our limits in one call; a plan for one of them
     gives tokens that join it."""
-    emu, rooms, _ = served
+    emu, rooms, _ = daily_served
     exp = int(time.time()) + 900
     assert await rooms.make_ahead(["s-a1", "s-a2"], exp)
     assert [r.path for r in emu.requests if r.method == "POST"] == ["/batch/rooms"]
@@ -171,10 +151,10 @@ async def test_rooms_made_ahead_take_one_call_and_admit_planned_tokens(
 
 @pytest.mark.parametrize("made", [True, False])
 async def test_an_ambiguous_batch_create_is_settled_by_one_lookup(
-    served: tuple[DailyEmulator, DailyRooms, DailyAPI], made: bool
+    daily_served: tuple[DailyEmulator, DailyRooms, DailyAPI], made: bool
 ) -> None:
     """A batch create that answered 500 may have made its rooms: one lookup says whether."""
-    emu, rooms, _ = served
+    emu, rooms, _ = daily_served
     emu.faults.add("create_rooms", status=500, apply_first=made)
     assert await rooms.make_ahead(["s-b1", "s-b2"], int(time.time()) + 900) is made
     assert ("s-b2" in emu.rooms) is made
@@ -185,11 +165,11 @@ async def test_an_ambiguous_batch_create_is_settled_by_one_lookup(
 
 
 async def test_delete_many_is_one_call_or_one_a_room_when_refused(
-    served: tuple[DailyEmulator, DailyRooms, DailyAPI],
+    daily_served: tuple[DailyEmulator, DailyRooms, DailyAPI],
 ) -> None:
     """Rooms are deleted in one batch call; a batch Daily refuses with a 400 (say, for a name
     it does not know: undocumented) is deleted one room at a time; a 5xx is raised."""
-    emu, rooms, _ = served
+    emu, rooms, _ = daily_served
     emu.limiter.enabled = False  # the fallback's deletes are unpaced here
     names = [f"s-d{i}" for i in range(4)]
     await rooms.make_ahead(names, int(time.time()) + 900)

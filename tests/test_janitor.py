@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -19,13 +18,10 @@ from dispatcher.pacing import Pace, Pacer
 from dispatcher.rooms.daily import ROOM_EXP_MARGIN_S, DailyRooms
 from dispatcher.rooms.daily_api import DailyAPI
 from dispatcher.store import Session, Store
-from dispatcher.upstream import RetryPolicy
 from testkit.fakes.daily import DailyEmulator, RecordedRequest
-from testkit.net import serve
 from testkit.waits import eventually
-
-KEY = "k" * 64
-RETRIES = RetryPolicy(attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
+from tests.conftest import DAILY_RETRIES as RETRIES
+from tests.conftest import DAILY_TEST_KEY as KEY
 
 
 class GatedRooms(DailyRooms):
@@ -41,25 +37,6 @@ class GatedRooms(DailyRooms):
         self.calls.append(names)
         await self.gate.wait()
         await super().delete_many(names, pace=pace)
-
-
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[DailyEmulator, DailyRooms, DailyAPI]]:
-    """Daily's emulator served on loopback (its rate limits on), our room backend for it, and
-    the API client under that."""
-    emu = DailyEmulator(api_key=KEY)
-    async with serve(emu.app) as url, DailyAPI.client(url, KEY) as http:
-        api = DailyAPI(http, RETRIES)
-        rooms = DailyRooms(api, Secret(KEY), RETRIES)
-        await rooms.open()
-        yield emu, rooms, api
-
-
-@pytest.fixture
-def daily(
-    served: tuple[DailyEmulator, DailyRooms, DailyAPI],
-) -> tuple[DailyEmulator, DailyRooms]:
-    return served[0], served[1]
 
 
 async def ended_session(store: Store, sid: str, *, exp_in_s: float = 3600) -> Session:
@@ -103,11 +80,11 @@ async def deleted(store: Store, sessions: list[Session]) -> list[bool]:
 
 @pytest.mark.slow
 async def test_a_burst_of_rooms_goes_in_a_few_paced_batch_calls(
-    daily: tuple[DailyEmulator, DailyRooms], store: Store
+    daily_rooms: tuple[DailyEmulator, DailyRooms], store: Store
 ) -> None:
     """250 rooms submitted at once go in three calls of at most ROOM_DELETE_BATCH rooms, with
     no 429 from Daily; each is queued once, and every session is marked deleted."""
-    emu, rooms = daily
+    emu, rooms = daily_rooms
     sessions = await ended_with_rooms(store, rooms, "burst", 250)
     janitor = RoomJanitor(store, {"daily": rooms})
     try:
@@ -128,11 +105,11 @@ async def test_a_burst_of_rooms_goes_in_a_few_paced_batch_calls(
 
 
 async def test_rooms_submitted_during_a_call_go_in_the_next(
-    served: tuple[DailyEmulator, DailyRooms, DailyAPI], store: Store
+    daily_served: tuple[DailyEmulator, DailyRooms, DailyAPI], store: Store
 ) -> None:
     """A room submitted while a call is in flight waits for the next call, with the others
     submitted meanwhile; a room already in the call is not queued again."""
-    emu, rooms, api = served
+    emu, rooms, api = daily_served
     first, *later = await ended_with_rooms(store, rooms, "flight", 4)
     gated = GatedRooms(api)
     await gated.open()
@@ -155,12 +132,12 @@ async def test_rooms_submitted_during_a_call_go_in_the_next(
 
 @pytest.mark.slow
 async def test_a_failed_batch_is_recorded_on_each_session_and_the_next_goes(
-    daily: tuple[DailyEmulator, DailyRooms], store: Store
+    daily_rooms: tuple[DailyEmulator, DailyRooms], store: Store
 ) -> None:
     """A batch Daily fails throughout (500 on every attempt) records a room_delete failure on
     each of its sessions and leaves them unmarked, for the reconciler; the worker goes on, and
     the rooms submitted next (the failed ones again too) are deleted."""
-    emu, rooms = daily
+    emu, rooms = daily_rooms
     failing = await ended_with_rooms(store, rooms, "fail", 3)
     emu.faults.add("delete_rooms", status=500, times=RETRIES.attempts)
     janitor = RoomJanitor(store, {"daily": rooms})
@@ -186,12 +163,12 @@ async def test_a_failed_batch_is_recorded_on_each_session_and_the_next_goes(
 
 
 async def test_a_room_past_its_exp_is_marked_deleted_without_a_call(
-    daily: tuple[DailyEmulator, DailyRooms], store: Store
+    daily_rooms: tuple[DailyEmulator, DailyRooms], store: Store
 ) -> None:
     """Daily treats a room past its `exp` as deleted: the janitor marks it deleted as of its
     `exp` (and says so in the session's log) without calling Daily or taking a turn; in a
     batch with live rooms, only those are in the call."""
-    emu, rooms = daily
+    emu, rooms = daily_rooms
     janitor = RoomJanitor(store, {"daily": rooms})
     try:
         expired = await ended_session(store, "s-expired", exp_in_s=-(EXPIRED_MARGIN_S + 1))
@@ -217,11 +194,11 @@ async def test_a_room_past_its_exp_is_marked_deleted_without_a_call(
 
 
 async def test_a_room_made_ahead_lives_to_its_own_exp(
-    daily: tuple[DailyEmulator, DailyRooms], store: Store
+    daily_rooms: tuple[DailyEmulator, DailyRooms], store: Store
 ) -> None:
     """A room made ahead (the room stock) has an `exp` later than its session's: past the
     session's but not the room's, the room is deleted with a call, not taken as expired."""
-    emu, rooms = daily
+    emu, rooms = daily_rooms
     janitor = RoomJanitor(store, {"daily": rooms})
     try:
         session = await ended_session(store, "s-stocked", exp_in_s=-(EXPIRED_MARGIN_S + 1))
@@ -240,11 +217,11 @@ async def test_a_room_made_ahead_lives_to_its_own_exp(
 
 
 async def test_closing_drops_the_queued_deletes(
-    daily: tuple[DailyEmulator, DailyRooms], store: Store
+    daily_rooms: tuple[DailyEmulator, DailyRooms], store: Store
 ) -> None:
     """`aclose()` with rooms waiting for a turn (the next one an hour away) returns without
     waiting for it: the queue is empty, the rooms are left for the reconciler (unmarked)."""
-    emu, rooms = daily
+    emu, rooms = daily_rooms
     first, *waiting = await ended_with_rooms(store, rooms, "close", 3)
     janitor = RoomJanitor(store, {"daily": rooms}, pacer=Pacer(1 / 3600, 1))
     assert janitor.submit(first)

@@ -85,6 +85,11 @@ class Database:
         async with self._engine.connect() as conn:
             yield conn
 
+    def skip_locked(self, pick: sa.Select[Any]) -> sa.Select[Any]:
+        """`pick` as a claim's choice of row: on PostgreSQL FOR UPDATE SKIP LOCKED (a concurrent
+        claim takes the next row instead of waiting); SQLite serialises writes anyway."""
+        return pick if self._sqlite else pick.with_for_update(skip_locked=True)
+
     @property
     def sqlite(self) -> bool:
         """Whether the database is SQLite (one writer; no row locks)."""

@@ -115,8 +115,7 @@ class PoolRows:
             .order_by(pool_machines.c.created_at)
             .limit(1)
         )
-        if not self._store.sqlite:
-            pick = pick.with_for_update(skip_locked=True)
+        pick = self._store.skip_locked(pick)
         async with self._store.write() as conn:
             row = (
                 await conn.execute(

@@ -47,8 +47,7 @@ class RoomStockRows:
             .order_by(room_stock.c.exp)
             .limit(1)
         )
-        if not self._store.sqlite:
-            pick = pick.with_for_update(skip_locked=True)
+        pick = self._store.skip_locked(pick)
         async with self._store.write() as conn:
             row = (
                 await conn.execute(

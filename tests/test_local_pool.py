@@ -26,6 +26,7 @@ from testkit.fakes import TESTBOT_DIR
 from testkit.harness import Stack, dispatcher_stack
 from testkit.procs import DispatcherProcess, alive, bot_pids, pool_worker_pids
 from testkit.waits import eventually
+from tests.test_oncall import cli, cli_json, oncall_stack
 
 POOL = {"POOL_SIZE": "1", "POOL_INTERVAL_S": "0.1", "RECONCILE_INTERVAL_S": "0.2"}
 WAIT_S = 60.0
@@ -280,3 +281,29 @@ async def test_workers_never_outlive_their_dispatcher(tmp_path: Path, how: str) 
             timeout=WAIT_S,
             what="every worker gone with the dispatcher",
         )
+
+
+async def test_pool_status_names_the_local_pools_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dispatcher pool status` for a local pool: its "image" is the bot code's hash, known to
+    the serving process only, so the status shows the newest worker's, and that worker as
+    running the current code."""
+    async with oncall_stack(tmp_path, monkeypatch, POOL, local=True) as (stack, _):
+        store = await Store.open(stack.settings.database_url)
+        try:
+            rows = PoolRows(store, stack.settings.dispatcher_name)
+
+            async def one_available() -> bool:
+                return [r.state for r in await rows.all()] == [AVAILABLE]
+
+            await eventually(one_available, timeout=60, what="a worker available")
+            (row,) = await rows.all()
+        finally:
+            await store.close()
+        status = await cli_json("pool", "status")
+        code, text = await cli("pool", "status")
+    assert code == 0 and row.image.startswith("local:")
+    assert status["image"] == row.image and status["pool"][0]["image"] == row.image
+    assert f"image {row.image};" in text
+    assert "current" in text.splitlines()[-1]

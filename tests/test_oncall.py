@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from dispatcher.cli import main
+from testkit.fakes import TESTBOT_DIR
 from testkit.fakes.fly import FlyEmulator
 from testkit.harness import (
     Stack,
@@ -33,18 +34,21 @@ async def oncall_stack(
     monkeypatch: pytest.MonkeyPatch,
     env: dict[str, str] | None = None,
     fly: FlyEmulator | None = None,
+    *,
+    local: bool = False,
 ) -> AsyncIterator[tuple[Stack, dict[str, str]]]:
-    """A dispatcher on the emulators; its environment is also this process's (for the CLI)."""
+    """A dispatcher on the emulators (`local`: with local bots); its environment is also this
+    process's (for the CLI)."""
     async with (
-        emulators(fly=fly or fly_emulator()) as urls,
-        run_dispatcher(tmp_path, urls, env=env) as stack,
+        emulators(fly=None if local else fly or fly_emulator()) as urls,
+        run_dispatcher(tmp_path, urls, env=env, local=local) as stack,
     ):
         values = dispatcher_env(
             fly_url=urls.fly_url,
             daily_url=urls.daily_url,
             dispatcher_url=stack.url,
             db=f"sqlite:///{tmp_path}/dispatcher.db",
-        ) | (env or {})
+        ) | ({"LOCAL_BOT_DIR": str(TESTBOT_DIR)} if local else {}) | (env or {})
         for name, value in values.items():
             monkeypatch.setenv(name, value)
         yield stack, values

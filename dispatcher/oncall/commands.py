@@ -113,11 +113,16 @@ async def pool_status(clients: Clients, *, since_s: float, as_json: bool) -> int
         fly_state = {m.id: m.state for m in listed}
     by_state = Counter((m.region or "any", m.state) for m in machines)
     errors = await _local_pool_errors(s)
+    # A local pool's "image" is the serving process's hash of the bot code, which only that
+    # process knows: the newest row's is the current one.
+    image = (
+        s.bot_image if s.machine_backend == "fly" else (machines[-1].image if machines else None)
+    )
     summary = {
         "size": s.pool_size,
         "mode": s.pool_mode,
         "recycle": s.pool_recycle,
-        "image": s.bot_image,
+        "image": image,
         "machines": {f"{region}/{state}": n for (region, state), n in sorted(by_state.items())},
         "claims": claims,
         "misses": misses,
@@ -142,7 +147,7 @@ async def pool_status(clients: Clients, *, since_s: float, as_json: bool) -> int
         return 0
     recycling = ", recycling" if s.pool_recycle else ""
     print(
-        f"pool: {s.pool_size} per region ({s.pool_mode}{recycling}), image {s.bot_image or '-'}; "
+        f"pool: {s.pool_size} per region ({s.pool_mode}{recycling}), image {image or '-'}; "
         f"within {age(since_s)}: {claims} starts from the pool, {misses} cold"
     )
     if errors is not None:
@@ -162,7 +167,7 @@ async def pool_status(clients: Clients, *, since_s: float, as_json: bool) -> int
             m.region or "any",
             m.state,
             fly_state.get(m.machine_id, "-"),
-            "current" if m.image == s.bot_image else m.image,
+            "current" if m.image == image else m.image,
             m.session_id or "-",
             age(time.time() - m.created_at),
         )

@@ -115,6 +115,11 @@ class RateOptions:
     database_url: str = PG_URL
     fill_timeout_s: float = 300.0
 
+    def fill_timeout_for(self, pool: int) -> float:
+        """How long a pool of `pool` machines may take to fill: made at Fly's create limit
+        (paced at one each 1.1 s), with room to spare."""
+        return max(self.fill_timeout_s, 1.5 * pool)
+
     def pool_for(self, rate: float) -> int:
         """The pool's size at `rate` (all regions together): --pool-size, else enough machines
         for R sessions over a session and its cycle."""
@@ -376,7 +381,9 @@ async def run_one(options: RateOptions, mode: str, rate: float, workdir: Path) -
             ) as proc:
                 await proc.start()
                 if pool_size:
-                    result["pool_fill_s"] = await fill_pool(db, pool_size, options.fill_timeout_s)
+                    result["pool_fill_s"] = await fill_pool(
+                        db, pool_size, options.fill_timeout_for(pool_size)
+                    )
                 if stock:
                     result["stock_fill_s"] = await fill_stock(db, stock, options.fill_timeout_s)
                 before = refused(fly, daily)

@@ -43,12 +43,16 @@ async def oncall_stack(
         emulators(fly=None if local else fly or fly_emulator()) as urls,
         run_dispatcher(tmp_path, urls, env=env, local=local) as stack,
     ):
-        values = dispatcher_env(
-            fly_url=urls.fly_url,
-            daily_url=urls.daily_url,
-            dispatcher_url=stack.url,
-            db=f"sqlite:///{tmp_path}/dispatcher.db",
-        ) | ({"LOCAL_BOT_DIR": str(TESTBOT_DIR)} if local else {}) | (env or {})
+        values = (
+            dispatcher_env(
+                fly_url=urls.fly_url,
+                daily_url=urls.daily_url,
+                dispatcher_url=stack.url,
+                db=f"sqlite:///{tmp_path}/dispatcher.db",
+            )
+            | ({"LOCAL_BOT_DIR": str(TESTBOT_DIR)} if local else {})
+            | (env or {})
+        )
         for name, value in values.items():
             monkeypatch.setenv(name, value)
         yield stack, values

@@ -203,3 +203,23 @@ async def test_four_instances_take_distinct_rooms_from_one_stock(
         assert not [r for r in group.daily.requests if r.method == "POST" and r.path == "/rooms"]
         await eventually(full, timeout=30, what="the stock refilled")
         assert len(made) == 16 + 12
+
+
+async def test_while_daily_refuses_batches_starts_make_their_own_rooms(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch create Daily refuses is one warning line (no traceback) and a pause; starts
+    meanwhile make their own rooms (counted as stock misses); the stock fills afterwards."""
+    daily = daily_emulator()
+    daily.faults.add("create_rooms", status=400, times=1)
+    async with dispatcher_stack(tmp_path, env=STOCK_ENV, daily=daily) as stack:
+        await eventually(
+            lambda: daily.faults.fired == [("create_rooms", 400)], timeout=15, what="refused"
+        )
+        answer = await stack.start()
+        assert answer.status_code == 200, answer.text
+        assert posts(daily, "/rooms") == 1 and answer.json()["sessionId"] in daily.rooms
+        assert "dispatcher_room_stock_misses_total 1.0" in (await stack.http.get("/metrics")).text
+        await stocked(stack, 4)
+    (failed,) = [r for r in caplog.records if "room stock pass failed" in r.getMessage()]
+    assert failed.levelname == "WARNING" and failed.exc_info is None

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 
 from dispatcher.aio import every
+from dispatcher.errors import DispatcherError
 from dispatcher.ids import new_session_id
 from dispatcher.metrics import Metrics
 from dispatcher.pacing import Pacer
@@ -47,6 +48,8 @@ CLAIM_MARGIN_S = 30.0
 STOCK_INTERVAL_S = 0.5
 # An instance that does not lead looks this often whether it does now.
 LEADER_POLL_S = 1.0
+# The pause after a pass that Daily failed (starts make their own rooms meanwhile).
+OUTAGE_PAUSE_S = 5.0
 # Rooms one delete call takes (Daily allows a thousand; a smaller call fails less at once).
 DELETE_BATCH = 100
 
@@ -108,9 +111,13 @@ class RoomStock:
         async def step() -> float | None:
             if not leader():
                 return LEADER_POLL_S
-            await self._daily.open()
-            await self.clear()
-            await self.refill()
+            try:
+                await self._daily.open()
+                await self.clear()
+                await self.refill()
+            except DispatcherError as exc:  # Daily failing: one line, and a longer pause
+                log.warning("room stock pass failed: %s", exc)
+                return OUTAGE_PAUSE_S
             return None
 
         await every(STOCK_INTERVAL_S, step, log=log, what="room stock pass")

@@ -80,6 +80,8 @@ class RoomStock:
         self._ttl_s = ttl_s
         self._clock = clock
         self._metrics = metrics
+        # Whether rows of another Daily domain were looked for (once: the key is set at start).
+        self._other_domains_forgotten = False
 
     def _min_exp(self) -> float:
         """The least `exp` a room needs for a session claimed now."""
@@ -113,8 +115,8 @@ class RoomStock:
                 return LEADER_POLL_S
             try:
                 await self._daily.open()
+                await self.refill()  # first: a clear may wait for its turn behind deletes
                 await self.clear()
-                await self.refill()
             except DispatcherError as exc:  # Daily failing: one line, and a longer pause
                 log.warning("room stock pass failed: %s", exc)
                 return OUTAGE_PAUSE_S
@@ -148,9 +150,11 @@ class RoomStock:
         """Delete, in one batch, rooms no claim will take (too near their `exp`); drop the
         rows of another domain's rooms; how many rooms went."""
         domain = self._daily.domain.name
-        dropped = await self._rows.forget_other_domains(domain)
-        if dropped:
-            log.info("room stock: %d rooms of another Daily domain forgotten", dropped)
+        if not self._other_domains_forgotten:
+            dropped = await self._rows.forget_other_domains(domain)
+            self._other_domains_forgotten = True
+            if dropped:
+                log.info("room stock: %d rooms of another Daily domain forgotten", dropped)
         stale = await self._rows.stale(domain, self._min_exp(), DELETE_BATCH)
         if not stale:
             return 0

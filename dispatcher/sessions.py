@@ -115,7 +115,8 @@ class SessionService:
         self, principal: Principal, request: StartRequest, idempotency: Idempotency | None
     ) -> dict[str, Any]:
         """A start under an Idempotency-Key answers what the first start with it answered. A
-        room made ahead names the session; one that the start did not take goes back."""
+        room made ahead names the session; it goes back to the stock unless a session of that
+        name was stored (which then owns it: its room is deleted with it, failed or not)."""
         stocked = await self._starter.stocked_room(request)
         session_id = stocked.name if stocked is not None else new_session_id()
         # This task's own context: every record logged for the start carries its session.
@@ -132,12 +133,16 @@ class SessionService:
             started = True
             return self._starter.start(principal, request, session_id, stocked)
 
+        kept = False
         try:
             if idempotency is None:
-                return await start()
-            return await self._keys.run(principal.user, idempotency, session_id, start)
+                answer = await start()
+            else:
+                answer = await self._keys.run(principal.user, idempotency, session_id, start)
+            kept = started  # a replayed key answered another session's start
+            return answer
         finally:
-            if stocked is not None and not started:
+            if stocked is not None and not kept and await self._store.get(session_id) is None:
                 await self._starter.put_back(stocked)
 
     async def get(self, principal: Principal, session_id: str) -> Session:

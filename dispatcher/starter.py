@@ -92,23 +92,8 @@ class Starter:
         session_id: str,
         stocked: StockRoom | None = None,
     ) -> dict[str, Any]:
-        """Start the session `session_id` (the name of `stocked`, a room made ahead, if given).
-        A failure before the session is stored puts `stocked` back; after, the room is the
-        session's, and deleted with it."""
-        try:
-            return await self._start(principal, request, session_id, stocked)
-        except BaseException:
-            if stocked is not None and await self._store.get(session_id) is None:
-                await self.put_back(stocked)
-            raise
-
-    async def _start(
-        self,
-        principal: Principal,
-        request: StartRequest,
-        session_id: str,
-        stocked: StockRoom | None,
-    ) -> dict[str, Any]:
+        """Start the session `session_id` in `stocked`, a room made ahead, if given (whose
+        return when no session was stored is the caller's business)."""
         rooms = self._room_backend(request.transport)
         await rooms.open()
         pooled = None
